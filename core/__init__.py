@@ -1,0 +1,65 @@
+"""saelab: the sparse-dictionary pipeline for language models, every step a plugin.
+
+Public API for plugins and users. Plugins import only from here (and the documented submodules
+``saelab.options``, ``saelab.errors``, ``saelab.interfaces``, ``saelab.cli`` and later stage modules).
+"""
+
+from .errors import CorruptCacheError, DuplicateNameError, SaelabError, UnknownNameError, UsageError
+from .hookspecs import hookimpl
+from .interfaces import (
+    ActivationSource,
+    Dataset,
+    DictionaryFormat,
+    DictionaryOutput,
+    Explainer,
+    NeighbourFinder,
+    NonActivatingSource,
+    Plugin,
+    Provider,
+    Sampler,
+    Scorer,
+    SiteSpec,
+    SparseDictionary,
+)
+from .options import Options
+from .plugins import (
+    KINDS,
+    get_plugin_manager,
+    plugin_infos,
+    register_plugin,
+    registry,
+    resolve,
+    unregister_plugin,
+)
+from .registry import Registry
+
+__all__ = [
+    "KINDS",
+    "ActivationSource",
+    "CorruptCacheError",
+    "Dataset",
+    "DictionaryFormat",
+    "DictionaryOutput",
+    "DuplicateNameError",
+    "Explainer",
+    "NeighbourFinder",
+    "NonActivatingSource",
+    "Options",
+    "Plugin",
+    "Provider",
+    "Registry",
+    "SaelabError",
+    "Sampler",
+    "Scorer",
+    "SiteSpec",
+    "SparseDictionary",
+    "UnknownNameError",
+    "UsageError",
+    "get_plugin_manager",
+    "hookimpl",
+    "plugin_infos",
+    "register_plugin",
+    "registry",
+    "resolve",
+    "unregister_plugin",
+]

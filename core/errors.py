@@ -1,0 +1,41 @@
+"""Errors a user can cause: each renders as one line naming the bad value and what is accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class SaelabError(Exception):
+    """Base class for every saelab error that is the user's to fix (exit code 2, no traceback)."""
+
+
+class UsageError(SaelabError):
+    """A bad value given on the command line, in a config file or through the Python API."""
+
+
+def format_choices(choices: Iterable[str], limit: int = 40) -> str:
+    """Render accepted values as a short comma-separated list."""
+    items = sorted(set(choices))
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items) - limit} more)"
+    return shown or "(none registered)"
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name that no registry entry matches."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str]):
+        self.kind, self.name, self.known = kind, name, sorted(set(known))
+        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {format_choices(self.known)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class DuplicateNameError(SaelabError):
+    """Two plugins registered the same name for one kind."""
+
+
+class CorruptCacheError(SaelabError):
+    """A cache shard or manifest on disk is truncated, corrupted or inconsistent."""

@@ -1,0 +1,281 @@
+"""Base classes of every plugin kind. A plugin subclasses one and registers it through a hook.
+
+The core defines these contracts and never imports an implementation; implementations live in
+plugin modules (the builtins under ``saelab.plugins``, or third-party packages).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .options import Options
+
+
+class Plugin:
+    """Shared shape of registered classes: a registry ``name``, optional ``aliases`` and ``Options``."""
+
+    name: ClassVar[str]
+    """Registry key (matched case-insensitively)."""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    """Other names that resolve to this class (e.g. an old name users still type)."""
+    Options: ClassVar[type[Options]] = Options
+    """Typed options model of this class; rejects unknown keys."""
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation sources (language models) and datasets
+
+
+class ActivationSource(Plugin, ABC):
+    """A language model that returns activations at model-agnostic hookpoints.
+
+    Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.mlp`` /
+    ``layers.N.mlp.input``, ``layers.N.self_attn`` / ``layers.N.self_attn.input``.
+    """
+
+    tokenizer: Any
+    """The model's tokenizer (a Hugging Face tokenizer)."""
+    model_id: str
+    """The id, path or embedded name the source was created from."""
+
+    @classmethod
+    def accepts(cls, model: str) -> bool:
+        """Whether this class can load ``model`` when it is not one of the registered names."""
+        return False
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What identifies the model's values: id, weights hash or revision, dtype (for fingerprints)."""
+
+    @abstractmethod
+    def hookpoints(self) -> list[str]:
+        """Every valid hookpoint name, in forward order."""
+
+    @abstractmethod
+    def hookpoint_dim(self, hookpoint: str) -> int:
+        """Width of the activations at ``hookpoint``."""
+
+    def check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
+        """Validate names; an unknown one raises a one-line error listing the valid names."""
+        from .errors import UsageError, format_choices
+
+        valid = self.hookpoints()
+        if not hookpoints:
+            raise UsageError(f"no hookpoints given; valid hookpoints: {format_choices(valid, limit=12)}")
+        for hp in hookpoints:
+            if hp not in valid:
+                raise UsageError(f"unknown hookpoint {hp!r} for {self.model_id}; valid hookpoints: "
+                                 f"embed, layers.N, layers.N.mlp, layers.N.mlp.input, layers.N.self_attn, "
+                                 f"layers.N.self_attn.input with N in 0..{self.n_layers - 1}")
+        return list(hookpoints)
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+
+    @abstractmethod
+    def activations(
+        self, input_ids: torch.Tensor, hookpoints: Sequence[str], attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Activations ``[batch, seq, d]`` at each hookpoint; the forward stops after the last one needed."""
+
+    @abstractmethod
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        replacements: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full-forward logits, with the activation at each hookpoint in ``replacements`` replaced by
+        ``fn(activation)`` (how a dictionary is spliced into the model for CE/KL evaluation)."""
+
+    def unembedding(self) -> torch.Tensor | None:
+        """The unembedding matrix ``[d_model, vocab]`` for direct logit attribution, if there is one."""
+        return None
+
+
+class Dataset(Plugin, ABC):
+    """A source of text documents (embedded samples, hub datasets, local files)."""
+
+    @classmethod
+    def accepts(cls, repo: str) -> bool:
+        """Whether this class can read ``repo`` when it is not one of the registered names."""
+        return False
+
+    @abstractmethod
+    def texts(self) -> Iterator[str]:
+        """Documents in a fixed order."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What identifies the documents (repo, name, split, column, file hash...) for fingerprints."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse dictionaries
+
+
+@dataclass
+class SiteSpec:
+    """Where a dictionary reads and writes.
+
+    A plain SAE reads and writes one site (``inputs == outputs == ["layers.8"]``); a transcoder reads
+    ``["layers.8.mlp.input"]`` and writes ``["layers.8.mlp"]``; a crosscoder reads and writes several
+    layers; a cross-layer transcoder reads one site per layer and writes every later one.
+    Activations are passed as tensors ``[batch, n_sites, d]`` in the order listed here.
+    """
+
+    inputs: list[str]
+    """Hookpoints the encoder reads."""
+    outputs: list[str]
+    """Hookpoints the decoder reconstructs."""
+    d_in: int
+    """Width of each input site."""
+    d_out: int
+    """Width of each output site."""
+
+    @property
+    def is_autoencoder(self) -> bool:
+        """True when the dictionary reconstructs exactly what it reads."""
+        return self.inputs == self.outputs
+
+
+@dataclass
+class DictionaryOutput:
+    """Result of a dictionary's forward pass."""
+
+    reconstruction: torch.Tensor
+    """``[batch, n_outputs, d_out]``."""
+    latents: torch.Tensor
+    """Latent activations ``[batch, d_sae]`` (dense; zeros where a latent is off)."""
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named loss terms; the trainer minimises their sum."""
+
+
+class SparseDictionary(nn.Module, Plugin):
+    """An architecture: encoder to ``d_sae`` sparse latents and decoder back to the output sites.
+
+    Subclasses implement ``encode`` and ``decode``; ``forward`` adds architecture-specific loss terms.
+    ``requires_sequences`` marks architectures (e.g. Lorsa) that need ``[batch, seq, n_sites, d]``.
+    """
+
+    requires_sequences: ClassVar[bool] = False
+    """True when the architecture reads whole token sequences rather than independent rows."""
+
+    def __init__(self, sites: SiteSpec, options: Options):
+        super().__init__()
+        self.sites = sites
+        self.options = options
+
+    @property
+    def d_sae(self) -> int:
+        """Number of latents."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations ``[batch, d_sae]`` for inputs ``[batch, n_inputs, d_in]``."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[batch, n_outputs, d_out]`` from latents ``[batch, d_sae]``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> DictionaryOutput:
+        """Encode, decode and compute loss terms against ``target`` (defaults to ``x``)."""
+        latents = self.encode(x)
+        recon = self.decode(latents)
+        target = x if target is None else target
+        return DictionaryOutput(recon, latents, {"mse": (recon - target).pow(2).sum(-1).mean()})
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the module (architecture name, sites, options) as JSON data."""
+        return {
+            "architecture": self.name,
+            "sites": {"inputs": self.sites.inputs, "outputs": self.sites.outputs,
+                      "d_in": self.sites.d_in, "d_out": self.sites.d_out},
+            "options": self.options.model_dump(mode="json"),
+        }
+
+
+class DictionaryFormat(Plugin, ABC):
+    """Reads (and possibly writes) dictionaries in an on-disk format (saelab, SAELens, sparsify...)."""
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, path: Path) -> bool:
+        """Whether ``path`` holds a dictionary in this format."""
+
+    @abstractmethod
+    def load(self, path: Path, device: str | torch.device = "cpu") -> SparseDictionary:
+        """Load the dictionary stored at ``path``."""
+
+    def save(self, dictionary: SparseDictionary, path: Path) -> None:
+        """Write ``dictionary`` to ``path`` in this format."""
+        from .errors import UsageError
+
+        raise UsageError(f"dictionary format {self.name!r} is read-only")
+
+
+# --------------------------------------------------------------------------------------------------
+# Auto-interpretation
+
+
+class Sampler(Plugin, ABC):
+    """Chooses activating example windows of a latent (top, random, quantiles, mix...)."""
+
+    @abstractmethod
+    def sample(self, candidates: Any, n: int, generator: torch.Generator) -> Any:
+        """Pick ``n`` examples from ``candidates``."""
+
+
+class NonActivatingSource(Plugin, ABC):
+    """Provides windows where a latent is silent (random, neighbours, FAISS hard negatives...)."""
+
+    @abstractmethod
+    def non_activating(self, latent: int, n: int, context: Any) -> Any:
+        """``n`` windows where ``latent`` does not fire."""
+
+
+class NeighbourFinder(Plugin, ABC):
+    """Finds latents related to a latent (co-occurrence, decoder or encoder similarity...)."""
+
+    @abstractmethod
+    def neighbours(self, latents: Sequence[int], k: int, context: Any) -> dict[int, list[tuple[int, float]]]:
+        """For each latent, its ``k`` nearest neighbours with their similarity."""
+
+
+class Provider(Plugin, ABC):
+    """An LLM backend (local transformers, OpenAI-compatible servers, litellm...)."""
+
+    @abstractmethod
+    async def generate(self, messages: list[dict[str, str]], **params: Any) -> Any:
+        """One chat completion for ``messages``."""
+
+
+class Explainer(Plugin, ABC):
+    """Turns a latent's examples into a natural-language explanation using a provider."""
+
+    @abstractmethod
+    async def explain(self, record: Any, provider: Provider) -> Any:
+        """The explanation of one latent."""
+
+
+class Scorer(Plugin, ABC):
+    """Measures how well an explanation predicts a latent's activations."""
+
+    @abstractmethod
+    async def score(self, record: Any, explanation: Any, provider: Provider | None) -> Any:
+        """Per-example predictions and metrics for one latent."""

@@ -1,0 +1,75 @@
+"""Rich progress bars and summary tables shared by every long stage."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+"""Console for progress and logs (stderr, so stdout stays parseable)."""
+
+stdout_console = Console()
+"""Console for results tables."""
+
+
+def progress(*extra_columns: Any, unit: str = "") -> Progress:
+    """A progress display with bar, count, rate/ETA; ``extra_columns`` are added before the timers."""
+    columns: list[Any] = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=console, transient=False, disable=not _interactive_or_forced())
+
+
+def _interactive_or_forced() -> bool:
+    import os
+
+    if os.environ.get("SAELAB_PROGRESS", "").lower() in ("0", "false", "off"):
+        return False
+    return True if os.environ.get("SAELAB_PROGRESS") else sys.stderr.isatty() or True
+
+
+def summary_table(title: str, rows: Sequence[Mapping[str, Any]] | Iterable[tuple[str, Any]]) -> Table:
+    """A two-column (key, value) table or a many-column table from a list of dicts."""
+    table = Table(title=title, title_justify="left")
+    rows = list(rows)
+    if rows and isinstance(rows[0], Mapping):
+        keys = list(rows[0].keys())
+        for key in keys:
+            table.add_column(str(key))
+        for row in rows:
+            table.add_row(*(format_value(row.get(k)) for k in keys))
+    else:
+        table.add_column("")
+        table.add_column("")
+        for key, value in rows:
+            table.add_row(str(key), format_value(value))
+    return table
+
+
+def format_value(value: Any) -> str:
+    """Compact rendering of numbers for tables."""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
