@@ -22,7 +22,7 @@ from .interfaces import (
     SparseDictionary,
 )
 from .options import Options
-from .plugins import (
+from .manager import (
     KINDS,
     get_plugin_manager,
     plugin_infos,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from . import plugins
+from . import manager as plugins
 from .errors import SaelabError
 
 DELPHI_COMMAND = "run"

@@ -45,7 +45,7 @@ def _interactive_or_forced() -> bool:
 
     if os.environ.get("SAELAB_PROGRESS", "").lower() in ("0", "false", "off"):
         return False
-    return True if os.environ.get("SAELAB_PROGRESS") else sys.stderr.isatty() or True
+    return True
 
 
 def summary_table(title: str, rows: Sequence[Mapping[str, Any]] | Iterable[tuple[str, Any]]) -> Table:
