@@ -193,12 +193,37 @@ class SparseDictionary(nn.Module, Plugin):
         """Reconstruction ``[batch, n_outputs, d_out]`` from latents ``[batch, d_sae]``."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> DictionaryOutput:
-        """Encode, decode and compute loss terms against ``target`` (defaults to ``x``)."""
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, dead_mask: torch.Tensor | None = None
+    ) -> DictionaryOutput:
+        """Encode, decode and compute loss terms against ``target`` (defaults to ``x``).
+
+        ``dead_mask`` (``[d_sae]`` bool, set by the trainer) marks latents that have not fired for a
+        while; architectures with an auxiliary dead-latent loss (AuxK) use it.
+        """
         latents = self.encode(x)
         recon = self.decode(latents)
         target = x if target is None else target
         return DictionaryOutput(recon, latents, {"mse": (recon - target).pow(2).sum(-1).mean()})
+
+    # Training hooks: the generic trainer calls these; the defaults do nothing.
+
+    def initialize_from_data(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """Data-dependent initialisation (e.g. ``b_dec`` at the geometric median) from a sample batch."""
+
+    def before_optimizer_step(self) -> None:
+        """Adjust gradients before the optimizer step (e.g. remove the part parallel to decoder rows)."""
+
+    def after_optimizer_step(self) -> None:
+        """Restore invariants after the step (e.g. unit-norm decoder rows)."""
+
+    def synchronize(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Average global training state (e.g. BatchTopK thresholds) across data-parallel ranks."""
+
+    def fold_scaling(self, input_scale: float, output_scale: float) -> None:
+        """Fold activation normalisation into the weights, so that the saved dictionary takes raw
+        activations: training saw ``x * input_scale`` and reconstructed ``y * output_scale``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fold activation scaling")
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild the module (architecture name, sites, options) as JSON data."""
