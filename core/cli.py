@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from . import manager as plugins
-from .errors import SaelabError
+from .errors import SaelabError, format_choices
+from .registry import normalise_name
 
 DELPHI_COMMAND = "run"
 """Command that ``saelab MODEL SPARSE_MODEL ...`` (first argument not a command) dispatches to."""
@@ -71,6 +73,16 @@ def split_list_value(item: str) -> list[str]:
 class SaelabGroup(click.Group):
     """Root group: lists commands sorted, with their one-line summaries."""
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = click.utils.make_str(args[0]) if args else ""
+        if args and self.get_command(ctx, name) is None and not name.startswith("-"):
+            known = ", ".join(self.list_commands(ctx)) or "(none)"
+            raise click.UsageError(
+                f"unknown command {name!r}; commands: {known} "
+                f"(or the delphi-style run: saelab MODEL SPARSE_MODEL ...)", ctx
+            )
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
         for name in self.list_commands(ctx):
@@ -102,38 +114,63 @@ def build_cli() -> click.Group:
 
 
 def extract_plugin_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Pull ``-p no:NAME`` (and ``-pno:NAME``) out of ``args``; returns (disabled names, other args)."""
+    """Pull ``-p no:NAME`` (and ``-pno:NAME``) out of ``args``; returns (disabled names, other args).
+
+    Before the command name every ``-p`` is the root option (a value other than ``no:NAME`` is an
+    error); after it only ``-p no:NAME`` is taken, so commands keep ``-p`` for their own options.
+    """
     disabled: list[str] = []
     rest: list[str] = []
+    in_command = False
     i = 0
     while i < len(args):
         arg = args[i]
         value = None
         if arg == "-p" and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
+            value, step = args[i + 1], 2
         elif arg.startswith("-p") and not arg.startswith("--") and len(arg) > 2:
-            value, i = arg[2:].lstrip("="), i + 1
-        else:
+            value, step = arg[2:].lstrip("="), 1
+        if value is None or (in_command and not value.startswith("no:")):
+            in_command = in_command or not arg.startswith("-")
             rest.append(arg)
             i += 1
             continue
-        if not value.startswith("no:"):
-            raise SaelabError(f"bad plugin flag '-p {value}'; accepted: -p no:NAME to disable plugin NAME")
-        disabled.append(value[3:])
+        i += step
+        if not value.startswith("no:") or not value[3:].strip():
+            raise SaelabError(f"bad plugin flag '-p {value}'; accepted: -p no:NAME to disable the plugin NAME")
+        disabled.append(value[3:].strip())
     return disabled, rest
-
-
 def one_line(message: str) -> str:
     """Collapse a message onto one line."""
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def _check_plugin_names(names: Sequence[str]) -> None:
+    known = plugins.known_plugin_names()
+    normalised = {normalise_name(k) for k in known}
+    for name in names:
+        if normalise_name(name) not in normalised:
+            raise SaelabError(
+                f"cannot disable unknown plugin {name!r} (-p no:{name}); known plugins: {format_choices(known)}"
+            )
+
+
+def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    stream = file or sys.stderr
+    stream.write(f"Warning: {one_line(str(message))}\n")
+
+
 def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
     """Console entry point: one-line errors on stderr with exit code 2, never a traceback for user errors."""
     args = list(sys.argv[1:] if args is None else args)
+    disabled: list[str] = []
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         disabled, args = extract_plugin_flags(args)
         if disabled:
+            _check_plugin_names(disabled)
             plugins.disable(disabled)
         cli = build_cli()
         if args and not args[0].startswith("-") and args[0] not in cli.commands:
@@ -146,6 +183,15 @@ def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.NoSuchOption as exc:
+        message = one_line(exc.format_message())
+        command = exc.ctx.command if exc.ctx is not None else None
+        if command is not None:
+            accepted = sorted(opt for p in command.params for opt in (*p.opts, *p.secondary_opts)
+                              if opt.startswith("-"))
+            message += f" Accepted options of {exc.ctx.command_path!r}: {', '.join(accepted)}"
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         click.echo(f"Error: {one_line(exc.format_message())}", err=True)
         sys.exit(2)
@@ -155,3 +201,7 @@ def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    finally:
+        warnings.showwarning = previous_showwarning
+        if disabled:
+            plugins.enable(disabled)

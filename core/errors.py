@@ -39,3 +39,7 @@ class DuplicateNameError(SaelabError):
 
 class CorruptCacheError(SaelabError):
     """A cache shard or manifest on disk is truncated, corrupted or inconsistent."""
+
+
+class PluginLoadError(SaelabError):
+    """A plugin cannot be loaded (e.g. a misspelled hook implementation such as ``register_architecture``)."""

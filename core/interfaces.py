@@ -42,7 +42,9 @@ class ActivationSource(Plugin, ABC):
     """A language model that returns activations at model-agnostic hookpoints.
 
     Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.mlp`` /
-    ``layers.N.mlp.input``, ``layers.N.self_attn`` / ``layers.N.self_attn.input``.
+    ``layers.N.mlp.input``, ``layers.N.self_attn`` / ``layers.N.self_attn.input`` (see
+    :mod:`saelab.models`). Created as ``cls(model_id, options)`` with ``options`` an instance of
+    ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a name.
     """
 
     tokenizer: Any
@@ -68,18 +70,11 @@ class ActivationSource(Plugin, ABC):
         """Width of the activations at ``hookpoint``."""
 
     def check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
-        """Validate names; an unknown one raises a one-line error listing the valid names."""
-        from .errors import UsageError, format_choices
+        """Validate names and return them deduplicated; an unknown one raises a one-line error saying
+        what is wrong (bad form, layer out of range, a close match) and listing the valid names."""
+        from .models import validate_hookpoints
 
-        valid = self.hookpoints()
-        if not hookpoints:
-            raise UsageError(f"no hookpoints given; valid hookpoints: {format_choices(valid, limit=12)}")
-        for hp in hookpoints:
-            if hp not in valid:
-                raise UsageError(f"unknown hookpoint {hp!r} for {self.model_id}; valid hookpoints: "
-                                 f"embed, layers.N, layers.N.mlp, layers.N.mlp.input, layers.N.self_attn, "
-                                 f"layers.N.self_attn.input with N in 0..{self.n_layers - 1}")
-        return list(hookpoints)
+        return validate_hookpoints(hookpoints, self.hookpoints(), self.model_id)
 
     @property
     @abstractmethod
@@ -108,7 +103,18 @@ class ActivationSource(Plugin, ABC):
 
 
 class Dataset(Plugin, ABC):
-    """A source of text documents (embedded samples, hub datasets, local files)."""
+    """A source of text documents (embedded samples, hub datasets, local files).
+
+    Instances are created as ``cls(repo, cls.Options.parse({...}))`` by
+    :func:`saelab.data.load_dataset_source`; ``Options`` should subclass
+    :class:`saelab.data.DatasetOptions` (split, name, column, hf_token, streaming).
+    """
+
+    def __init__(self, repo: str, options: Options | None = None):
+        self.repo = repo
+        """The registered name, hub id or path the dataset was created from."""
+        self.options = options if options is not None else self.Options()
+        """The validated options."""
 
     @classmethod
     def accepts(cls, repo: str) -> bool:
@@ -290,17 +296,69 @@ class Provider(Plugin, ABC):
         """One chat completion for ``messages``."""
 
 
-class Explainer(Plugin, ABC):
-    """Turns a latent's examples into a natural-language explanation using a provider."""
+class _PromptedPlugin(Plugin):
+    """Shared construction of explainers and scorers: typed options plus resolved prompts."""
+
+    prompt_prefix: ClassVar[str] = ""
+    """Dotted prefix of this class's prompts in ``prompts.yaml`` (e.g. ``"scorers.detection"``)."""
+
+    def __init__(self, options: Options | Mapping[str, Any] | None = None, prompts: Mapping[str, Any] | None = None):
+        if not isinstance(options, Options):
+            options = self.Options.parse(dict(options or {}), where=f"{self.name} options")
+        self.options = options
+        if prompts is None:
+            from .prompts import load_prompts
+
+            prompts = load_prompts()
+        self.prompts = prompts
+        """Resolved prompts (:class:`saelab.prompts.Prompts`)."""
+
+    def prompt_version(self) -> str:
+        """Hash of the prompts this instance uses (stored with every result)."""
+        from .prompts import prompt_version
+
+        prefix = self.prompt_prefix.rstrip(".") + "."
+        return prompt_version({k: v for k, v in self.prompts.items() if k.startswith(prefix)})
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this instance's results besides its inputs: name, options, prompt version
+        (part of every explanation and score fingerprint)."""
+        return {"name": self.name, "options": self.options.model_dump(mode="json"),
+                "prompt_version": self.prompt_version()}
+
+
+class Explainer(_PromptedPlugin, ABC):
+    """Turns a latent's examples into a natural-language explanation using a provider.
+
+    Constructed as ``cls(options, prompts)`` (both optional: defaults and the shipped prompts).
+    """
+
+    def messages(self, record: Any) -> list[list[dict[str, str]]]:
+        """The chat prompts :meth:`explain` would send for ``record`` (for dry runs and token estimates)."""
+        return []
 
     @abstractmethod
     async def explain(self, record: Any, provider: Provider) -> Any:
-        """The explanation of one latent."""
+        """The :class:`saelab.records.Explanation` of one :class:`saelab.records.LatentRecord`."""
 
 
-class Scorer(Plugin, ABC):
-    """Measures how well an explanation predicts a latent's activations."""
+class Scorer(_PromptedPlugin, ABC):
+    """Measures how well an explanation predicts a latent's activations.
+
+    Constructed as ``cls(options, prompts)`` (both optional: defaults and the shipped prompts).
+    """
+
+    requires_explanation: ClassVar[bool] = True
+    """False for explanation-free scorers (intruder)."""
+    uses_provider: ClassVar[bool] = True
+    """False for scorers that run local models instead of the LLM provider (surprisal, embedding)."""
+
+    def messages(self, record: Any, explanation: str) -> list[list[dict[str, str]]]:
+        """The chat prompts :meth:`score` would send (for dry runs and token estimates)."""
+        return []
 
     @abstractmethod
     async def score(self, record: Any, explanation: Any, provider: Provider | None) -> Any:
-        """Per-example predictions and metrics for one latent."""
+        """The :class:`saelab.records.ScoreResult` of one latent: per-example predictions and metrics.
+        ``explanation`` is an :class:`saelab.records.Explanation` or its text (None for
+        explanation-free scorers)."""

@@ -61,6 +61,10 @@ class PluginInfo:
     distribution: str | None
     version: str | None
     hooks: list[str]
+    status: str = "loaded"
+    """``loaded``, ``disabled`` (``-p no:NAME`` / ``SAELAB_DISABLE_PLUGINS``) or ``failed`` (import error)."""
+    error: str | None = None
+    """Why a ``failed`` plugin could not be imported."""
 
 
 _lock = threading.RLock()
@@ -68,6 +72,7 @@ _manager: pluggy.PluginManager | None = None
 _registries: dict[str, Registry] = {}
 _in_code: list[tuple[object, str]] = []
 _extra_disabled: set[str] = set()
+_failed: dict[str, tuple[str, str]] = {}
 
 
 def disabled_plugins() -> set[str]:
@@ -83,6 +88,20 @@ def disable(names: Iterable[str]) -> None:
         reset()
 
 
+def enable(names: Iterable[str]) -> None:
+    """Undo :func:`disable` for ``names`` (``SAELAB_DISABLE_PLUGINS`` still applies); reloads on next use."""
+    with _lock:
+        _extra_disabled.difference_update(normalise_name(n) for n in names)
+        reset()
+
+
+def known_plugin_names() -> list[str]:
+    """Names of every discoverable plugin (entry points and in-code), disabled or not."""
+    with _lock:
+        names = [ep.name for ep in _entry_points()] + [name for _, name in _in_code]
+    return sorted(set(names))
+
+
 def _module_name(obj: object) -> str:
     return obj.__name__ if isinstance(obj, ModuleType) else f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -96,6 +115,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
         disabled = disabled_plugins()
+        _failed.clear()
         for ep in _entry_points():
             if normalise_name(ep.name) in disabled:
                 pm.set_blocked(ep.name)
@@ -105,6 +125,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
             try:
                 module = ep.load()
             except Exception as exc:  # a broken third-party plugin must not take the rest down
+                _failed[ep.name] = (ep.value, f"{type(exc).__name__}: {exc}")
                 warnings.warn(
                     f"saelab plugin {ep.name!r} ({ep.value}) failed to import and was skipped: "
                     f"{type(exc).__name__}: {exc}",
@@ -118,14 +139,37 @@ def get_plugin_manager() -> pluggy.PluginManager:
                 _dist_of[ep.name] = (dist.metadata["Name"], dist.version)
         for obj, name in _in_code:
             if normalise_name(name) in disabled:
+                pm.set_blocked(name)
                 continue
             pm.register(obj, name=name)
-        pm.check_pending()
+        _check_pending(pm)
         _manager = pm
         return pm
 
 
 _dist_of: dict[str, tuple[str, str]] = {}
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """Fail on hook implementations that match no hookspec (misspelled ``register_architecture``...)."""
+    import difflib
+
+    from .errors import PluginLoadError
+
+    known = sorted(name for name in dir(hookspecs) if name.startswith("register_"))
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        for caller in pm.get_hookcallers(plugin) or []:
+            if caller.spec is not None:
+                continue
+            close = difflib.get_close_matches(caller.name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PluginLoadError(
+                f"plugin {name!r} ({_module_name(plugin)}) implements unknown hook {caller.name!r}{hint}; "
+                f"known hooks: {', '.join(known)}; disable the plugin with -p no:{name}"
+            )
+    pm.check_pending()
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -203,7 +247,32 @@ def plugin_infos() -> list[PluginInfo]:
 def blocked_plugins() -> list[str]:
     """Names of discovered plugins that are disabled."""
     pm = get_plugin_manager()
-    return [ep.name for ep in _entry_points() if pm.is_blocked(ep.name)]
+    return [name for name in known_plugin_names() if pm.is_blocked(name)]
+
+
+def failed_plugins() -> dict[str, str]:
+    """``{name: error}`` of entry-point plugins that failed to import at the last load."""
+    get_plugin_manager()
+    return {name: error for name, (_value, error) in _failed.items()}
+
+
+def all_plugin_infos() -> list[PluginInfo]:
+    """Loaded plugins, then disabled and failed ones (``saelab plugins --all``)."""
+    infos = plugin_infos()
+    eps = {ep.name: ep for ep in _entry_points()}
+    for name in blocked_plugins():
+        ep = eps.get(name)
+        dist = getattr(ep, "dist", None) if ep is not None else None
+        infos.append(PluginInfo(
+            name=name, module=ep.value if ep is not None else "<code>",
+            distribution=dist.metadata["Name"] if dist is not None else None,
+            version=dist.version if dist is not None else None, hooks=[], status="disabled"))
+    for name, (value, error) in _failed.items():
+        dist = getattr(eps.get(name), "dist", None)
+        infos.append(PluginInfo(
+            name=name, module=value, distribution=dist.metadata["Name"] if dist is not None else None,
+            version=dist.version if dist is not None else None, hooks=[], status="failed", error=error))
+    return infos
 
 
 def plugin_versions() -> dict[str, Any]:

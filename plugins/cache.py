@@ -1,1 +1,97 @@
-"""Placeholder plugin module (not implemented yet)."""
+"""``saelab cache``: stream LM activations at hookpoints into the shared activation cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from saelab import hookimpl
+from saelab.cli_options import (
+    EMBEDDED_NOTE,
+    CacheCommandOptions,
+    cache_options,
+    dataset_options,
+    hf_token_option,
+    hookpoints_option,
+    model_argument,
+    model_options,
+    name_option,
+    one_line_warnings,
+    open_or_build_cache,
+    overwrite_option,
+    resolve_params,
+    store_options,
+    verbose_option,
+)
+from saelab.config import config_option, write_run_config
+from saelab.paths import run_dir
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _cache_size(cache: Any) -> int:
+    return sum(f["size"] for shard in cache.shards
+               for f in (shard["files"]["tokens"], *shard["files"]["activations"].values()))
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    """Add ``saelab cache``."""
+
+    @cli.command("cache", epilog=EMBEDDED_NOTE)
+    @model_argument()
+    @hookpoints_option()
+    @dataset_options()
+    @cache_options()
+    @name_option()
+    @store_options()
+    @overwrite_option()
+    @model_options()
+    @hf_token_option()
+    @verbose_option()
+    @config_option()
+    @click.pass_context
+    def cache(ctx: click.Context, **params: Any) -> None:
+        """Cache activations of MODEL at hookpoints (safetensors shards, resumable, shared by fingerprint).
+
+        A later run of any name with the same model, hookpoints, dataset (repo, name, split, column),
+        n_tokens, cache_ctx_len and dtype reuses the cache; --overwrite cache rebuilds it. A killed run
+        resumes from its last complete shard when the same command is run again.
+        """
+        options: CacheCommandOptions = resolve_params(ctx, params, model=CacheCommandOptions)
+        directory = run_dir(options.name)
+        with one_line_warnings():
+            cache = open_or_build_cache(options)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_run_config(directory, command="cache", config=options,
+                         extra={"activation_cache": str(cache.path)})
+        if options.verbose:
+            from saelab.progress import stdout_console, summary_table
+
+            info = cache.build_info
+            rows = [
+                ("activation cache", str(cache.path)),
+                ("status", info["status"]),
+                ("model", options.model),
+                ("hookpoints", ", ".join(f"{hp} (d={cache.dim(hp)})" for hp in cache.hookpoints)),
+                ("dataset", f"{options.dataset_repo} split={options.dataset_split}"
+                            + (f" name={options.dataset_name}" if options.dataset_name else "")
+                            + f" column={options.dataset_column}"),
+                ("tokens", f"{cache.n_tokens:,} ({cache.n_sequences:,} x {cache.ctx_len})"
+                           + (" - data ran out" if cache.manifest.get("data_exhausted") else "")),
+                ("shards", len(cache.shards)),
+                ("dtype", cache.manifest["dtype"]),
+                ("size on disk", _human_bytes(_cache_size(cache))),
+                ("time", f"{info.get('seconds', 0.0):.1f} s"),
+            ]
+            if info.get("tokens_written") and info.get("seconds"):
+                rows.append(("throughput", f"{info['tokens_written'] / info['seconds']:,.0f} tokens/s"))
+            rows.append(("run config", str(directory / "run_config.json")))
+            stdout_console.print(summary_table("saelab cache", rows))

@@ -1,1 +1,198 @@
-"""Placeholder plugin module (not implemented yet)."""
+"""``saelab evaluate`` (reconstruction, sparsity and spliced-LM metrics on held-out tokens) and
+``saelab convert`` (between dictionary formats: saelab, SAELens, sparsify)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+from saelab import UsageError, hookimpl
+from saelab.cli import MultiValueOption
+from saelab.dictionary import detect_format, dictionary_formats, load_dictionary
+from saelab.errors import format_choices
+from saelab.evaluation import (
+    EvalConfig,
+    evaluate,
+    heldout_windows,
+    results_table,
+    skip_tokens_for,
+    training_data,
+    write_eval,
+)
+from saelab.formats import find_dictionaries
+
+DEFAULT_DATASET = "wikipedia-sample"
+"""Dataset used when none is recorded for the dictionary and none is given."""
+DEFAULT_CTX_LEN = 256
+
+
+def _dictionary_name(path: Path, root: Path) -> str:
+    return path.name if path != root else (path.resolve().name or str(path))
+
+
+def run_evaluation(path: str, *, model: str | None = None, dataset_repo: str | None = None,
+                   dataset_split: str | None = None, dataset_name: str | None = None,
+                   dataset_column: str | None = None, write: bool = True, progress: bool = True,
+                   **options: Any) -> dict[str, dict[str, Any]]:
+    """Evaluate every dictionary at ``path`` (a dictionary directory in any format, a sparsify run or a
+    saelab run directory); writes ``eval.json`` into each directory (when ``write``) and returns
+    ``{name: eval payload}``. ``options`` are :class:`saelab.evaluation.EvalConfig` fields."""
+    from saelab.data import load_dataset_source
+    from saelab.models import load_activation_source
+    from saelab.progress import progress as make_progress
+
+    root = Path(path)
+    dirs = find_dictionaries(root)
+    config = EvalConfig.parse({k: v for k, v in options.items() if v is not None}, where="evaluate")
+    recorded = [training_data(d) for d in dirs]
+    models = {r["model"] for r in recorded if r["model"]}
+    if model is None:
+        if len(models) > 1:
+            raise UsageError(f"dictionaries under {str(root)!r} were trained on different models "
+                             f"({', '.join(sorted(models))}); evaluate them one at a time or give --model")
+        if not models:
+            raise UsageError(f"no model is recorded for {str(root)!r}; give --model (an embedded name such as "
+                             f"smollm2, a hub id or a local directory)")
+        model = next(iter(models))
+    first = recorded[0]
+    dataset_repo = dataset_repo or first["dataset_repo"] or DEFAULT_DATASET
+    same_data = dataset_repo == first["dataset_repo"] and (dataset_split or first["dataset_split"]) == first[
+        "dataset_split"]
+    split = dataset_split or first["dataset_split"] or "train"
+    ctx_len = config.ctx_len or int(first["ctx_len"] or DEFAULT_CTX_LEN)
+    if config.skip_tokens is not None:
+        skip, held_out, how = config.skip_tokens, config.skip_tokens > 0, "skip_tokens given"
+    else:
+        trained = skip_tokens_for(first["n_tokens"], first["ctx_len"]) if same_data else None
+        if trained is None:
+            skip, held_out = 0, not same_data and first["dataset_repo"] is not None
+            how = ("different dataset/split than training" if held_out
+                   else "training data not recorded: evaluated from the start of the dataset (may overlap training)")
+        else:
+            skip, held_out, how = trained, True, f"skipped the {trained} stream tokens of the training cache"
+
+    modules = {_dictionary_name(d, root): load_dictionary(d, device=config.device) for d in dirs}
+    source = load_activation_source(model)
+    for m in modules.values():
+        source.check_hookpoints(list(dict.fromkeys([*m.sites.inputs, *m.sites.outputs])))
+    dataset = load_dataset_source(dataset_repo, split=split, name=dataset_name or first["dataset_name"],
+                                  column=dataset_column or first["dataset_column"] or "text")
+    windows = heldout_windows(source, dataset, ctx_len, config.n_tokens, skip)
+    n_windows = -(-config.n_tokens // ctx_len)
+    with make_progress(unit="windows") as bar:
+        task = bar.add_task("evaluate", total=n_windows) if progress else None
+
+        def advance(done: int) -> None:
+            if task is not None:
+                bar.update(task, completed=done)
+
+        metrics = evaluate(modules, source, windows, config, progress=advance)
+    info = {"model": model, "dataset": {"repo": dataset_repo, "split": split, "name": dataset_name or first["dataset_name"]},
+            "ctx_len": ctx_len, "skip_tokens": skip, "held_out": held_out, "held_out_how": how,
+            "config": config.model_dump(mode="json")}
+    out: dict[str, dict[str, Any]] = {}
+    for d, (name, m) in zip(dirs, metrics.items(), strict=True):
+        payload = {"dictionary": str(d), "format": detect_format(d), **info}
+        if write:
+            write_eval(d, m, payload)
+        out[name] = {"metrics": m, **payload}
+    return out
+
+
+def convert_dictionaries(src: str, dst: str, to: str, overwrite: bool = False) -> list[Path]:
+    """Convert every dictionary at ``src`` to format ``to`` under ``dst`` (one directory, or one
+    sub-directory per dictionary when ``src`` holds several); returns the written directories."""
+    from saelab.dictionary import save_dictionary
+    from saelab.manager import registry
+
+    formats = registry("dictionary_format")
+    if to not in formats:
+        raise UsageError(f"unknown target format {to!r}; accepted: {format_choices(dictionary_formats())}")
+    to = formats.get(to).name
+    dirs = find_dictionaries(src)
+    dst_path = Path(dst)
+    occupied = any(dst_path.iterdir()) if dst_path.is_dir() else dst_path.exists()
+    if occupied:
+        if not overwrite:
+            raise UsageError(f"destination {str(dst_path)!r} exists and is not empty; give --overwrite to replace it")
+        if dst_path.is_dir():
+            shutil.rmtree(dst_path)
+        else:
+            dst_path.unlink()
+    single = len(dirs) == 1 and dirs[0] == Path(src)
+    modules = [(d, load_dictionary(d)) for d in dirs]  # every source loads before anything is written
+    written = []
+    for d, module in modules:
+        target = dst_path if single else dst_path / d.name
+        save_dictionary(module, target, format=to)
+        written.append(target)
+    return written
+
+
+@hookimpl
+def register_commands(cli):
+    """Add ``evaluate`` and ``convert``."""
+
+    @cli.command("evaluate")
+    @click.argument("path", metavar="RUN_OR_DICT_DIR")
+    @click.option("--model", default=None, help="LM to splice into (default: the one recorded at training).")
+    @click.option("--dataset_repo", default=None,
+                  help=f"Dataset (default: the training dataset, else {DEFAULT_DATASET}).")
+    @click.option("--dataset_split", default=None, help="Split expression (default: the training split).")
+    @click.option("--dataset_name", default=None, help="Dataset configuration name.")
+    @click.option("--dataset_column", default=None, help="Text column (default: text).")
+    @click.option("--n_tokens", type=int, default=None, help="Held-out tokens to evaluate [default: 32768].")
+    @click.option("--ctx_len", type=int, default=None, help="Tokens per window (default: the training cache's, else 256).")
+    @click.option("--batch_size", type=int, default=None, help="Windows per forward pass [default: 8].")
+    @click.option("--skip_tokens", type=int, default=None,
+                  help="Dataset tokens skipped before evaluating (default: those the training cache used, "
+                       "so the evaluated tokens are held out).")
+    @click.option("--exclude_positions", cls=MultiValueOption, type=int, default=None,
+                  help="Positions left out of the headline metrics [default: 0 1 2 3; 'none' is not needed: "
+                       "give -1 for no exclusion]; metrics over every position are reported as *_all.")
+    @click.option("--exclude_bos/--keep_bos", default=None, help="Leave BOS tokens out of the headline metrics [default: exclude].")
+    @click.option("--splice_excluded", is_flag=True, default=None,
+                  help="Splice the reconstruction at excluded positions too.")
+    @click.option("--no_downstream", is_flag=True, help="Skip the CE/KL metrics (no spliced forward passes).")
+    @click.option("--device", default=None, help="Device for the dictionary [default: cpu].")
+    @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+    def evaluate_cmd(path: str, model: str | None, dataset_repo: str | None, dataset_split: str | None,
+                     dataset_name: str | None, dataset_column: str | None, n_tokens: int | None,
+                     ctx_len: int | None, batch_size: int | None, skip_tokens: int | None,
+                     exclude_positions: tuple[int, ...] | None, exclude_bos: bool | None,
+                     splice_excluded: bool | None, no_downstream: bool, device: str | None, as_json: bool) -> None:
+        """Evaluate dictionaries: FVU, L0, dead/dense latents, CE loss recovered, KL; writes eval.json."""
+        from saelab.progress import stdout_console
+
+        excluded = None
+        if exclude_positions:
+            excluded = tuple(p for p in exclude_positions if p >= 0)
+        results = run_evaluation(
+            path, model=model, dataset_repo=dataset_repo, dataset_split=dataset_split, dataset_name=dataset_name,
+            dataset_column=dataset_column, n_tokens=n_tokens, ctx_len=ctx_len, batch_size=batch_size,
+            skip_tokens=skip_tokens, exclude_positions=excluded, exclude_bos=exclude_bos,
+            splice_excluded=splice_excluded, downstream=False if no_downstream else None, device=device,
+            progress=not as_json)
+        if as_json:
+            click.echo(json.dumps(results, indent=2, default=str))
+            return
+        stdout_console.print(results_table({k: v["metrics"] for k, v in results.items()}))
+        first = next(iter(results.values()))
+        stdout_console.print(f"model {first['model']}, dataset {first['dataset']['repo']} "
+                             f"({first['dataset']['split']}), held out: {first['held_out']} ({first['held_out_how']})")
+        for v in results.values():
+            stdout_console.print(f"wrote {Path(v['dictionary']) / 'eval.json'}")
+
+    @cli.command("convert")
+    @click.argument("src", metavar="SRC")
+    @click.argument("dst", metavar="DST")
+    @click.option("--to", "to", required=True, metavar="FORMAT",
+                  help="Target format: saelab, saelens or sparsify (any registered dictionary format).")
+    @click.option("--overwrite", is_flag=True, help="Replace DST when it exists.")
+    def convert_cmd(src: str, dst: str, to: str, overwrite: bool) -> None:
+        """Convert a dictionary (or a directory of them) between formats: saelab, SAELens, sparsify."""
+        for path in convert_dictionaries(src, dst, to, overwrite=overwrite):
+            click.echo(f"wrote {path} ({to})")

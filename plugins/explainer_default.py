@@ -1,1 +1,66 @@
-"""Placeholder plugin module (not implemented yet)."""
+"""The ``default`` explainer: delphi's highlighted examples, optional activations and chain of thought."""
+
+from __future__ import annotations
+
+from saelab import hookimpl
+from saelab.autointerp import (
+    ExplainerOptions,
+    LLMExplainer,
+    activation_line,
+    display_tokens,
+    highlighted_text,
+    record_max_activation,
+)
+from saelab.prompts import fill
+from saelab.records import LatentRecord
+
+
+class DefaultExplainerOptions(ExplainerOptions):
+    """Options of the ``default`` explainer."""
+
+    show_activations: bool = False
+    """Follow each example with ``Activations: ("tok", 7), ...`` (0-10 scale, the latent's max = 10)."""
+    cot: bool = False
+    """Ask for step-by-step reasoning before the ``[EXPLANATION]:`` line."""
+    max_activation_tokens: int | None = 10
+    """At most this many tokens per ``Activations:`` line (None: all highlighted tokens)."""
+
+
+class DefaultExplainer(LLMExplainer):
+    """Highlighted <<tokens>> of the train examples; the answer is parsed after [EXPLANATION]:."""
+
+    name = "default"
+    Options = DefaultExplainerOptions
+    prompt_prefix = "explainers.default"
+
+    def system_message(self) -> str:
+        parts = [str(self.prompts["explainers.default.system"])]
+        if self.options.show_activations:
+            parts.append(str(self.prompts["explainers.default.activations"]))
+        if self.options.cot:
+            parts.append(str(self.prompts["explainers.default.cot"]))
+        return "\n\n".join(parts)
+
+    def few_shot(self) -> list[dict[str, str]]:
+        if not self.options.few_shot:
+            return []
+        user_key = "user_activations" if self.options.show_activations else "user"
+        answer_keys = ("assistant_cot", "assistant") if self.options.cot else ("assistant",)
+        return self.prompts.few_shot(self.prompt_prefix, user_key, answer_keys)
+
+    def user_message(self, record: LatentRecord) -> str:
+        top = record_max_activation(record)
+        blocks = []
+        for i, example in enumerate(self.train_examples(record), 1):
+            block = f"Example {i}: {highlighted_text(example, self.options.threshold)}"
+            if self.options.show_activations:
+                block += "\n" + activation_line(display_tokens(example), example.activations,
+                                                self.options.threshold, top or None,
+                                                self.options.max_activation_tokens)
+            blocks.append(block)
+        return fill(str(self.prompts["explainers.default.user"]), examples="\n".join(blocks))
+
+
+@hookimpl
+def register_explainers(register):
+    register(DefaultExplainer)

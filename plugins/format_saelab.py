@@ -1,1 +1,78 @@
-"""Placeholder plugin module (not implemented yet)."""
+"""The ``saelab`` dictionary format: a directory with ``cfg.json`` and ``dictionary.safetensors``.
+
+``cfg.json`` holds ``format`` ("saelab"), ``format_version``, ``saelab_version``, ``architecture``
+(a registered architecture name), ``sites`` (inputs, outputs, d_in, d_out), ``options`` (the
+architecture's options), ``d_sae`` and ``metadata`` (normalisation, training info...).
+``dictionary.safetensors`` holds the module's ``state_dict`` (parameters and persistent buffers).
+No pickle is involved; loading rebuilds the module from the architecture registry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
+from saelab.dictionary import FORMAT_NAME, build_dictionary
+from saelab.manager import saelab_version
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "dictionary.safetensors"
+FORMAT_VERSION = 1
+
+
+class SaelabFormat(DictionaryFormat):
+    """saelab's own format: cfg.json + dictionary.safetensors (any registered architecture)."""
+
+    name = FORMAT_NAME
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """A directory whose cfg.json says ``"format": "saelab"`` next to dictionary.safetensors."""
+        path = Path(path)
+        cfg_path = path / CFG_FILE
+        if not (cfg_path.is_file() and (path / WEIGHTS_FILE).is_file()):
+            return False
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME
+
+    def save(self, dictionary: SparseDictionary, path: Path) -> None:
+        """Write cfg.json and dictionary.safetensors into directory ``path`` (created if needed)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "saelab_version": saelab_version()}
+        cfg.update(dictionary.config())
+        state = {k: v.detach().contiguous().cpu() for k, v in dictionary.state_dict().items()}
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
+        tmp.replace(path / WEIGHTS_FILE)
+        (path / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    def load(self, path: Path, device: str | torch.device = "cpu") -> SparseDictionary:
+        """Rebuild the architecture from cfg.json and load its weights."""
+        path = Path(path)
+        if not self.detect(path):
+            raise UsageError(f"{str(path)!r} is not a saelab dictionary directory "
+                             f"(expected {CFG_FILE} with \"format\": \"saelab\" and {WEIGHTS_FILE})")
+        cfg = json.loads((path / CFG_FILE).read_text())
+        module = build_dictionary(cfg["architecture"], cfg["sites"], cfg.get("options", {}))
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UsageError(f"{str(path / WEIGHTS_FILE)!r} does not match architecture "
+                             f"{cfg['architecture']!r}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        if cfg.get("metadata") and hasattr(module, "extra_config"):
+            module.extra_config.update(cfg["metadata"])
+        return module.to(device)
+
+
+@hookimpl
+def register_dictionary_formats(register):
+    """Register the ``saelab`` format."""
+    register(SaelabFormat)

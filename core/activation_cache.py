@@ -1,0 +1,832 @@
+"""The streamed activation cache: writer, reader, manifest, fingerprint, verification and resume.
+
+A cache lives in ``<store>/<fingerprint>/`` (default store ``results/.activations/``)::
+
+    manifest.json                                   rewritten atomically after every shard
+    tokens/000000.safetensors                       {"tokens": int32 [n_seq, ctx_len]}
+    activations/<hookpoint>/000000.safetensors      {"activations": float32|float16 [n_seq, ctx_len, d]}
+    .lock                                           held (flock) by the process writing the cache
+
+The fingerprint hashes everything that changes the cached values: model identity (id, weights
+hash or revision, dtype), tokenizer, hookpoints, dataset identity (repo, name, split, column and a
+content hash for local data), the tokenisation scheme (BOS/EOS handling, :mod:`saelab.data`),
+``n_tokens``, ``ctx_len`` and the cache dtype. Batch size and shard size are not in it: any run with
+the same inputs reuses the cache whatever its name.
+
+Shards are written as they are produced (the writer holds one shard buffer, never the whole
+cache) and the manifest lists each finished shard with its files' sizes and sha256. A killed run
+resumes after its last listed shard: batches restart at every shard boundary, so the resumed
+cache is byte-identical to an uninterrupted one with the same batch size.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .data import WindowSpec, iter_windows, n_windows_for, tokenizer_identity, warn_data_exhausted
+from .errors import CorruptCacheError, UsageError
+from .interfaces import ActivationSource, Dataset
+
+FORMAT = "saelab-activation-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FP16_MAX = 65504.0
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""Accepted cache dtypes."""
+SHARD_TARGET_BYTES = 128 * 2**20
+"""Default shard size: about this many bytes per hookpoint file."""
+
+
+class Fp16RangeWarning(UserWarning):
+    """Activations beyond the float16 range were clamped to +-65504 while caching in float16."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprint and manifest helpers
+
+
+def fingerprint_inputs(
+    source: ActivationSource,
+    dataset: Dataset,
+    hookpoints: Sequence[str],
+    *,
+    n_tokens: int,
+    ctx_len: int,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Everything that changes the cached values, as JSON data (hashed by :func:`fingerprint`)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": source.identity(),
+        "tokenizer": tokenizer_identity(source.tokenizer),
+        "hookpoints": sorted(hookpoints),
+        "dataset": dataset.identity(),
+        "tokenization": WindowSpec.for_tokenizer(source.tokenizer, ctx_len).identity(),
+        "n_tokens": int(n_tokens),
+        "ctx_len": int(ctx_len),
+        "dtype": dtype,
+    }
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """Short stable hash of fingerprint inputs (canonical JSON, sha256, 20 hex digits)."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=False, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _shard_name(index: int) -> str:
+    return f"{index:06d}.safetensors"
+
+
+def _file_entry(root: Path, rel: str) -> dict[str, Any]:
+    path = root / rel
+    return {"path": rel, "size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _shard_files(shard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [shard["files"]["tokens"], *shard["files"]["activations"].values()]
+
+
+def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> None:
+    path = root / entry["path"]
+    if not path.is_file():
+        raise CorruptCacheError(f"activation cache shard {path} is missing; rebuild with --overwrite cache")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise CorruptCacheError(
+            f"activation cache shard {path} is truncated or altered ({size} bytes, manifest says "
+            f"{entry['size']}); rebuild with --overwrite cache"
+        )
+    if checksums and _sha256(path) != entry["sha256"]:
+        raise CorruptCacheError(
+            f"activation cache shard {path} is corrupted (sha256 differs from the manifest); "
+            f"rebuild with --overwrite cache"
+        )
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCacheError(f"activation cache manifest {path} cannot be read: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptCacheError(f"{path} is not a saelab activation cache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptCacheError(
+            f"activation cache {directory} has format version {manifest.get('format_version')}; "
+            f"this saelab reads version {FORMAT_VERSION}; rebuild with --overwrite cache"
+        )
+    return manifest
+
+
+def _seed(*parts: Any) -> int:
+    text = "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader
+
+
+class ActivationCache:
+    """A complete activation cache on disk, read shard by shard.
+
+    ``iter_batches`` yields shuffled rows (one row = one token position) of several hookpoints at
+    once, aligned across hookpoints, with memory bounded by ``shuffle_buffer_shards`` shards.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        """The cache directory."""
+        self.manifest = manifest
+        """The parsed ``manifest.json``."""
+        self.hookpoints: list[str] = list(manifest["hookpoints"])
+        """Cached hookpoints, in the order they were requested."""
+        self.ctx_len: int = int(manifest["ctx_len"])
+        """Tokens per cached sequence."""
+        self.n_sequences: int = int(manifest["n_sequences"])
+        """Cached sequences."""
+        self.n_tokens: int = self.n_sequences * self.ctx_len
+        """Cached tokens (``n_sequences * ctx_len``; may be below the request if the data ran out)."""
+        self._tokens: torch.Tensor | None = None
+        self.build_info: dict[str, Any] = {"status": "opened"}
+        """How :func:`build_activation_cache` got this cache: ``status`` (reused, resumed, built, or
+        opened when read with :meth:`open`), ``seconds`` and ``tokens_written``."""
+
+    # ---- opening and metadata
+
+    @classmethod
+    def open(cls, path: Path | str, *, checksums: bool = False) -> ActivationCache:
+        """Open a complete cache directory (or its ``manifest.json``); checks file sizes, and sha256
+        too when ``checksums``. Missing or incomplete caches are one-line errors."""
+        path = Path(path)
+        if path.name == MANIFEST:
+            path = path.parent
+        if not (path / MANIFEST).is_file():
+            raise UsageError(
+                f"activation cache {str(path)!r} does not exist (no {MANIFEST}); build one with `saelab cache`"
+            )
+        manifest = _read_manifest(path)
+        if not manifest.get("complete"):
+            raise UsageError(
+                f"activation cache {str(path)!r} is incomplete ({len(manifest.get('shards', []))} shards written); "
+                f"rerun the same `saelab cache` command to resume it"
+            )
+        cache = cls(path, manifest)
+        cache.verify(checksums=checksums)
+        return cache
+
+    @property
+    def fingerprint(self) -> str:
+        """The cache's fingerprint (its directory name in the store)."""
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the activations."""
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The BOS token at position 0 of every sequence, if the tokenizer has one."""
+        return self.manifest["tokenization"]["bos_token_id"]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        """Manifest entries of the shards, in order."""
+        return list(self.manifest["shards"])
+
+    def dim(self, hookpoint: str) -> int:
+        """Width of the activations at ``hookpoint``."""
+        self._check_hookpoints([hookpoint])
+        return int(self.manifest["dims"][hookpoint])
+
+    def verify(self, checksums: bool = True) -> None:
+        """Check every shard file against the manifest (size; sha256 when ``checksums``);
+        a missing, truncated or corrupted shard raises :class:`CorruptCacheError` naming it."""
+        total = 0
+        for shard in self.manifest["shards"]:
+            for entry in _shard_files(shard):
+                _check_file(self.path, entry, checksums)
+            total += shard["n_sequences"]
+        if total != self.n_sequences:
+            raise CorruptCacheError(
+                f"activation cache manifest {self.path / MANIFEST} is inconsistent: shards hold {total} "
+                f"sequences, manifest says {self.n_sequences}"
+            )
+
+    def _check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
+        if isinstance(hookpoints, str):
+            hookpoints = [hookpoints]
+        if not hookpoints:
+            raise UsageError(f"no hookpoints asked of activation cache {self.path}; cached: {', '.join(self.hookpoints)}")
+        for hp in hookpoints:
+            if hp not in self.hookpoints:
+                raise UsageError(
+                    f"hookpoint {hp!r} is not in activation cache {self.path}; cached hookpoints: "
+                    f"{', '.join(self.hookpoints)}"
+                )
+        return list(hookpoints)
+
+    # ---- raw shard access
+
+    def _load(self, entry: dict[str, Any], key: str) -> torch.Tensor:
+        path = self.path / entry["path"]
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise CorruptCacheError(
+                f"activation cache shard {path} cannot be read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild with --overwrite cache"
+            ) from None
+
+    def shard_tokens(self, shard: int) -> torch.Tensor:
+        """Tokens ``[n_seq, ctx_len]`` (int32) of one shard."""
+        return self._load(self.manifest["shards"][shard]["files"]["tokens"], "tokens")
+
+    def shard_activations(self, hookpoint: str, shard: int) -> torch.Tensor:
+        """Activations ``[n_seq, ctx_len, d]`` (storage dtype) of one shard."""
+        self._check_hookpoints([hookpoint])
+        entry = self.manifest["shards"][shard]["files"]["activations"][hookpoint]
+        tensor = self._load(entry, "activations")
+        expected = (self.manifest["shards"][shard]["n_sequences"], self.ctx_len, self.dim(hookpoint))
+        if tuple(tensor.shape) != expected:
+            raise CorruptCacheError(
+                f"activation cache shard {self.path / entry['path']} has shape {tuple(tensor.shape)}, "
+                f"manifest says {expected}; rebuild with --overwrite cache"
+            )
+        return tensor
+
+    def tokens(self) -> torch.Tensor:
+        """All cached tokens ``[n_sequences, ctx_len]`` (int32), in cache order."""
+        if self._tokens is None:
+            parts = [self.shard_tokens(i) for i in range(len(self.manifest["shards"]))]
+            self._tokens = torch.cat(parts) if parts else torch.zeros(0, self.ctx_len, dtype=torch.int32)
+        return self._tokens
+
+    def iter_sequences(
+        self, hookpoints: Sequence[str], batch_size: int, *, dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Whole sequences in cache order: ``(tokens [B, ctx_len], {hookpoint: [B, ctx_len, d]})``,
+        one shard in memory at a time (for latent statistics and example windows)."""
+        hookpoints = self._check_hookpoints(hookpoints)
+        if batch_size < 1:
+            raise UsageError(f"bad batch size {batch_size}; accepted: a positive integer")
+        for index in range(len(self.manifest["shards"])):
+            tokens = self.shard_tokens(index)
+            acts = {hp: self.shard_activations(hp, index) for hp in hookpoints}
+            for start in range(0, tokens.shape[0], batch_size):
+                yield tokens[start:start + batch_size], {
+                    hp: a[start:start + batch_size].to(dtype) for hp, a in acts.items()
+                }
+
+    # ---- row selection
+
+    def _kept_rows(self, shard: int, exclude_positions: Sequence[int], exclude_bos: bool) -> torch.Tensor:
+        """Flat row indices (into ``n_seq * ctx_len``) of one shard that survive the exclusions."""
+        n_seq = self.manifest["shards"][shard]["n_sequences"]
+        keep = torch.ones(n_seq, self.ctx_len, dtype=torch.bool)
+        positions = self._positions(exclude_positions)
+        if positions:
+            keep[:, positions] = False
+        if exclude_bos and self.bos_token_id is not None:
+            keep &= self.shard_tokens(shard) != self.bos_token_id
+        return keep.flatten().nonzero().squeeze(1)
+
+    def _positions(self, exclude_positions: Sequence[int]) -> list[int]:
+        out = []
+        for p in exclude_positions:
+            p = int(p)
+            if not -self.ctx_len <= p < self.ctx_len:
+                continue  # a position beyond the context excludes nothing
+            out.append(p % self.ctx_len)
+        return sorted(set(out))
+
+    def _shard_counts(self, exclude_positions: Sequence[int], exclude_bos: bool) -> list[int]:
+        counts = []
+        n_excluded = len(self._positions(exclude_positions))
+        for index, shard in enumerate(self.manifest["shards"]):
+            if exclude_bos and self.bos_token_id is not None:
+                counts.append(int(self._kept_rows(index, exclude_positions, True).numel()))
+            else:
+                counts.append(shard["n_sequences"] * (self.ctx_len - n_excluded))
+        return counts
+
+    # ---- batches
+
+    def _plan(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        exclude_positions: Sequence[int],
+        exclude_bos: bool,
+        shuffle_buffer_shards: int,
+        rank_split: str,
+        drop_last: bool,
+    ) -> tuple[list[tuple[list[int], int, int]], Iterator[tuple[int, int]], int]:
+        """Groups ``(shards, stream_start, stream_stop)``, this rank's batch ranges over the group
+        stream, and its row count."""
+        if batch_size < 1:
+            raise UsageError(f"bad batch size {batch_size}; accepted: a positive integer")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UsageError(f"bad rank {rank} for world size {world_size}; accepted: 0 <= rank < world_size")
+        if shuffle_buffer_shards < 1:
+            raise UsageError(f"bad shuffle_buffer_shards {shuffle_buffer_shards}; accepted: an integer >= 1")
+        if rank_split not in ("rows", "shards"):
+            raise UsageError(f"bad rank_split {rank_split!r}; accepted: rows, shards")
+        counts = self._shard_counts(exclude_positions, exclude_bos)
+        order = list(range(len(counts)))
+        if shuffle:
+            gen = torch.Generator().manual_seed(_seed(seed, epoch, "shards"))
+            order = torch.randperm(len(order), generator=gen).tolist()
+
+        def groups_of(shards: list[int]) -> list[tuple[list[int], int, int]]:
+            groups, pos = [], 0
+            for i in range(0, len(shards), shuffle_buffer_shards):
+                members = shards[i:i + shuffle_buffer_shards]
+                n = sum(counts[s] for s in members)
+                groups.append((members, pos, pos + n))
+                pos += n
+            return groups
+
+        if world_size == 1 or rank_split == "shards":
+            mine = order[rank::world_size]
+            groups = groups_of(mine)
+            total = groups[-1][2] if groups else 0
+            if world_size == 1:
+                n_batches = total // batch_size if drop_last else math.ceil(total / batch_size)
+            else:  # every rank yields the same number of full batches (lockstep for DDP)
+                n_batches = min(sum(counts[s] for s in order[r::world_size]) for r in range(world_size)) // batch_size
+            ranges = ((b * batch_size, min((b + 1) * batch_size, total)) for b in range(n_batches))
+            n_rows = min(total, n_batches * batch_size)
+            return groups, ranges, n_rows
+
+        groups = groups_of(order)
+        total = groups[-1][2] if groups else 0
+        global_batch = batch_size * world_size
+        full, rest = divmod(total, global_batch)
+        split_rest = rest >= world_size and not drop_last
+
+        def rows_ranges() -> Iterator[tuple[int, int]]:
+            for b in range(full):
+                start = b * global_batch + rank * batch_size
+                yield start, start + batch_size
+            if split_rest:  # the final partial global batch, split evenly over the ranks
+                base = full * global_batch
+                size, extra = divmod(rest, world_size)
+                start = base + rank * size + min(rank, extra)
+                yield start, start + size + (1 if rank < extra else 0)
+
+        n_rows = full * batch_size
+        if split_rest:
+            n_rows += rest // world_size + (1 if rank < rest % world_size else 0)
+        return groups, rows_ranges(), n_rows
+
+    def n_rows(
+        self,
+        exclude_positions: Sequence[int] = (),
+        exclude_bos: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        batch_size: int | None = None,
+        rank_split: str = "rows",
+        drop_last: bool = False,
+    ) -> int:
+        """Rows ``iter_batches`` yields to ``rank`` in one epoch with the same arguments.
+
+        Without ``batch_size`` (and ``world_size > 1``) this is the count for ``batch_size=1``:
+        ``total // world_size`` rows for every rank.
+        """
+        _, _, n = self._plan(
+            batch_size or 1, shuffle=False, seed=0, epoch=0, rank=rank, world_size=world_size,
+            exclude_positions=exclude_positions, exclude_bos=exclude_bos, shuffle_buffer_shards=1,
+            rank_split=rank_split, drop_last=drop_last if batch_size else world_size > 1,
+        )
+        return n
+
+    def n_batches(self, batch_size: int, **kwargs: Any) -> int:
+        """Batches ``iter_batches(batch_size=..., **kwargs)`` yields in one epoch (``start_batch`` ignored)."""
+        kwargs.pop("start_batch", None)
+        kwargs.pop("dtype", None)
+        kwargs.pop("hookpoints", None)
+        args = {"shuffle": False, "seed": 0, "epoch": 0, "rank": 0, "world_size": 1, "exclude_positions": (),
+                "exclude_bos": False, "shuffle_buffer_shards": 1, "rank_split": "rows", "drop_last": False}
+        args.update(kwargs)
+        _, ranges, _ = self._plan(batch_size, **args)
+        return sum(1 for _ in ranges)
+
+    def iter_batches(
+        self,
+        hookpoints: Sequence[str],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        exclude_positions: Sequence[int] = (),
+        exclude_bos: bool = False,
+        shuffle_buffer_shards: int = 4,
+        dtype: torch.dtype = torch.float32,
+        start_batch: int = 0,
+        rank_split: str = "rows",
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches ``{hookpoint: [B, d]}`` of token rows, the same rows for every hookpoint.
+
+        - Shuffling is deterministic in ``(seed, epoch)``: shards are permuted, then read
+          ``shuffle_buffer_shards`` at a time and their rows permuted within that buffer, so memory
+          stays bounded by the buffer (plus one batch) whatever the cache size.
+        - ``exclude_positions`` drops token positions (e.g. ``(1, 2, 3)`` for SmolLM2's massive
+          activations; negative positions count from the end); ``exclude_bos`` drops BOS tokens.
+        - Distributed: with ``rank_split="rows"`` (default) every rank walks the same shuffled stream
+          cut into global batches of ``batch_size * world_size`` rows and takes its slice, so the
+          union of the ranks' batches equals the single-process batch of ``batch_size * world_size``
+          and every rank yields the same number of batches. ``rank_split="shards"`` gives each rank
+          its own shards (each reads only its share; batch counts equalised by dropping rows).
+        - The last batch may be smaller unless ``drop_last``; with ``world_size > 1`` a final partial
+          global batch is split evenly over the ranks (dropped if it has fewer rows than ranks).
+        - ``start_batch`` skips that many of this rank's batches without reading their shards
+          (resuming a trainer mid-epoch yields exactly the batches it had not consumed).
+        """
+        hookpoints = self._check_hookpoints(hookpoints)
+        groups, ranges, _ = self._plan(
+            batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+            exclude_positions=exclude_positions, exclude_bos=exclude_bos,
+            shuffle_buffer_shards=shuffle_buffer_shards, rank_split=rank_split, drop_last=drop_last,
+        )
+        exclude_positions = tuple(exclude_positions)
+        loaded: dict[str, Any] = {"index": -1}
+
+        def group(gi: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+            if loaded["index"] != gi:
+                loaded.clear()  # drop the previous buffer before reading the next
+                loaded["index"] = gi
+                members = groups[gi][0]
+                kept = [self._kept_rows(s, exclude_positions, exclude_bos) for s in members]
+                tensors = {}
+                for hp in hookpoints:
+                    n = sum(k.numel() for k in kept)
+                    buf = torch.empty(n, self.dim(hp), dtype=self.dtype)
+                    pos = 0
+                    for shard, rows in zip(members, kept, strict=True):
+                        acts = self.shard_activations(hp, shard).reshape(-1, self.dim(hp))
+                        torch.index_select(acts, 0, rows, out=buf[pos:pos + rows.numel()])
+                        pos += rows.numel()
+                        del acts
+                    tensors[hp] = buf
+                perm = None
+                if shuffle:
+                    gen = torch.Generator().manual_seed(_seed(seed, epoch, "group", gi, rank if rank_split == "shards" else 0))
+                    perm = torch.randperm(groups[gi][2] - groups[gi][1], generator=gen)
+                loaded["tensors"], loaded["perm"] = tensors, perm
+            return loaded["tensors"], loaded["perm"]
+
+        gi = 0
+        for b, (start, stop) in enumerate(ranges):
+            if b < start_batch:
+                continue
+            pieces: dict[str, list[torch.Tensor]] = {hp: [] for hp in hookpoints}
+            pos = start
+            while pos < stop:
+                while groups[gi][2] <= pos:
+                    gi += 1
+                tensors, perm = group(gi)
+                g0, g1 = groups[gi][1], groups[gi][2]
+                take = min(stop, g1) - pos
+                local = torch.arange(pos - g0, pos - g0 + take) if perm is None else perm[pos - g0:pos - g0 + take]
+                for hp in hookpoints:
+                    pieces[hp].append(tensors[hp].index_select(0, local))
+                pos += take
+            yield {hp: (p[0] if len(p) == 1 else torch.cat(p)).to(dtype) for hp, p in pieces.items()}
+
+    def __repr__(self) -> str:
+        return (f"ActivationCache({str(self.path)!r}, hookpoints={self.hookpoints}, n_tokens={self.n_tokens}, "
+                f"ctx_len={self.ctx_len}, dtype={self.manifest['dtype']})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer
+
+
+def cache_dir_for(store: Path | str, inputs: dict[str, Any]) -> Path:
+    """The directory a cache with these fingerprint inputs lives in: ``<store>/<fingerprint>/``."""
+    return Path(store) / fingerprint(inputs)
+
+
+def default_shard_size_tokens(dims: Sequence[int], dtype: str, ctx_len: int) -> int:
+    """About :data:`SHARD_TARGET_BYTES` per hookpoint file, a whole number of sequences."""
+    bytes_per_token = max(dims) * DTYPES[dtype].itemsize
+    return max(ctx_len, (SHARD_TARGET_BYTES // bytes_per_token) // ctx_len * ctx_len)
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``<dir>/.lock`` (released by the OS if the process dies)."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".lock"
+        self.fh: Any = None
+
+    def __enter__(self) -> _Lock:
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise UsageError(
+                f"activation cache {self.path.parent} is being written by another process; wait for it "
+                f"or stop it"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def build_activation_cache(
+    source: ActivationSource,
+    dataset: Dataset,
+    hookpoints: Sequence[str],
+    *,
+    n_tokens: int,
+    ctx_len: int,
+    batch_size: int,
+    store: Path | str,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    shard_size_tokens: int | None = None,
+    progress: bool = True,
+    verify_checksums: bool = False,
+) -> ActivationCache:
+    """Build (or reuse, or resume) the activation cache of ``hookpoints`` over ``dataset``.
+
+    A complete cache with the same fingerprint is reused (file sizes checked; sha256 too with
+    ``verify_checksums``); a partial one is resumed after its last complete shard; ``overwrite``
+    deletes and rebuilds. ``shard_size_tokens`` (rounded down to whole sequences) defaults to about
+    128 MiB per hookpoint file; a resumed cache keeps the shard size it was started with.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"bad cache dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise UsageError(f"bad --batch_size {batch_size}; accepted: a positive integer")
+    hookpoints = source.check_hookpoints(list(dict.fromkeys(hookpoints)))
+    spec = WindowSpec.for_tokenizer(source.tokenizer, ctx_len)
+    target = n_windows_for(n_tokens, ctx_len)
+    inputs = fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=dtype)
+    directory = cache_dir_for(store, inputs)
+    if overwrite and directory.exists():
+        with _Lock(directory):
+            pass  # refuse to delete a cache another process is writing
+        shutil.rmtree(directory)
+    started = time.perf_counter()
+    if (directory / MANIFEST).is_file():
+        manifest = _read_manifest(directory)
+        if manifest.get("complete"):
+            cache = ActivationCache.open(directory, checksums=verify_checksums)
+            cache.build_info = {"status": "reused", "seconds": time.perf_counter() - started, "tokens_written": 0}
+            return cache
+    directory.mkdir(parents=True, exist_ok=True)
+    with _Lock(directory):
+        writer = _Writer(source, dataset, hookpoints, spec, target, inputs, directory, dtype, batch_size,
+                         shard_size_tokens, n_tokens)
+        resumed_from = int(writer.manifest["n_sequences"])
+        writer.run(progress)
+    cache = ActivationCache.open(directory)
+    cache.build_info = {
+        "status": "resumed" if resumed_from else "built",
+        "seconds": time.perf_counter() - started,
+        "tokens_written": cache.n_tokens - resumed_from * cache.ctx_len,
+        "resumed_from_tokens": resumed_from * cache.ctx_len,
+    }
+    return cache
+
+
+class _Writer:
+    """Writes one cache directory shard by shard, resuming after the last shard in its manifest."""
+
+    def __init__(self, source: ActivationSource, dataset: Dataset, hookpoints: list[str], spec: WindowSpec,
+                 target: int, inputs: dict[str, Any], directory: Path, dtype: str, batch_size: int,
+                 shard_size_tokens: int | None, n_tokens: int):
+        self.source, self.dataset, self.hookpoints, self.spec = source, dataset, hookpoints, spec
+        self.target, self.directory, self.dtype, self.batch_size = target, directory, dtype, batch_size
+        self.dims = {hp: int(source.hookpoint_dim(hp)) for hp in hookpoints}
+        if (directory / MANIFEST).is_file():
+            self.manifest = _read_manifest(directory)
+            self._check_resumable()
+        else:
+            if shard_size_tokens is None:
+                shard_size_tokens = default_shard_size_tokens(list(self.dims.values()), dtype, spec.ctx_len)
+            if shard_size_tokens < 1:
+                raise UsageError(f"bad shard size {shard_size_tokens}; accepted: a positive number of tokens")
+            self.manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint(inputs),
+                "fingerprint_inputs": inputs,
+                "complete": False,
+                "hookpoints": list(hookpoints),
+                "dims": self.dims,
+                "dtype": dtype,
+                "ctx_len": spec.ctx_len,
+                "n_tokens_requested": int(n_tokens),
+                "n_sequences_target": target,
+                "shard_size_sequences": max(1, shard_size_tokens // spec.ctx_len),
+                "tokenization": spec.identity(),
+                "model": inputs["model"],
+                "dataset": inputs["dataset"],
+                "n_sequences": 0,
+                "n_tokens": 0,
+                "data_exhausted": False,
+                "fp16_clamped": {},
+                "shards": [],
+                "created": _now(),
+            }
+        self.shard_seqs = int(self.manifest["shard_size_sequences"])
+        self.clamped: dict[str, int] = dict(self.manifest.get("fp16_clamped", {}))
+
+    def _check_resumable(self) -> None:
+        """Verify the finished shards (size and sha256) and delete files the manifest does not list."""
+        if self.manifest["fingerprint"] != self.directory.name:
+            raise CorruptCacheError(
+                f"activation cache {self.directory} holds fingerprint {self.manifest['fingerprint']}; "
+                f"rebuild with --overwrite cache"
+            )
+        listed = set()
+        for shard in self.manifest["shards"]:
+            for entry in _shard_files(shard):
+                _check_file(self.directory, entry, checksums=True)
+                listed.add(entry["path"])
+        for sub in ("tokens", "activations"):
+            root = self.directory / sub
+            if not root.exists():
+                continue
+            for path in root.rglob("*"):
+                if path.is_file() and str(path.relative_to(self.directory)) not in listed:
+                    path.unlink()
+
+    def _save_manifest(self) -> None:
+        self.manifest["updated"] = _now()
+        _write_json_atomic(self.directory / MANIFEST, self.manifest)
+
+    def _write_shard(self, index: int, tokens: torch.Tensor, buffers: dict[str, torch.Tensor], n: int) -> None:
+        name = _shard_name(index)
+        files: dict[str, Any] = {"activations": {}}
+        rel = f"tokens/{name}"
+        self._save({"tokens": tokens[:n].to(torch.int32).contiguous()}, rel)
+        files["tokens"] = _file_entry(self.directory, rel)
+        for hp in self.hookpoints:
+            rel = f"activations/{hp}/{name}"
+            self._save({"activations": buffers[hp][:n].contiguous()}, rel)
+            files["activations"][hp] = _file_entry(self.directory, rel)
+        self.manifest["shards"].append({"index": index, "n_sequences": n, "files": files})
+        self.manifest["n_sequences"] += n
+        self.manifest["n_tokens"] = self.manifest["n_sequences"] * self.spec.ctx_len
+
+    def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
+        path = self.directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, path)
+
+    def _store(self, hp: str, acts: torch.Tensor, out: torch.Tensor) -> None:
+        acts = acts.detach()
+        if self.dtype == "float16":
+            over = int((acts.abs() > FP16_MAX).sum())
+            if over:
+                self.clamped[hp] = self.clamped.get(hp, 0) + over
+                acts = acts.clamp(-FP16_MAX, FP16_MAX)
+        out.copy_(acts.reshape(out.shape))
+
+    def run(self, show_progress: bool) -> None:
+        """Produce the missing shards, then mark the manifest complete."""
+        done = int(self.manifest["n_sequences"])
+        ctx = self.spec.ctx_len
+        windows = iter_windows(self.dataset.texts(), self.source.tokenizer, self.spec,
+                               max_windows=self.target - done, skip_windows=done)
+        from .progress import progress as make_progress
+
+        bar = make_progress(TokensPerSecondColumn()) if show_progress else None
+        task = None
+        if bar is not None:
+            bar.start()
+            task = bar.add_task("caching activations", total=self.target * ctx, completed=done * ctx)
+        try:
+            exhausted = False
+            while done < self.target and not exhausted:
+                size = min(self.shard_seqs, self.target - done)
+                tokens = torch.empty(size, ctx, dtype=torch.int64)
+                buffers = {hp: torch.empty(size, ctx, self.dims[hp], dtype=DTYPES[self.dtype])
+                           for hp in self.hookpoints}
+                n = 0
+                while n < size:
+                    want = min(self.batch_size, size - n)
+                    batch = list(itertools.islice(windows, want))
+                    if batch:
+                        ids = torch.stack(batch)
+                        tokens[n:n + len(batch)] = ids
+                        device = getattr(self.source, "device", None)
+                        acts = self.source.activations(ids if device is None else ids.to(device), self.hookpoints)
+                        for hp in self.hookpoints:
+                            self._store(hp, acts[hp].to("cpu"), buffers[hp][n:n + len(batch)])
+                        del acts
+                        n += len(batch)
+                        if bar is not None:
+                            bar.update(task, advance=len(batch) * ctx)
+                    if len(batch) < want:
+                        exhausted = True
+                        break
+                if n:
+                    self._write_shard(len(self.manifest["shards"]), tokens, buffers, n)
+                    done += n
+                del tokens, buffers
+                finished = done >= self.target or exhausted
+                self.manifest["fp16_clamped"] = dict(self.clamped)
+                if finished:
+                    self.manifest["complete"] = True
+                    self.manifest["data_exhausted"] = done < self.target
+                self._save_manifest()
+            if not self.manifest["complete"]:  # resumed a cache whose shards were all written
+                self.manifest["complete"] = True
+                self._save_manifest()
+        finally:
+            if bar is not None:
+                bar.stop()
+        if done == 0:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise UsageError(f"dataset {self.dataset_name()} holds fewer than {ctx} tokens; nothing to cache")
+        if self.manifest["data_exhausted"]:
+            warn_data_exhausted(self.dataset_name(), done, self.target, ctx)
+        for hp, count in self.clamped.items():
+            warnings.warn(
+                f"{count} activation values at {hp} were beyond the float16 range and clamped to "
+                f"+-{FP16_MAX:g}; cache in float32 (--dtype float32) to keep them",
+                Fp16RangeWarning,
+                stacklevel=3,
+            )
+
+    def dataset_name(self) -> str:
+        """The dataset's repo for messages."""
+        return str(self.dataset.identity().get("repo", getattr(self.dataset, "repo", "?")))
+
+
+try:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class TokensPerSecondColumn(ProgressColumn):
+        """Rich progress column: ``1234 tok/s``."""
+
+        def render(self, task: Any) -> Text:
+            """Render the task's speed in tokens per second."""
+            speed = task.finished_speed or task.speed
+            return Text("? tok/s" if speed is None else f"{speed:,.0f} tok/s", style="progress.data.speed")
+except ImportError:  # pragma: no cover - rich is a dependency
+    pass

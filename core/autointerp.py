@@ -1,0 +1,534 @@
+"""Shared machinery of explainers and scorers: LLM calls, answer parsing, batching and base classes.
+
+Builtin and third-party explainer/scorer plugins subclass :class:`LLMExplainer` or
+:class:`PromptScorer` (or the bare :class:`saelab.Explainer` / :class:`saelab.Scorer`) and reuse the
+parsers here. Scorer prompts for one latent are sent concurrently (``asyncio.gather``); the
+provider's own concurrency limit bounds what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from .highlight import activation_line, highlight, highlight_mask, highlight_tokens, random_mask
+from .interfaces import Explainer, Provider, Scorer
+from .metrics import binary_metrics, probability_of_one
+from .options import Options
+from .prompts import fill
+from .records import (
+    Example,
+    Explanation,
+    Failures,
+    LatentRecord,
+    Prediction,
+    ScoreResult,
+    Usage,
+    content_hash,
+)
+
+Messages = list[dict[str, str]]
+
+# --------------------------------------------------------------------------------------------------
+# LLM calls
+
+
+@dataclass
+class CallResult:
+    """A finished LLM call: the completion, or the error that ended it after retries."""
+
+    completion: Any | None
+    """A :class:`saelab.llm.Completion`, or None when the request failed."""
+    error: str | None = None
+    """The provider's one-line error when the request failed."""
+
+    @property
+    def text(self) -> str:
+        """The answer text ('' on failure)."""
+        return "" if self.completion is None else str(self.completion.text or "")
+
+
+async def call_llm(provider: Provider, messages: Messages, **params: Any) -> CallResult:
+    """One chat completion; a provider failure (after its retries) is returned, not raised, so one bad
+    prompt does not lose a latent's other prompts."""
+    from .llm import ProviderError
+
+    try:
+        return CallResult(await provider.generate(messages, **params))
+    except ProviderError as exc:
+        return CallResult(None, str(exc))
+
+
+def provider_names(provider: Provider | None) -> tuple[str, str]:
+    """``(provider name, model)`` of a provider (empty strings when None)."""
+    if provider is None:
+        return "", ""
+    model = getattr(provider, "model", None) or getattr(getattr(provider, "options", None), "model", None) or ""
+    return str(getattr(provider, "name", type(provider).__name__)), str(model)
+
+
+def provider_identity(provider: Provider | None) -> dict[str, Any]:
+    """The provider's identity for fingerprints (``identity()`` when it has one)."""
+    if provider is None:
+        return {}
+    identity = getattr(provider, "identity", None)
+    if callable(identity):
+        return dict(identity())
+    name, model = provider_names(provider)
+    return {"provider": name, "model": model}
+
+
+def explanation_fingerprint(record: LatentRecord, explainer: Explainer, provider: Provider | None) -> str:
+    """Hash of everything an explanation depends on: the examples it was shown, the explainer (name,
+    options, prompts) and the provider/model."""
+    return content_hash({
+        "hookpoint": record.hookpoint, "latent": record.latent,
+        "examples": [e.to_dict() for e in (*record.train, *record.train_non_activating)],
+        "top_logits": None if record.top_logits is None else record.top_logits.to_dict(),
+        "bottom_logits": None if record.bottom_logits is None else record.bottom_logits.to_dict(),
+        "explainer": explainer.identity(), "provider": provider_identity(provider),
+    })
+
+
+def score_fingerprint(record: LatentRecord, explanation: str, scorer: Scorer, provider: Provider | None) -> str:
+    """Hash of everything a score depends on: test and non-activating examples, the explanation text,
+    the scorer (name, options, prompts) and the provider/model."""
+    return content_hash({
+        "hookpoint": record.hookpoint, "latent": record.latent,
+        "examples": [e.to_dict() for e in (*record.test, *record.non_activating)],
+        "explanation": explanation, "scorer": scorer.identity(),
+        "provider": provider_identity(provider) if scorer.uses_provider else {},
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer parsing
+
+_EXPLANATION = re.compile(r"\[?\s*EXPLANATION\s*\]?\s*:", re.IGNORECASE)
+
+
+def parse_explanation(text: str) -> tuple[str, bool]:
+    """``(explanation, parsed)``: the text after the last ``[EXPLANATION]:`` (first non-empty line of
+    it). Without the marker, ``parsed`` is False and the fallback is the answer's last non-empty line."""
+    matches = list(_EXPLANATION.finditer(text or ""))
+    if matches:
+        after = text[matches[-1].end():].strip()
+        line = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        if line:
+            return _clean(line), True
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return (_clean(lines[-1]) if lines else ""), False
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        text = text[1:-1].strip()
+    return text
+
+
+_LIST = re.compile(r"\[([^\[\]]*)\]")
+_BIT = re.compile(r"(?<![\w.])([01])(?![\w.])")
+
+
+def parse_binary_list(text: str, n: int) -> list[int] | None:
+    """The answer's list of ``n`` 0/1 values: the last ``[...]`` holding exactly ``n`` of them, else
+    exactly ``n`` bare 0/1 tokens in the whole answer; None when neither is found (a failure)."""
+    for match in reversed(list(_LIST.finditer(text or ""))):
+        items = [item.strip().strip("'\"") for item in match.group(1).split(",") if item.strip()]
+        if len(items) == n and all(item in ("0", "1") for item in items):
+            return [int(item) for item in items]
+    bits = _BIT.findall(text or "")
+    if len(bits) == n and "[" not in (text or ""):
+        return [int(b) for b in bits]
+    return None
+
+
+def _digit(token: str) -> str:
+    return token.strip().strip("[],'\" ")
+
+
+def binary_probabilities(completion: Any, n: int) -> list[float | None] | None:
+    """P(1) / (P(0) + P(1)) for each of the ``n`` answer positions from the completion's logprobs:
+    the last ``n`` generated tokens that read ``0`` or ``1`` (ignoring brackets, commas and spaces),
+    each using its ``top_logprobs`` (a class missing from them has probability 0; with no
+    alternatives, the chosen token's probability p gives ``1 - p`` to the other class). None when
+    logprobs are missing or fewer than ``n`` such tokens were generated."""
+    entries = getattr(completion, "logprobs", None)
+    if not entries:
+        return None
+    positions = [e for e in entries if _digit(_attr(e, "token")) in ("0", "1")]
+    if len(positions) < n:
+        return None
+    out: list[float | None] = []
+    for entry in positions[-n:]:
+        tops = _attr(entry, "top_logprobs") or {}
+        if isinstance(tops, list):
+            tops = {_attr(t, "token"): _attr(t, "logprob") for t in tops}
+        lp = {"0": None, "1": None}
+        for token, logprob in tops.items():
+            digit = _digit(token)
+            if digit in lp and logprob is not None:
+                lp[digit] = logprob if lp[digit] is None else _logaddexp(lp[digit], logprob)
+        if lp["0"] is None and lp["1"] is None:
+            p = math.exp(_attr(entry, "logprob"))
+            out.append(p if _digit(_attr(entry, "token")) == "1" else 1.0 - p)
+        else:
+            out.append(probability_of_one(lp["1"], lp["0"]))
+    return out
+
+
+def _attr(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _logaddexp(a: float, b: float) -> float:
+    top = max(a, b)
+    return top + math.log(math.exp(a - top) + math.exp(b - top))
+
+
+# --------------------------------------------------------------------------------------------------
+# Example formatting
+
+
+def display_tokens(example: Example) -> list[str]:
+    """Token strings with newlines and tabs made visible, so each example stays on one line."""
+    return [t.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t") for t in example.token_strs]
+
+
+def plain_text(example: Example) -> str:
+    """The example as one line of plain text."""
+    return "".join(display_tokens(example))
+
+
+def highlighted_text(example: Example, threshold: float = 0.3) -> str:
+    """The example with its activating tokens in ``<<...>>``."""
+    return highlight(display_tokens(example), example.activations, threshold)
+
+
+def number_examples(texts: Sequence[str], start: int = 1) -> str:
+    """``Example 1: ...`` lines."""
+    return "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start))
+
+
+def record_max_activation(record: LatentRecord) -> float:
+    """The latent's max activation: from its stats, else the max over its activating examples."""
+    if record.stats is not None and record.stats.max_activation > 0:
+        return float(record.stats.max_activation)
+    return max((e.max_activation or 0.0 for e in (*record.train, *record.test)), default=0.0)
+
+
+def latent_rng(seed: int, *parts: Any) -> random.Random:
+    """A deterministic RNG for one latent and purpose (same seed and parts -> same draws)."""
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+def batched(items: Sequence[Any], size: int) -> list[list[Any]]:
+    """Consecutive batches of ``size``; the last one may be shorter (it is scored like any other)."""
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Explainers
+
+
+class ExplainerOptions(Options):
+    """Options shared by the LLM explainers."""
+
+    threshold: float = Field(default=0.3, ge=0.0, le=1.0)
+    """Tokens above this fraction of an example's max activation are highlighted."""
+    max_examples: int | None = Field(default=None, ge=1)
+    """Show at most this many train examples (None: all the sampler chose)."""
+    few_shot: bool = True
+    """Send the prompt file's few-shot examples before the question."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature."""
+    max_tokens: int = Field(default=400, ge=1)
+    """Longest answer, in tokens."""
+
+
+class LLMExplainer(Explainer):
+    """An explainer that sends one chat prompt per latent and parses ``[EXPLANATION]:`` from the answer.
+
+    Subclasses set ``prompt_prefix`` and implement :meth:`user_message` (and may override
+    :meth:`system_message`, :meth:`few_shot` and :meth:`parse`).
+    """
+
+    Options: ClassVar[type[Options]] = ExplainerOptions
+
+    def system_message(self) -> str:
+        """The system prompt."""
+        return str(self.prompts[f"{self.prompt_prefix}.system"])
+
+    def few_shot(self) -> Messages:
+        """Few-shot messages (empty when ``few_shot`` is off)."""
+        if not getattr(self.options, "few_shot", True):
+            return []
+        return self.prompts.few_shot(self.prompt_prefix)
+
+    def user_message(self, record: LatentRecord) -> str:
+        """The question about ``record``."""
+        raise NotImplementedError
+
+    def train_examples(self, record: LatentRecord) -> list[Example]:
+        """The train examples shown, at most ``max_examples``."""
+        limit = getattr(self.options, "max_examples", None)
+        return list(record.train[:limit] if limit else record.train)
+
+    def messages(self, record: LatentRecord) -> list[Messages]:
+        """The single prompt sent for ``record``."""
+        return [[{"role": "system", "content": self.system_message()}, *self.few_shot(),
+                 {"role": "user", "content": self.user_message(record)}]]
+
+    def parse(self, text: str) -> tuple[str, bool]:
+        """``(explanation, parsed)`` from the answer."""
+        return parse_explanation(text)
+
+    def call_params(self) -> dict[str, Any]:
+        """Per-call provider parameters."""
+        return {"temperature": self.options.temperature, "max_tokens": self.options.max_tokens}
+
+    async def explain(self, record: LatentRecord, provider: Provider) -> Explanation:
+        """Ask the LLM and parse its answer; a failed request gives an explanation with ``error`` set."""
+        usage = Usage()
+        raw: list[str] = []
+        text, parsed, error = "", False, None
+        for messages in self.messages(record):
+            result = await call_llm(provider, messages, **self.call_params())
+            if result.completion is None:
+                error = result.error
+                continue
+            usage.add(result.completion)
+            raw.append(result.text)
+            text, parsed = self.parse(result.text)
+        name, model = provider_names(provider)
+        return Explanation(
+            hookpoint=record.hookpoint, latent=record.latent, text=text, explainer=self.name,
+            provider=name, model=model, prompt_version=self.prompt_version(), raw_responses=raw,
+            usage=usage, parse_failed=not parsed, error=error,
+            fingerprint=explanation_fingerprint(record, self, provider),
+            options=self.options.model_dump(mode="json"),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers
+
+
+class ScorerOptions(Options):
+    """Options shared by the prompt-based scorers."""
+
+    num_examples_per_scorer_prompt: int = Field(default=5, ge=1)
+    """Examples per prompt (delphi's ``--num_examples_per_scorer_prompt``)."""
+    seed: int = 22
+    """Seed of the deterministic shuffle of examples into prompts."""
+    log_probs: bool = False
+    """Request logprobs and compute AUC from P(1)/(P(0)+P(1)) (where the provider offers them)."""
+    top_logprobs: int = Field(default=5, ge=1, le=20)
+    """Alternatives per token requested with ``log_probs``."""
+    few_shot: bool = True
+    """Send the prompt file's few-shot examples before the question."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature."""
+    max_tokens: int = Field(default=200, ge=1)
+    """Longest answer, in tokens."""
+
+
+def explanation_text(explanation: Explanation | str | None) -> str:
+    """The text of an explanation given as a record or a string."""
+    if explanation is None:
+        return ""
+    return explanation.text if isinstance(explanation, Explanation) else str(explanation)
+
+
+@dataclass
+class ScoringItem:
+    """An example as placed in a scorer prompt: its truth and how it is shown."""
+
+    example: Example
+    truth: int
+    shown: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptScorer(Scorer):
+    """A scorer that shuffles test and non-activating examples into prompts of
+    ``num_examples_per_scorer_prompt`` and sends them concurrently.
+
+    Subclasses set ``prompt_prefix`` and implement :meth:`show` (how an example is written) and
+    :meth:`parse_batch` (answer -> per-example predictions), and may override :meth:`metrics`.
+    """
+
+    Options: ClassVar[type[Options]] = ScorerOptions
+
+    # -- building prompts
+
+    def items(self, record: LatentRecord) -> list[ScoringItem]:
+        """Test examples (truth 1) and non-activating ones (truth 0), shown and shuffled deterministically."""
+        rng = latent_rng(self.options.seed, self.name, record.hookpoint, record.latent)
+        items = [ScoringItem(e, 1) for e in record.test] + [ScoringItem(e, 0) for e in record.non_activating]
+        self.prepare(record, items, rng)
+        rng.shuffle(items)
+        return items
+
+    def prepare(self, record: LatentRecord, items: list[ScoringItem], rng: random.Random) -> None:
+        """Fill ``item.shown`` for every item (the default: :meth:`show`)."""
+        for item in items:
+            item.shown = self.show(item.example, item.truth, rng)
+
+    def show(self, example: Example, truth: int, rng: random.Random) -> str:
+        """How ``example`` is written in the prompt."""
+        return plain_text(example)
+
+    def format_examples(self, batch: Sequence[ScoringItem]) -> str:
+        """The examples block of one prompt."""
+        return number_examples([item.shown for item in batch])
+
+    def prompt(self, explanation: str, batch: Sequence[ScoringItem]) -> Messages:
+        """One chat prompt for ``batch``."""
+        few_shot = self.prompts.few_shot(self.prompt_prefix) if self.options.few_shot else []
+        user = fill(str(self.prompts[f"{self.prompt_prefix}.user"]), explanation=explanation,
+                    examples=self.format_examples(batch))
+        return [{"role": "system", "content": str(self.prompts[f"{self.prompt_prefix}.system"])}, *few_shot,
+                {"role": "user", "content": user}]
+
+    def batches(self, record: LatentRecord) -> list[list[ScoringItem]]:
+        """The shuffled items cut into prompts."""
+        return batched(self.items(record), self.options.num_examples_per_scorer_prompt)
+
+    def messages(self, record: LatentRecord, explanation: str) -> list[Messages]:
+        """Every prompt :meth:`score` sends."""
+        return [self.prompt(explanation, batch) for batch in self.batches(record)]
+
+    def call_params(self) -> dict[str, Any]:
+        """Per-call provider parameters (logprobs when ``log_probs``)."""
+        params: dict[str, Any] = {"temperature": self.options.temperature, "max_tokens": self.options.max_tokens}
+        if getattr(self.options, "log_probs", False):
+            params.update(logprobs=True, top_logprobs=self.options.top_logprobs)
+        return params
+
+    # -- parsing and metrics
+
+    def parse_batch(self, batch: Sequence[ScoringItem], result: CallResult) -> list[Prediction]:
+        """Per-example predictions of one prompt; unparseable answers give ``parse_failed`` predictions."""
+        raise NotImplementedError
+
+    def metrics(self, predictions: Sequence[Prediction], record: LatentRecord) -> dict[str, float | None]:
+        """Classification metrics (AUC from probabilities where any exists)."""
+        probs = [p.probability for p in predictions]
+        return binary_metrics([p.truth for p in predictions], [p.prediction for p in predictions],
+                              probs if any(x is not None for x in probs) else None)
+
+    def failed_predictions(self, batch: Sequence[ScoringItem], index: int, raw: str | None) -> list[Prediction]:
+        """Predictions for a prompt whose answer could not be used."""
+        return [Prediction(example_id=item.example.id, truth=item.truth, quantile=item.example.quantile,
+                           raw=raw, parse_failed=True, prompt_index=index) for item in batch]
+
+    async def score(self, record: LatentRecord, explanation: Explanation | str | None,
+                    provider: Provider | None) -> ScoreResult:
+        """Send every prompt concurrently, parse each answer, compute metrics and count failures."""
+        if provider is None:
+            from .errors import UsageError
+
+            raise UsageError(f"scorer {self.name!r} needs an LLM provider")
+        text = explanation_text(explanation)
+        batches = self.batches(record)
+        params = self.call_params()
+        results = await asyncio.gather(*(call_llm(provider, self.prompt(text, b), **params) for b in batches))
+        usage, failures = Usage(), Failures()
+        predictions: list[Prediction] = []
+        raw: list[str] = []
+        errors: list[str] = []
+        for index, (batch, result) in enumerate(zip(batches, results, strict=True)):
+            if result.completion is None:
+                failures.requests += 1
+                errors.append(result.error or "request failed")
+                preds = self.failed_predictions(batch, index, None)
+            else:
+                usage.add(result.completion)
+                preds = self.parse_batch(batch, result)
+                for p in preds:
+                    p.prompt_index = index
+            raw.append(result.text)
+            failed = sum(p.parse_failed for p in preds)
+            failures.examples += failed
+            failures.prompts += int(failed > 0)
+            predictions += preds
+        name, model = provider_names(provider)
+        return ScoreResult(
+            scorer=self.name, hookpoint=record.hookpoint, latent=record.latent, explanation=text,
+            predictions=predictions, metrics=self.metrics(predictions, record), failures=failures,
+            n_prompts=len(batches), raw_responses=raw, errors=errors, usage=usage, provider=name, model=model,
+            prompt_version=self.prompt_version(),
+            fingerprint=score_fingerprint(record, text, self, provider),
+            options=self.options.model_dump(mode="json"),
+        )
+
+
+class BinaryPromptScorer(PromptScorer):
+    """A prompt scorer whose answer is a list of 0/1, one per example (detection, fuzz)."""
+
+    def parse_batch(self, batch: Sequence[ScoringItem], result: CallResult) -> list[Prediction]:
+        """Parse the 0/1 list; with logprobs, attach P(1) per example."""
+        values = parse_binary_list(result.text, len(batch))
+        if values is None:
+            return self.failed_predictions(batch, 0, result.text)
+        probs: list[float | None] | None = None
+        if getattr(self.options, "log_probs", False):
+            probs = binary_probabilities(result.completion, len(batch))
+        out = []
+        for i, (item, value) in enumerate(zip(batch, values, strict=True)):
+            out.append(Prediction(
+                example_id=item.example.id, truth=item.truth, prediction=value,
+                probability=None if probs is None else probs[i], correct=value == item.truth,
+                quantile=item.example.quantile, raw=result.text))
+        return out
+
+
+def mean_highlighted(examples: Sequence[Example], threshold: float) -> int:
+    """Rounded mean number of highlighted tokens per activating example (at least 1)."""
+    counts = [sum(highlight_mask(e.activations, threshold)) for e in examples]
+    return max(1, round(sum(counts) / len(counts))) if counts else 1
+
+
+def random_highlight(example: Example, n_tokens: int, rng: random.Random) -> str:
+    """``example`` with ``n_tokens`` random tokens highlighted."""
+    tokens = display_tokens(example)
+    return highlight_tokens(tokens, random_mask(len(tokens), n_tokens, rng))
+
+
+__all__ = [
+    "BinaryPromptScorer",
+    "CallResult",
+    "ExplainerOptions",
+    "LLMExplainer",
+    "PromptScorer",
+    "ScorerOptions",
+    "ScoringItem",
+    "activation_line",
+    "batched",
+    "binary_probabilities",
+    "call_llm",
+    "display_tokens",
+    "explanation_fingerprint",
+    "explanation_text",
+    "highlighted_text",
+    "latent_rng",
+    "mean_highlighted",
+    "number_examples",
+    "parse_binary_list",
+    "parse_explanation",
+    "plain_text",
+    "provider_identity",
+    "provider_names",
+    "random_highlight",
+    "record_max_activation",
+    "score_fingerprint",
+]

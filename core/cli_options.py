@@ -1,0 +1,363 @@
+"""Click options shared by the commands (delphi / CLI.md names and defaults) and their models.
+
+Commands stack the decorators they need::
+
+    @cli.command()
+    @model_argument()
+    @hookpoints_option()
+    @dataset_options()
+    @cache_options()
+    @name_option()
+    def cache(**params): ...
+
+and resolve the values with :func:`resolve_params`, which merges ``--config FILE`` (defaults <
+file < explicit flags) and applies the embedded-model rule: when MODEL is an embedded name
+(``smollm2``) the defaults that need a network or a GPU are replaced: ``--dataset_repo`` becomes
+``wikipedia-sample`` and ``--n_tokens`` 200000. Whatever is given explicitly still wins. An
+embedded dataset (``wikipedia-sample``, ``news-sample``) reads the split ``train`` unless
+``--dataset_split`` is given (the hub default ``train[:1%]`` would keep one article).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import SecretStr
+
+from .cli import MultiValueOption
+from .errors import UsageError
+from .options import Options
+
+F = Callable[..., Any]
+
+DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B"
+"""CLI.md default for ``--model``."""
+DEFAULT_DATASET = "EleutherAI/SmolLM2-135M-10B"
+"""CLI.md default for ``--dataset_repo``."""
+DEFAULT_SPLIT = "train[:1%]"
+"""CLI.md default for ``--dataset_split``."""
+DEFAULT_N_TOKENS = 10_000_000
+"""CLI.md default for ``--n_tokens``."""
+EMBEDDED_MODELS = ("smollm2", "smollm2-135m-instruct")
+"""Model names that trigger the embedded (offline, CPU) defaults."""
+EMBEDDED_DATASETS = ("wikipedia-sample", "news-sample")
+"""Datasets shipped offline; their default split is ``train``."""
+EMBEDDED_DEFAULTS: dict[str, Any] = {"dataset_repo": "wikipedia-sample", "n_tokens": 200_000}
+"""Defaults replaced when MODEL is embedded and the option was not given."""
+OVERWRITE_CHOICES = ("cache", "neighbours", "scores")
+"""What ``--overwrite`` may recompute."""
+
+EMBEDDED_NOTE = (
+    "With an embedded MODEL (smollm2) the defaults become --dataset_repo wikipedia-sample and "
+    "--n_tokens 200000 (offline, CPU); embedded datasets read split 'train' unless --dataset_split is given."
+)
+"""Sentence for ``--help`` epilogs."""
+
+
+def is_embedded_model(model: str | None) -> bool:
+    """Whether ``model`` names an embedded model (case-insensitive)."""
+    return bool(model) and str(model).strip().lower() in EMBEDDED_MODELS
+
+
+def is_embedded_dataset(repo: str | None) -> bool:
+    """Whether ``repo`` names an embedded dataset (case-insensitive, ``_`` = ``-``)."""
+    return bool(repo) and str(repo).strip().lower().replace("_", "-") in EMBEDDED_DATASETS
+
+
+# --------------------------------------------------------------------------------------------------
+# Option models
+
+
+class DataOptions(Options):
+    """Dataset and tokenisation options (``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``...)."""
+
+    dataset_repo: str = DEFAULT_DATASET
+    """Dataset: an embedded name (wikipedia-sample, news-sample), a hub id, a dataset directory or a data file."""
+    dataset_split: str = DEFAULT_SPLIT
+    """Split expression (``train``, ``train[:1%]``, ``train[100:200]``)."""
+    dataset_name: str = ""
+    """Dataset configuration name (empty: none)."""
+    dataset_column: str = "text"
+    """Column holding the text."""
+    n_tokens: int = DEFAULT_N_TOKENS
+    """Tokens to cache (rounded up to whole ``cache_ctx_len`` sequences)."""
+    batch_size: int = 32
+    """Sequences per forward pass (does not change the cached values beyond float rounding)."""
+    cache_ctx_len: int = 256
+    """Tokens per cached sequence (position 0 is BOS when the tokenizer has one)."""
+    filter_bos: bool = False
+    """Drop BOS tokens from training rows, examples and statistics (the cache still holds them)."""
+
+
+class CacheCommandOptions(DataOptions):
+    """Every resolved option of ``saelab cache``."""
+
+    model: str = DEFAULT_MODEL
+    """Base LM: embedded name, hub id or local directory."""
+    hookpoints: list[str] = []
+    """Hookpoints to cache."""
+    name: str
+    """Run name: ``results/<name>/``."""
+    store: Path | None = None
+    """Activation cache store (default ``results/.activations``)."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage dtype of the cached activations."""
+    shard_size_tokens: int | None = None
+    """Tokens per shard (default: about 128 MiB per hookpoint file)."""
+    overwrite: list[str] = []
+    """Stages to recompute (``cache`` rebuilds the activation cache)."""
+    verify: bool = False
+    """Check the sha256 of every shard when reusing a cache."""
+    device: str = "auto"
+    """Device of the LM (auto, cpu, cuda, cuda:N, mps)."""
+    model_dtype: str = "float32"
+    """Weights and compute dtype of the LM."""
+    revision: str | None = None
+    """Hub revision of a hub model."""
+    load_in_8bit: bool = False
+    """Load the LM in 8 bits (CUDA GPU only)."""
+    hf_token: SecretStr | None = None
+    """Hugging Face token (never written to disk or logs)."""
+    seed: int = 22
+    """Random seed."""
+    verbose: bool = True
+    """Progress bar and summary table."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Decorators
+
+
+def _bool_option(*decls: str, default: bool, help: str) -> F:
+    """A boolean option typed like delphi's: ``--flag``, ``--flag True`` or ``--flag false``."""
+    return click.option(*decls, type=click.BOOL, is_flag=False, flag_value=True, default=default,
+                        show_default=True, metavar="[BOOL]", help=help)
+
+
+def _stack(*decorators: F) -> F:
+    def apply(f: F) -> F:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+def model_argument(required: bool = False) -> F:
+    """``MODEL`` positional argument plus ``--model`` (the same value, delphi style)."""
+    return _stack(
+        click.argument("model", required=required, default=None, metavar="MODEL" if required else "[MODEL]"),
+        click.option("--model", "model_flag", default=None, metavar="MODEL",
+                     help=f"Base LM (same as the MODEL argument): embedded name (smollm2), hub id or local "
+                          f"directory. Default: {DEFAULT_MODEL}."),
+    )
+
+
+def model_options() -> F:
+    """How the LM is loaded: ``--device``, ``--model_dtype``, ``--revision``, ``--load_in_8bit``."""
+    return _stack(
+        click.option("--device", default="auto", show_default=True,
+                     help="Device of the LM: auto (cuda if available), cpu, cuda, cuda:N, mps."),
+        click.option("--model_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                     show_default=True, help="Weights/compute dtype of the LM (float32 is fastest on CPU)."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub model."),
+        _bool_option("--load_in_8bit", default=False, help="8-bit model loading (CUDA GPU only)."),
+    )
+
+
+def hookpoints_option(required: bool = False) -> F:
+    """``--hookpoints a b c`` (delphi style; also repeatable or comma-separated)."""
+    return click.option("--hookpoints", cls=MultiValueOption, required=required, metavar="HOOKPOINT ...",
+                        help="Sites, e.g. layers.15 or layers.3.mlp (see `saelab hookpoints MODEL`).")
+
+
+def dataset_options() -> F:
+    """``--dataset_repo``, ``--dataset_split``, ``--dataset_name``, ``--dataset_column``."""
+    return _stack(
+        click.option("--dataset_repo", default=DEFAULT_DATASET, show_default=True,
+                     help="Embedded name (wikipedia-sample, news-sample), hub id, dataset directory or "
+                          ".txt/.jsonl/.json/.parquet/.csv file. Default with smollm2: wikipedia-sample."),
+        click.option("--dataset_split", default=DEFAULT_SPLIT, show_default=True,
+                     help="Split expression (train, train[:1%], train[100:200]); embedded datasets: train."),
+        click.option("--dataset_name", default="", show_default=True, help="Dataset configuration name."),
+        click.option("--dataset_column", default="text", show_default=True, help="Column holding the text."),
+    )
+
+
+def cache_options() -> F:
+    """``--n_tokens``, ``--batch_size``, ``--cache_ctx_len``, ``--filter_bos``."""
+    return _stack(
+        click.option("--n_tokens", type=click.IntRange(min=1), default=DEFAULT_N_TOKENS, show_default=True,
+                     help="Tokens to cache (whole sequences). Default with smollm2: 200000."),
+        click.option("--batch_size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Sequences per forward pass."),
+        click.option("--cache_ctx_len", type=click.IntRange(min=2), default=256, show_default=True,
+                     help="Tokens per cached sequence (BOS first when the tokenizer has one)."),
+        _bool_option("--filter_bos", default=False,
+                     help="Drop BOS tokens from training rows, examples and statistics (cached values unchanged)."),
+    )
+
+
+def store_options() -> F:
+    """``--store``, ``--dtype``, ``--shard_size_tokens``, ``--verify`` (where and how caches are written)."""
+    return _stack(
+        click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Activation cache store shared by runs [default: results/.activations]."),
+        click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                     help="Storage dtype of cached activations (float16 clamps values beyond +-65504, with a warning)."),
+        click.option("--shard_size_tokens", type=click.IntRange(min=1), default=None,
+                     help="Tokens per shard [default: about 128 MiB per hookpoint file]."),
+        _bool_option("--verify", default=False, help="Check every shard's sha256 when reusing a cache."),
+    )
+
+
+class _LateRequiredOption(click.Option):
+    """An option required after ``--config`` is merged (so a config file may supply it)."""
+
+    saelab_required = True
+
+
+def name_option(required: bool = True) -> F:
+    """``--name``: the run name (``results/<name>/``); required unless ``required=False`` (checked by
+    :func:`resolve_params`, after a ``--config`` file had its chance to supply it)."""
+    return click.option("--name", cls=_LateRequiredOption if required else click.Option, default=None,
+                        help="Run name; results go to results/<name>/." + ("  [required]" if required else ""))
+
+
+def overwrite_option(choices: Sequence[str] = OVERWRITE_CHOICES) -> F:
+    """``--overwrite cache neighbours scores`` (delphi style, several values)."""
+    return click.option("--overwrite", cls=MultiValueOption, type=click.Choice(list(choices)),
+                        metavar=" ".join(choices), help="Recompute these stages instead of reusing them.")
+
+
+def hf_token_option() -> F:
+    """``--hf_token`` (also ``$HF_TOKEN``; never written to disk or logs)."""
+    return click.option("--hf_token", default=None, envvar="HF_TOKEN", show_envvar=True,
+                        help="Hub token for gated models/datasets (never written to disk or logs).")
+
+
+def seed_option() -> F:
+    """``--seed`` (default 22)."""
+    return click.option("--seed", type=int, default=22, show_default=True, help="Random seed.")
+
+
+def verbose_option() -> F:
+    """``--verbose`` (default True): progress bars and summary tables."""
+    return _bool_option("--verbose", default=True, help="Progress bars and detailed output.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution
+
+
+def apply_embedded_defaults(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """Apply the embedded-model rule (see the module docstring) to ``values`` in place; returns it."""
+    if is_embedded_model(values.get("model")):
+        for key, value in EMBEDDED_DEFAULTS.items():
+            if key in values and key not in explicit:
+                values[key] = value
+    if "dataset_split" in values and "dataset_split" not in explicit and is_embedded_dataset(values.get("dataset_repo")):
+        values["dataset_split"] = "train"
+    return values
+
+
+def resolve_params(ctx: click.Context, params: Mapping[str, Any] | None = None,
+                   model: type[Options] | None = None) -> Any:
+    """Merge ``--config`` (when the command has it) with the flags, pick MODEL from the argument or
+    ``--model``, apply the embedded-model rule; returns a dict, or ``model.parse(values)``."""
+    from .config import explicit_params, merge_config
+
+    values = dict(ctx.params if params is None else params)
+    if "config" in values:
+        values = dict(merge_config(ctx, values))
+    explicit = explicit_params(ctx)
+    if "model_flag" in values:
+        flag, positional = values.pop("model_flag", None), values.get("model")
+        if positional and flag and positional != flag:
+            raise UsageError(f"two models given: MODEL {positional!r} and --model {flag!r}; give one")
+        values["model"] = positional or flag or DEFAULT_MODEL
+        if positional or flag:
+            explicit.add("model")
+        explicit.discard("model_flag")
+    for key in ("hookpoints", "overwrite"):
+        if key in values and values[key] is not None:
+            values[key] = list(values[key])
+    apply_embedded_defaults(values, explicit)
+    for param in ctx.command.params:
+        if getattr(param, "saelab_required", False) and values.get(param.name) in (None, ""):
+            raise UsageError(f"missing option --{param.name}; it is required (e.g. --{param.name} demo)")
+    if model is not None:
+        return model.parse(values, where=ctx.command.name or "")
+    return values
+
+
+def source_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword options for :func:`saelab.models.load_activation_source` from resolved values."""
+    token = values.get("hf_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    opts = {"device": values.get("device"), "dtype": values.get("model_dtype"), "revision": values.get("revision"),
+            "hf_token": token}
+    if values.get("load_in_8bit"):
+        opts["load_in_8bit"] = True
+    if values.get("device") == "auto":
+        opts.pop("device")
+    if values.get("model_dtype") == "float32":
+        opts.pop("dtype")
+    return opts
+
+
+def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: Any = None,
+                        results_root: str | Path | None = None) -> Any:
+    """The activation cache for resolved command values: reused by fingerprint, resumed, or built.
+
+    ``values`` holds the :class:`CacheCommandOptions` fields (the train and run commands pass
+    theirs); ``source`` reuses an already loaded LM. Returns an :class:`~saelab.activation_cache.ActivationCache`
+    whose ``build_info`` says whether it was ``reused``, ``resumed`` or ``built``.
+    """
+    from .activation_cache import build_activation_cache
+    from .data import load_dataset_source
+    from .models import load_activation_source
+    from .paths import activation_store
+
+    if isinstance(values, Options):
+        values = values.model_dump()
+    if not values.get("hookpoints"):
+        raise UsageError("no --hookpoints given; e.g. --hookpoints layers.15 (list them: saelab hookpoints MODEL)")
+    token = values.get("hf_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    if source is None:
+        source = load_activation_source(values["model"], **source_options(values))
+    dataset = load_dataset_source(
+        values["dataset_repo"], split=values["dataset_split"], name=values.get("dataset_name") or None,
+        column=values["dataset_column"], hf_token=token,
+    )
+    store = values.get("store") or activation_store(results_root)
+    return build_activation_cache(
+        source, dataset, values["hookpoints"], n_tokens=values["n_tokens"], ctx_len=values["cache_ctx_len"],
+        batch_size=values["batch_size"], store=Path(store), dtype=values.get("dtype", "float32"),
+        overwrite="cache" in (values.get("overwrite") or ()), shard_size_tokens=values.get("shard_size_tokens"),
+        progress=bool(values.get("verbose", True)), verify_checksums=bool(values.get("verify", False)),
+    )
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show warnings raised inside as one ``Warning: ...`` line each on stderr."""
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        from .cli import one_line
+
+        click.echo(f"Warning: {one_line(str(message))}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield

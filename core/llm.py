@@ -1,0 +1,696 @@
+"""LLM providers: the call convention, options, retries, concurrency, response cache and usage accounting.
+
+Call convention (every provider plugin, used by explainers and scorers)::
+
+    provider = make_provider("openai", model="gpt-4o-mini", base_url=..., max_concurrency=16)
+    completion = await provider.generate(
+        [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
+        temperature=0.0, max_tokens=64, logprobs=True, top_logprobs=5,   # optional per-call overrides
+    )
+    completion.text, completion.logprobs, completion.cost, completion.cached
+
+``generate`` never returns a partial answer: it returns a :class:`Completion` or raises
+:class:`ProviderError` (one line, after retries). Calls may run concurrently (``asyncio.gather``); each
+provider instance limits how many are in flight (``max_concurrency``) and retries 429/5xx, timeouts and
+connection errors with exponential backoff that waits at least the server's ``Retry-After``.
+Answers are cached on disk by content hash (provider, model, messages, params) unless ``cache=False``.
+API keys are read from the environment only, and never logged, cached or written (they are redacted
+from raw responses and error messages).
+
+A provider plugin subclasses :class:`LLMProvider` and implements ``_complete`` (one attempt, mapping its
+backend's failures to :class:`TransientError` / :class:`ProviderError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import Field
+
+from .errors import SaelabError, UsageError
+from .interfaces import Provider
+from .options import Options
+
+__all__ = [
+    "OPENROUTER_URL",
+    "PROVIDER_ALIASES",
+    "Completion",
+    "LLMProvider",
+    "ProviderError",
+    "ProviderOptions",
+    "ResponseCache",
+    "TokenLogprob",
+    "TransientError",
+    "UsageTotals",
+    "cache_key",
+    "litellm_prices",
+    "make_provider",
+    "parse_retry_after",
+    "redact",
+    "with_retries",
+]
+
+T = TypeVar("T")
+
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+"""OpenRouter's OpenAI-compatible endpoint (default base URL of ``--explainer_provider openrouter``)."""
+VLLM_URL = "http://localhost:8000/v1"
+"""Default base URL of ``--explainer_provider vllm`` (``vllm serve``'s default port)."""
+
+PROVIDER_ALIASES: dict[str, str] = {"offline": "transformers", "vllm": "openai", "openrouter": "openai"}
+"""delphi's provider names and the saelab provider each one means."""
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class TokenLogprob:
+    """Log probability of one generated token, with the most likely alternatives at that position."""
+
+    token: str
+    logprob: float
+    top_logprobs: dict[str, float] = field(default_factory=dict)
+    """``{token: logprob}`` of the most likely tokens at this position (includes ``token`` when offered)."""
+
+
+@dataclass
+class Completion:
+    """One chat completion: what ``Provider.generate`` returns."""
+
+    text: str
+    """The assistant message."""
+    logprobs: list[TokenLogprob] | None = None
+    """Per generated token, when requested and offered by the backend; else None."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = None
+    """USD cost of the call when prices are known (0 for local models), else None."""
+    cached: bool = False
+    """True when the answer came from the on-disk response cache (no request was made)."""
+    raw: dict[str, Any] = field(default_factory=dict)
+    """The backend's raw response (JSON data), secrets redacted."""
+    provider: str = ""
+    model: str = ""
+    finish_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON data (the cache format)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Completion:
+        """Inverse of :meth:`to_json`."""
+        values = dict(data)
+        if values.get("logprobs") is not None:
+            values["logprobs"] = [TokenLogprob(**entry) for entry in values["logprobs"]]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and retries
+
+
+class ProviderError(SaelabError):
+    """An LLM call that failed for good (after retries, or a non-retryable answer such as 401)."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying (429, 5xx, timeout, connection error, malformed answer)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        """Seconds the server asked to wait (``Retry-After``), if any."""
+        self.status = status
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``; None if absent."""
+    if not headers:
+        return None
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    ms = lowered.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    current = datetime.now(timezone.utc).timestamp() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+"""HTTP statuses retried with backoff (429 and 5xx-like); other 4xx fail at once."""
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    max_retries: int,
+    backoff_base_s: float = 1.0,
+    backoff_max_s: float = 60.0,
+    what: str = "LLM request",
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+    jitter: Callable[[], float] = random.random,
+) -> T:
+    """Run ``attempt`` until it succeeds, retrying :class:`TransientError`, timeouts and connection errors.
+
+    The n-th retry waits ``min(backoff_max_s, backoff_base_s * 2**n)`` scaled by a jitter in [0.5, 1],
+    and never less than the error's ``retry_after``. After ``max_retries`` retries, raises one
+    :class:`ProviderError` naming ``what``, the attempts and the last failure. ``ProviderError`` from
+    ``attempt`` is raised at once.
+    """
+    retries = 0
+    while True:
+        try:
+            return await attempt()
+        except ProviderError:
+            raise
+        except (TransientError, TimeoutError, asyncio.TimeoutError, ConnectionError) as exc:
+            if retries >= max_retries:
+                reason = exc.reason if isinstance(exc, TransientError) else (
+                    f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                raise ProviderError(f"{what} failed after {retries + 1} attempts: {reason}") from None
+            backoff = min(backoff_max_s, backoff_base_s * (2**retries)) * (0.5 + 0.5 * jitter())
+            retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+            delay = max(backoff, retry_after or 0.0)
+            if on_retry is not None:
+                on_retry(retries, exc, delay)
+            retries += 1
+            await sleep(delay)
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets
+
+
+def redact(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` with every occurrence of each secret (in strings, nested dicts and lists) replaced."""
+    secrets = [s for s in secrets if s and len(s) >= 4]
+    if not secrets:
+        return value
+
+    def walk(item: Any) -> Any:
+        if isinstance(item, str):
+            for secret in secrets:
+                if secret in item:
+                    item = item.replace(secret, "***")
+            return item
+        if isinstance(item, dict):
+            return {walk(k): walk(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(walk(v) for v in item)
+        return item
+
+    return walk(value)
+
+
+_BEARER = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=:\s]+)[A-Za-z0-9._\-]{8,}")
+
+
+def _scrub_message(text: str, secrets: Iterable[str]) -> str:
+    text = redact(text, secrets)
+    return _BEARER.sub(lambda m: m.group(1) + "***", text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Response cache
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def cache_key(provider: str, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
+    """sha256 of (provider, model, messages, params) in canonical JSON."""
+    material = {"provider": provider, "model": model, "messages": list(messages), "params": dict(params)}
+    return hashlib.sha256(_canonical(material).encode()).hexdigest()
+
+
+class ResponseCache:
+    """On-disk completion cache: one JSON file per entry, ``<root>/<key[:2]>/<key>.json``, written atomically."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        """File of one entry."""
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> Completion | None:
+        """The cached completion, or None (a corrupt entry is removed and treated as a miss)."""
+        path = self.path(key)
+        try:
+            data = json.loads(path.read_text())
+            return Completion.from_json(data["completion"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, completion: Completion, request: Mapping[str, Any] | None = None) -> None:
+        """Store ``completion`` (and the request it answers, for inspection)."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"key": key, "request": dict(request or {}), "completion": completion.to_json()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(payload)}.tmp")
+        tmp.write_text(json.dumps(payload, ensure_ascii=False, default=str))
+        os.replace(tmp, path)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Usage accounting and prices
+
+
+@dataclass
+class UsageTotals:
+    """Calls, tokens and cost of one provider (answers from the cache cost nothing and are counted apart)."""
+
+    calls: int = 0
+    """Completions obtained from the backend."""
+    cached_calls: int = 0
+    """Completions served from the response cache."""
+    failed_calls: int = 0
+    """``generate`` calls that raised after retries."""
+    retries: int = 0
+    """Attempts that were retried (429, 5xx, timeouts...)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    """USD, summed over calls with known prices."""
+    unpriced_calls: int = 0
+    """Calls whose cost is unknown (not in ``cost``)."""
+
+    def record(self, completion: Completion) -> None:
+        """Add one completion."""
+        if completion.cached:
+            self.cached_calls += 1
+            return
+        self.calls += 1
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        if completion.cost is None:
+            self.unpriced_calls += 1
+        else:
+            self.cost += completion.cost
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON data."""
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def _litellm_cost_map() -> dict[str, Any]:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("litellm")
+    except (ImportError, ValueError):
+        return {}
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "model_prices_and_context_window_backup.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def litellm_prices(model: str) -> tuple[float, float] | None:
+    """USD per 1k (prompt, completion) tokens of ``model`` from litellm's bundled cost map (read as a file,
+    without importing litellm), trying ``model`` and the name without its ``provider/`` prefix."""
+    cost_map = _litellm_cost_map()
+    candidates = [model]
+    if "/" in model:
+        candidates.append(model.split("/", 1)[1])
+    for name in candidates:
+        entry = cost_map.get(name)
+        if isinstance(entry, dict) and "input_cost_per_token" in entry and "output_cost_per_token" in entry:
+            try:
+                return float(entry["input_cost_per_token"]) * 1000, float(entry["output_cost_per_token"]) * 1000
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Options and the provider base class
+
+
+class ProviderOptions(Options):
+    """Options shared by every LLM provider."""
+
+    model: str | None = None
+    """Model name or id (provider default when unset)."""
+    base_url: str | None = None
+    """Base URL of an OpenAI-compatible API (e.g. ``http://localhost:8002/v1``)."""
+    api_key_env: str | None = None
+    """Environment variable holding the API key (default OPENAI_API_KEY; OPENROUTER_API_KEY for openrouter)."""
+    max_concurrency: int | None = Field(default=None, ge=1)
+    """Requests in flight at once for this provider (default 8 for APIs; local: prompts batched per generate)."""
+    timeout_s: float = Field(default=120.0, gt=0)
+    """Seconds before one request is abandoned (and retried)."""
+    max_retries: int = Field(default=5, ge=0)
+    """Retries after the first attempt on 429, 5xx, timeouts, connection errors and malformed answers."""
+    backoff_base_s: float = Field(default=1.0, ge=0)
+    """First retry delay; doubles each retry (with jitter), never below the server's Retry-After."""
+    backoff_max_s: float = Field(default=60.0, ge=0)
+    """Largest backoff delay (a longer Retry-After is still honoured)."""
+    temperature: float = Field(default=0.0, ge=0)
+    """Sampling temperature (0 = greedy)."""
+    max_tokens: int = Field(default=512, ge=1)
+    """Largest number of generated tokens."""
+    logprobs: bool = False
+    """Request log probabilities of generated tokens (where the backend offers them)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Alternatives returned per generated token when logprobs are on."""
+    cache: bool = True
+    """Cache responses on disk by (provider, model, messages, params)."""
+    cache_dir: str | None = None
+    """Response cache directory (default: ``<saelab cache dir>/llm_responses``)."""
+    input_price_per_1k: float | None = Field(default=None, ge=0)
+    """USD per 1k prompt tokens (default: litellm's cost map when the model is in it)."""
+    output_price_per_1k: float | None = Field(default=None, ge=0)
+    """USD per 1k completion tokens (default: litellm's cost map when the model is in it)."""
+
+
+CALL_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
+"""Per-call overrides every provider accepts in ``generate(**params)``."""
+
+
+class LLMProvider(Provider):
+    """Base class of saelab's providers: caching, concurrency limit, retries and accounting around
+    ``_complete`` (one attempt of one chat completion)."""
+
+    name: ClassVar[str] = "llm"
+    Options: ClassVar[type[ProviderOptions]] = ProviderOptions
+    default_model: ClassVar[str | None] = None
+    """Model used when ``options.model`` is unset (None: the option is required)."""
+    default_concurrency: ClassVar[int] = 8
+    """``max_concurrency`` when unset."""
+    extra_params: ClassVar[tuple[str, ...] | None] = ("stop", "seed")
+    """Per-call params accepted besides :data:`CALL_PARAMS`; None accepts any (passed to the backend)."""
+    default_api_key_env: ClassVar[str | None] = None
+
+    def __init__(self, options: ProviderOptions | Mapping[str, Any] | None = None, **kwargs: Any):
+        if options is None or isinstance(options, Mapping):
+            options = self.Options.parse({**dict(options or {}), **kwargs}, where=f"provider {self.name}")
+        elif kwargs:
+            options = options.model_copy(update=kwargs)
+        self.options: ProviderOptions = options
+        model = options.model or self.default_model
+        if not model:
+            raise UsageError(f"provider {self.name!r} needs a model; give one with --explainer_model")
+        self.model: str = model
+        self.max_concurrency: int = options.max_concurrency or self.default_concurrency
+        self.usage = UsageTotals()
+        self.response_cache: ResponseCache | None = None
+        if options.cache:
+            from .paths import cache_dir
+
+            root = Path(options.cache_dir) if options.cache_dir else cache_dir() / "llm_responses"
+            self.response_cache = ResponseCache(root)
+        self._secrets: list[str] = []
+        self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary())
+        self._cooldown_until = 0.0
+
+    # -- identity and secrets
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this provider's answers (for input fingerprints): provider, model, base URL."""
+        return {"provider": self.name, "model": self.model, "base_url": self.options.base_url}
+
+    def api_key(self, required: bool = False) -> str | None:
+        """The API key from ``options.api_key_env`` (or the provider default); remembered for redaction."""
+        env = self.options.api_key_env or self.default_api_key_env
+        key = os.environ.get(env) if env else None
+        if not key and (required or self.options.api_key_env):
+            raise UsageError(f"provider {self.name!r} needs an API key: environment variable "
+                             f"{env or 'OPENAI_API_KEY'!r} is not set or empty (name another with --api_key_env)")
+        if key and key not in self._secrets:
+            self._secrets.append(key)
+        return key
+
+    def redact(self, value: Any) -> Any:
+        """``value`` with this provider's secrets removed."""
+        return redact(value, self._secrets)
+
+    def scrub(self, text: str) -> str:
+        """An error message with secrets and bearer tokens removed."""
+        return _scrub_message(text, self._secrets)
+
+    # -- the call
+
+    def resolve_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Options defaults overridden by per-call ``params``; unknown names raise a one-line error."""
+        allowed = set(CALL_PARAMS) | set(self.extra_params or ())
+        if self.extra_params is not None:
+            unknown = sorted(set(params) - allowed)
+            if unknown:
+                raise UsageError(f"provider {self.name!r} does not accept parameter {unknown[0]!r}; "
+                                 f"accepted: {', '.join(sorted(allowed))}")
+        resolved: dict[str, Any] = {
+            "temperature": self.options.temperature,
+            "max_tokens": self.options.max_tokens,
+            "logprobs": self.options.logprobs,
+            "top_logprobs": self.options.top_logprobs,
+        }
+        resolved.update({k: v for k, v in params.items()})
+        if not resolved["logprobs"]:
+            resolved["top_logprobs"] = None
+        return {k: v for k, v in resolved.items() if v is not None}
+
+    @staticmethod
+    def check_messages(messages: Any) -> list[dict[str, str]]:
+        """Validate chat messages (a list of ``{"role", "content"}`` with string content)."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise UsageError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
+        out = []
+        for message in messages:
+            if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
+                    or not isinstance(message.get("content"), str)):
+                raise UsageError(f"bad chat message {message!r:.80}; each needs a 'role' and a string 'content'")
+            out.append({"role": message["role"], "content": message["content"]})
+        return out
+
+    def cache_key(self, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
+        """Response-cache key of one call."""
+        return cache_key(self.name, self.model, messages, params)
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        sem = self._semaphores.get(loop)
+        if sem is None:
+            sem = self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
+        return sem
+
+    async def generate(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+        """One chat completion (cached, concurrency-limited, retried); see the module docstring."""
+        messages = self.check_messages(messages)
+        resolved = self.resolve_params(params)
+        key = self.cache_key(messages, resolved)
+        if self.response_cache is not None:
+            hit = self.response_cache.get(key)
+            if hit is not None:
+                hit.cached = True
+                self.usage.record(hit)
+                return hit
+
+        async def attempt() -> Completion:
+            async with self._semaphore():
+                wait = self._cooldown_until - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                try:
+                    return await self._complete(messages, resolved)
+                except TransientError as exc:
+                    exc.reason = self.scrub(exc.reason)
+                    if exc.retry_after:
+                        self._cooldown_until = max(self._cooldown_until, time.monotonic() + exc.retry_after)
+                    raise
+                except ProviderError as exc:
+                    raise ProviderError(self.scrub(f"{what} failed: {exc}")) from None
+
+        what = f"{self.name} request to model {self.model!r}"
+
+        def count_retry(_n: int, _exc: BaseException, _delay: float) -> None:
+            self.usage.retries += 1
+
+        try:
+            completion = await with_retries(
+                attempt,
+                max_retries=self.options.max_retries,
+                backoff_base_s=self.options.backoff_base_s,
+                backoff_max_s=self.options.backoff_max_s,
+                what=what,
+                on_retry=count_retry,
+            )
+        except ProviderError as exc:
+            self.usage.failed_calls += 1
+            raise ProviderError(self.scrub(str(exc))) from None
+        completion.raw = self.redact(completion.raw)
+        completion.provider = completion.provider or self.name
+        completion.model = completion.model or self.model
+        completion.cached = False
+        if completion.cost is None:
+            completion.cost = self.cost_of(completion.prompt_tokens, completion.completion_tokens)
+        if self.response_cache is not None:
+            self.response_cache.put(key, completion, {"provider": self.name, "model": self.model,
+                                                      "messages": messages, "params": resolved})
+        self.usage.record(completion)
+        return completion
+
+    def generate_sync(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+        """Blocking :meth:`generate` (runs its own event loop)."""
+        return asyncio.run(self.generate(messages, **params))
+
+    def prices(self) -> tuple[float, float] | None:
+        """USD per 1k (prompt, completion) tokens: the options' prices, else litellm's map, else None."""
+        if self.options.input_price_per_1k is not None or self.options.output_price_per_1k is not None:
+            return (self.options.input_price_per_1k or 0.0, self.options.output_price_per_1k or 0.0)
+        return litellm_prices(self.model)
+
+    def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """USD cost of a call, None when prices are unknown."""
+        prices = self.prices()
+        if prices is None:
+            return None
+        return (prompt_tokens * prices[0] + completion_tokens * prices[1]) / 1000.0
+
+    async def _complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+        """One attempt; raise :class:`TransientError` for retryable failures, :class:`ProviderError` else."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release clients and background tasks."""
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI wire format (shared by the openai and litellm providers)
+
+
+def completion_from_openai(data: Mapping[str, Any]) -> Completion:
+    """A :class:`Completion` from an OpenAI chat-completion response (JSON data); a malformed one raises
+    :class:`TransientError` (servers under load sometimes answer garbage; it is retried)."""
+    if not isinstance(data, Mapping):
+        raise TransientError(f"malformed answer: expected a JSON object, got {type(data).__name__}")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise TransientError(f"malformed answer: no choices in {_canonical(data)[:200]}")
+    choice = choices[0]
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, Mapping) else None
+    if not isinstance(text, str):
+        raise TransientError(f"malformed answer: choice has no message content: {_canonical(choice)[:200]}")
+    logprobs = None
+    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), Mapping) else None
+    if isinstance(content, list):
+        logprobs = []
+        for entry in content:
+            if not isinstance(entry, Mapping) or "token" not in entry or entry.get("logprob") is None:
+                continue
+            tops = {str(t["token"]): float(t["logprob"]) for t in entry.get("top_logprobs") or []
+                    if isinstance(t, Mapping) and "token" in t and t.get("logprob") is not None}
+            logprobs.append(TokenLogprob(str(entry["token"]), float(entry["logprob"]), tops))
+    usage = data.get("usage") if isinstance(data.get("usage"), Mapping) else {}
+    return Completion(
+        text=text,
+        logprobs=logprobs,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        raw=dict(data),
+        finish_reason=choice.get("finish_reason"),
+    )
+
+
+def classify_openai_error(exc: BaseException, timeout_s: float | None = None) -> BaseException | None:
+    """Map an ``openai`` (or litellm, whose errors subclass openai's) exception to :class:`TransientError`
+    (429/5xx with ``Retry-After``, timeouts, connection errors, unparseable answers) or
+    :class:`ProviderError` (other statuses: bad request, auth...); None when ``exc`` is not one of them."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientError(f"timed out after {timeout_s:g} s" if timeout_s else "timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return TransientError(f"connection error: {exc}")
+    if isinstance(exc, openai.APIResponseValidationError):
+        return TransientError(f"malformed answer: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        headers: Mapping[str, str] | None = None
+        response = getattr(exc, "response", None)
+        if response is not None and getattr(response, "headers", None) is not None:
+            headers = response.headers
+        extra = getattr(exc, "litellm_response_headers", None)
+        if not headers and extra is not None:
+            headers = extra
+        message = str(getattr(exc, "message", "") or exc).splitlines()[0][:300]
+        if status in RETRYABLE_STATUS:
+            return TransientError(f"HTTP {status}: {message}", parse_retry_after(headers), status)
+        return ProviderError(f"HTTP {status}: {message}")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction from delphi's names
+
+
+def make_provider(name: str, **options: Any) -> LLMProvider:
+    """A provider instance from a registered name or delphi's names (``offline`` -> ``transformers``,
+    ``vllm`` / ``openrouter`` -> ``openai``; openrouter defaults to OpenRouter's URL and
+    ``OPENROUTER_API_KEY``). Options that are None are left at their defaults."""
+    from .manager import resolve
+
+    key = name.strip().lower()
+    target = PROVIDER_ALIASES.get(key, key)
+    options = {k: v for k, v in options.items() if v is not None}
+    if key == "openrouter":
+        options.setdefault("base_url", OPENROUTER_URL)
+        options.setdefault("api_key_env", "OPENROUTER_API_KEY")
+    elif key == "vllm":
+        options.setdefault("base_url", VLLM_URL)
+    cls = resolve("provider", target)
+    opts = cls.Options.parse(options, where=f"provider {name}")
+    return cls(opts)

@@ -1,0 +1,174 @@
+"""Prompts of explainers and scorers: the shipped defaults (``prompts.yaml``) and user overrides.
+
+Prompts are addressed by dotted keys (``explainers.default.system``, ``scorers.detection.system``...).
+:func:`load_prompts` returns the defaults, with any subset overridden from a YAML file when override is
+on: ``--prompt_override --prompt_config_file F``, else the env variable ``PROMPT_CONFIG_FILE``, else
+``prompts.yaml`` in the working directory. Giving a file turns override on. Unknown keys are one-line
+errors listing the valid keys. :func:`prompt_version` hashes the prompts a result used; every
+explanation and score stores it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError, format_choices
+
+ENV_VAR = "PROMPT_CONFIG_FILE"
+"""Environment variable naming a prompt override file."""
+CWD_FILE = "prompts.yaml"
+"""Override file looked up in the working directory."""
+
+KEY_ALIASES: dict[str, str] = {
+    "explainers.default.system_contrastive": "explainers.contrastive.system",
+    "explainers.default.system_single_token": "explainers.single_token.system",
+    "explainers.np_max_act.system_concise": "explainers.np_max_act.system",
+    "explainers.single-token.system": "explainers.single_token.system",
+    "scorers.recall.system": "scorers.detection.system",
+}
+"""Keys of delphi / AutoInterp Full prompt files and the saelab key each one sets."""
+
+PromptValue = Any
+"""A prompt is a string template, or a list of few-shot ``{user, assistant, ...}`` dicts."""
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def default_prompts() -> dict[str, PromptValue]:
+    """The shipped defaults as ``{dotted key: value}``."""
+    text = resources.files("saelab").joinpath("prompts.yaml").read_text(encoding="utf-8")
+    return dict(_flatten(yaml.safe_load(text)))
+
+
+class Prompts(Mapping[str, PromptValue]):
+    """Resolved prompts: a read-only mapping of dotted keys to templates / few-shot lists."""
+
+    def __init__(self, values: Mapping[str, PromptValue], source: str | None = None):
+        self._values = dict(values)
+        self.source = source
+        """The override file used, or None for the defaults."""
+
+    def __getitem__(self, key: str) -> PromptValue:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise UsageError(f"unknown prompt key {key!r}; valid keys: {format_choices(self._values)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def subset(self, prefix: str) -> dict[str, PromptValue]:
+        """Every prompt under ``prefix`` (e.g. ``"scorers.detection"``), keyed by full dotted key."""
+        dotted = prefix.rstrip(".") + "."
+        return {k: v for k, v in self._values.items() if k.startswith(dotted) or k == prefix}
+
+    def version(self, prefix: str) -> str:
+        """:func:`prompt_version` of the prompts under ``prefix``."""
+        return prompt_version(self.subset(prefix))
+
+    def few_shot(self, prefix: str, user_key: str = "user", assistant_keys: tuple[str, ...] = ("assistant",)) -> list[dict[str, str]]:
+        """Few-shot chat messages from ``<prefix>.examples``: for each entry, a user message from
+        ``user_key`` (falling back to ``user``) and one assistant message joining ``assistant_keys``
+        that the entry has."""
+        messages: list[dict[str, str]] = []
+        for entry in self._values.get(f"{prefix}.examples") or []:
+            user = entry.get(user_key) or entry.get("user")
+            answer = "\n".join(str(entry[k]) for k in assistant_keys if entry.get(k))
+            if user and answer:
+                messages += [{"role": "user", "content": str(user)}, {"role": "assistant", "content": answer}]
+        return messages
+
+
+def prompt_version(prompts_subset: Mapping[str, Any]) -> str:
+    """sha256 (first 12 hex chars) of a set of prompts, in canonical JSON: changes whenever a prompt does."""
+    text = json.dumps(dict(prompts_subset), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def find_override_file(override_file: str | os.PathLike[str] | None, cwd: str | os.PathLike[str] | None = None) -> Path | None:
+    """The override file by precedence: ``override_file``, ``$PROMPT_CONFIG_FILE``, ``./prompts.yaml``."""
+    if override_file:
+        return Path(override_file)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    local = Path(cwd or os.getcwd()) / CWD_FILE
+    return local if local.is_file() else None
+
+
+def load_prompts(
+    override_file: str | os.PathLike[str] | None = None,
+    enabled: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+) -> Prompts:
+    """The default prompts, overridden from a YAML file when ``enabled`` or ``override_file`` is given.
+
+    File precedence: ``override_file`` (``--prompt_config_file``), else ``$PROMPT_CONFIG_FILE``, else
+    ``prompts.yaml`` in ``cwd`` (default: the working directory). Any subset of keys may be given.
+    """
+    values = default_prompts()
+    if not (enabled or override_file):
+        return Prompts(values)
+    path = find_override_file(override_file, cwd)
+    if path is None:
+        raise UsageError(
+            f"--prompt_override needs a prompt file: pass --prompt_config_file FILE, set {ENV_VAR}, or put "
+            f"{CWD_FILE} in {str(Path(cwd or os.getcwd()))!r}"
+        )
+    overrides = read_override_file(path)
+    for key, value in overrides.items():
+        if key not in values:
+            raise UsageError(
+                f"unknown prompt key {key!r} in {str(path)!r}; valid keys: "
+                f"{format_choices(list(values) + list(KEY_ALIASES), limit=80)}"
+            )
+        default = values[key]
+        if isinstance(default, str) != isinstance(value, str):
+            kind = "a string" if isinstance(default, str) else "a list of {user, assistant} entries"
+            raise UsageError(f"prompt {key!r} in {str(path)!r} must be {kind}")
+        values[key] = value
+    return Prompts(values, source=str(path))
+
+
+def read_override_file(path: str | os.PathLike[str]) -> dict[str, PromptValue]:
+    """Flattened ``{dotted key: value}`` of an override file, with delphi/AutoInterp keys mapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompt file {str(path)!r} does not exist; give a YAML file of prompt overrides")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"prompt file {str(path)!r} cannot be parsed: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise UsageError(f"prompt file {str(path)!r} must hold a mapping such as 'scorers: {{detection: {{system: ...}}}}'")
+    return {KEY_ALIASES.get(k, k): v for k, v in _flatten(data)}
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill(template: str, **values: Any) -> str:
+    """Substitute ``{name}`` placeholders named in ``values``; other braces (JSON, lists) stay as they are."""
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)

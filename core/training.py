@@ -1,0 +1,1062 @@
+"""The generic dictionary trainer: one shared stream of activations, one or several dictionaries.
+
+Every architecture (:class:`~saelab.SparseDictionary`) trains through this module. The trainer
+
+* streams ``{hookpoint: [rows, d]}`` batches from a :class:`BatchSource` (an activation cache, in-memory
+  tensors, or the LM on the fly), deterministic in ``(seed, epoch)``;
+* **normalises** activations (``normalise="norm"``): each dictionary's inputs are multiplied by
+  ``input_scale = sqrt(d_in / E[|x|^2])`` and its targets by ``output_scale`` (the same for an
+  autoencoder), estimated on ``init_rows`` rows of the stream, so that the mean squared norm of a row
+  equals its width. Losses, FVU and learning rates are therefore comparable across models and layers.
+  The scales are folded back into the saved weights (``SparseDictionary.fold_scaling``): a saved
+  dictionary takes and returns **raw** activations, and ``cfg.json`` records the scales;
+* initialises the dictionary from data (``initialize_from_data``: e.g. ``b_dec`` at the geometric median);
+* minimises ``sum(output.losses.values())`` with Adam, linear warm-up and a linear or cosine decay to 0
+  over the last ``decay_fraction`` of the run; the default learning rate scales with width like sparsify's
+  (``2e-4 / sqrt(d_sae / 16384)``);
+* tracks, per latent, the tokens since it last fired; latents silent for ``dead_tokens`` tokens form the
+  ``dead_mask`` passed to ``forward`` (AuxK for the TopK family);
+* logs loss terms, FVU, L0 and dead fraction to a JSONL file per dictionary, to a rich progress display
+  and optionally to Weights & Biases;
+* checkpoints every ``checkpoint_every`` steps (weights, Adam state, schedule, RNG, data position; safetensors
+  + JSON, no pickle) and resumes from the latest checkpoint so that a killed run ends equal to an
+  uninterrupted one;
+* runs data-parallel under ``torchrun`` (see :func:`init_distributed`).
+
+Massive activations: SmolLM2 (and many LMs) put residual norms of ~26k (median ~170) on the first
+positions of every context; those 0.04% of rows carry ~90% of the variance and would dominate both the
+normalisation and the loss. ``exclude_positions`` (default ``(0, 1, 2, 3)``) drops them when streaming
+from a cache or the LM: position 0 is the BOS token (the same input in every window, so a constant
+vector) and positions 1-3 hold the massive activations. ``exclude_bos`` drops BOS tokens anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .interfaces import SiteSpec, SparseDictionary
+from .options import Options
+
+Batch = dict[str, torch.Tensor]
+"""One batch of activations: ``{hookpoint: [rows, d]}`` (rows aligned across hookpoints)."""
+
+CHECKPOINT_DIR = "checkpoints"
+"""Sub-directory of a dictionary's output directory that holds its checkpoints."""
+TRAINING_LOG = "training_log.jsonl"
+"""Name of the per-dictionary JSONL training log."""
+
+
+class TrainerConfig(Options):
+    """Options of the trainer (shared by every dictionary trained on one stream)."""
+
+    batch_size: int = 4096
+    """Tokens (activation rows) per optimisation step, across all data-parallel ranks."""
+    lr: float | None = None
+    """Adam learning rate; None scales it with width: 2e-4 / sqrt(d_sae / 16384) (as sparsify)."""
+    epochs: int = 1
+    """Passes over the data (a cache or in-memory tensors; the LM on the fly is re-run per epoch)."""
+    max_steps: int | None = None
+    """Stop after this many steps (None: epochs x full batches per epoch)."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up steps; None: min(1000, 5% of the run)."""
+    lr_decay: Literal["linear", "cosine", "none"] = "linear"
+    """Learning-rate decay to 0 over the last `decay_fraction` of the run ('none' keeps it constant)."""
+    decay_fraction: float = 0.2
+    """Fraction of the run over which the learning rate decays to 0."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    seed: int = 0
+    """Seed of the data order (shuffling is deterministic in seed and epoch) and of torch's RNG."""
+    normalise: Literal["norm", "none"] = "norm"
+    """'norm': scale inputs (and targets) so that the mean squared row norm equals the width, estimated
+    on `init_rows` rows; folded back into the saved weights. 'none': train on raw activations."""
+    init_rows: int = 65536
+    """Rows sampled from the stream to estimate the normalisation and initialise the dictionary (b_dec)."""
+    exclude_positions: tuple[int, ...] = (0, 1, 2, 3)
+    """Sequence positions never trained on (cache / on-the-fly streams): 0 is the BOS token, 1-3 carry
+    the massive activations of SmolLM2-like models (norms ~26k vs a median ~170)."""
+    exclude_bos: bool = True
+    """Also drop BOS tokens wherever they occur (cache / on-the-fly streams)."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing (drives AuxK); None: a tenth of the run's
+    tokens, clamped to [batch_size, 10M] (sparsify uses 10M, which a short run never reaches)."""
+    checkpoint_every: int = 1000
+    """Save a resumable checkpoint every N steps (0: never)."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept per dictionary (older ones are deleted after a new one is complete)."""
+    log_every: int = 10
+    """Steps per entry of the JSONL training log (and W&B / progress refresh)."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project (requires `pip install wandb`; WANDB_MODE=offline works)."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    data_parallel: Literal["batch", "shards"] = "batch"
+    """Under torchrun: 'batch' gives every rank its slice of the same global batch (results equal a
+    single-process run); 'shards' lets every rank read only its own cache shards (less I/O, other order)."""
+    shuffle_buffer_shards: int = 4
+    """Cache shards mixed by the shuffle buffer (memory grows with it)."""
+
+
+def _fingerprint_fields(config: TrainerConfig) -> dict[str, Any]:
+    """Config fields that change the trained values (checked when resuming)."""
+    ignored = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb_project", "device"}
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in ignored}
+
+
+def auto_lr(d_sae: int) -> float:
+    """Default learning rate for ``d_sae`` latents: ``2e-4 / sqrt(d_sae / 16384)``."""
+    return 2e-4 / math.sqrt(d_sae / 16384)
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, decay: str, decay_fraction: float) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): warm-up, plateau, decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "none" or decay_fraction <= 0:
+        return 1.0
+    decay_steps = max(1, round(total_steps * decay_fraction))
+    start = total_steps - decay_steps
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / decay_steps)
+    if decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class DistContext:
+    """Data-parallel context: rank and world size (1 process: rank 0 of 1, every collective a no-op)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that writes files."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """True when there is more than one process."""
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (``sum``, ``mean``, ``max`` or ``min``); returns ``tensor``."""
+        if not self.active:
+            return tensor
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+               "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
+        if op == "mean":
+            tensor.div_(self.world_size)
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` across ranks in place (what ``SparseDictionary.synchronize`` receives)."""
+        return self.all_reduce(tensor, "mean")
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` in place with rank ``src``'s values."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on
+    CPU. Returns the context (rank 0 of 1 when not distributed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = resolve_device(device).type == "cuda"
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def current_dist() -> DistContext:
+    """The context of an already initialised process group (rank 0 of 1 otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext()
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA (the local rank's GPU) when available, else CPU; other values as torch reads them."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"bad device {device!r}; accepted: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch sources
+
+
+class BatchSource(ABC):
+    """A stream of activation batches, deterministic in ``(seed, epoch)``; resumable at a batch index."""
+
+    hookpoints: list[str]
+    """Hookpoints every batch holds."""
+
+    @abstractmethod
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int | None:
+        """Full batches of ``batch_size`` rows per epoch for ``rank`` (None when unknown)."""
+
+    @abstractmethod
+    def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[Batch]:
+        """Batches of one epoch, from batch index ``start_batch`` on."""
+
+    def sample(self, n_rows: int, *, seed: int) -> Batch:
+        """About ``n_rows`` rows for normalisation and data-dependent initialisation (same on every rank)."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        got = 0
+        for batch in self.batches(min(n_rows, 4096), epoch=0, seed=seed):
+            for hp, t in batch.items():
+                parts.setdefault(hp, []).append(t)
+            got += next(iter(batch.values())).shape[0]
+            if got >= n_rows:
+                break
+        if not parts:
+            raise UsageError("the activation stream is empty: no rows to train on")
+        return {hp: torch.cat(ts)[:n_rows] for hp, ts in parts.items()}
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the data (checked when resuming)."""
+        return {"kind": type(self).__name__, "hookpoints": self.hookpoints}
+
+
+class TensorSource(BatchSource):
+    """In-memory activations ``{hookpoint: [N, d]}`` shuffled per epoch (synthetic data, tests)."""
+
+    def __init__(self, data: Mapping[str, torch.Tensor], shuffle: bool = True):
+        self.data = {hp: t.detach() for hp, t in data.items()}
+        sizes = {t.shape[0] for t in self.data.values()}
+        if len(sizes) != 1:
+            raise UsageError(f"in-memory activations have different row counts: {sorted(sizes)}")
+        self.n_rows = sizes.pop()
+        self.hookpoints = list(self.data)
+        self.shuffle = shuffle
+
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int:
+        return (self.n_rows // world_size) // batch_size
+
+    def _order(self, epoch: int, seed: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n_rows)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_rows, generator=gen)
+
+    def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[Batch]:
+        order = self._order(epoch, seed)[rank::world_size]
+        for i in range(start_batch, len(order) // batch_size):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            yield {hp: t[idx] for hp, t in self.data.items()}
+
+    def sample(self, n_rows: int, *, seed: int) -> Batch:
+        idx = self._order(0, seed + 1)[:n_rows]
+        return {hp: t[idx] for hp, t in self.data.items()}
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "tensors", "hookpoints": self.hookpoints, "rows": self.n_rows}
+
+
+class CacheSource(BatchSource):
+    """Shuffled batches from an activation cache (``saelab.activation_cache.ActivationCache``)."""
+
+    def __init__(self, cache: Any, hookpoints: Sequence[str], *, exclude_positions: Sequence[int] = (),
+                 exclude_bos: bool = False, shuffle_buffer_shards: int = 4):
+        self.cache = cache
+        self.hookpoints = list(hookpoints)
+        missing = [hp for hp in self.hookpoints if hp not in cache.hookpoints]
+        if missing:
+            raise UsageError(f"hookpoint {missing[0]!r} is not in the activation cache {cache.path}; "
+                             f"cached hookpoints: {', '.join(cache.hookpoints)}")
+        self.exclude_positions = tuple(exclude_positions)
+        self.exclude_bos = exclude_bos
+        self.shuffle_buffer_shards = shuffle_buffer_shards
+
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int:
+        rows = self.cache.n_rows(exclude_positions=self.exclude_positions, exclude_bos=self.exclude_bos,
+                                 rank=rank, world_size=world_size)
+        return rows // batch_size
+
+    def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[Batch]:
+        n = self.n_batches(batch_size, rank=rank, world_size=world_size)
+        if start_batch >= n:
+            return
+        it = self.cache.iter_batches(
+            self.hookpoints, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, exclude_positions=self.exclude_positions, exclude_bos=self.exclude_bos,
+            shuffle_buffer_shards=self.shuffle_buffer_shards, dtype=torch.float32, start_batch=start_batch)
+        for _, batch in zip(range(start_batch, n), it, strict=False):
+            yield batch
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "cache", "path": str(self.cache.path), "hookpoints": self.hookpoints,
+                "n_tokens": self.cache.n_tokens, "exclude_positions": list(self.exclude_positions),
+                "exclude_bos": self.exclude_bos}
+
+
+class LMSource(BatchSource):
+    """Activations computed on the fly by a language model (``--on_the_fly``): no cache on disk.
+
+    ``windows()`` yields ``[n_seq, ctx_len]`` token-id tensors (the same each call). Activations of
+    ``buffer_sequences`` sequences are gathered, the excluded positions dropped, the rows shuffled
+    (deterministically in seed, epoch and buffer index) and cut into batches. Resuming re-runs the LM
+    over the skipped part (correct, not free).
+    """
+
+    def __init__(self, source: Any, windows: Callable[[], Iterable[torch.Tensor]], hookpoints: Sequence[str],
+                 *, n_rows: int | None = None, lm_batch_size: int = 32, buffer_sequences: int = 256,
+                 exclude_positions: Sequence[int] = (), exclude_bos: bool = False):
+        self.source = source
+        self.windows = windows
+        self.hookpoints = list(hookpoints)
+        self.n_rows = n_rows
+        self.lm_batch_size = lm_batch_size
+        self.buffer_sequences = buffer_sequences
+        self.exclude_positions = tuple(exclude_positions)
+        self.exclude_bos = exclude_bos
+
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int | None:
+        return None if self.n_rows is None else (self.n_rows // world_size) // batch_size
+
+    def _keep_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        for pos in self.exclude_positions:
+            if pos < ids.shape[1]:
+                keep[:, pos] = False
+        bos = getattr(self.source.tokenizer, "bos_token_id", None)
+        if self.exclude_bos and bos is not None:
+            keep &= ids != bos
+        return keep
+
+    def _buffers(self, epoch: int, seed: int, rank: int, world_size: int) -> Iterator[Batch]:
+        pending: list[torch.Tensor] = []
+        n_buffer = 0
+        seq_index = 0
+
+        def flush() -> Batch:
+            nonlocal n_buffer
+            ids = torch.cat(pending)
+            pending.clear()
+            out: dict[str, list[torch.Tensor]] = {hp: [] for hp in self.hookpoints}
+            keep = self._keep_mask(ids)
+            with torch.no_grad():
+                for i in range(0, ids.shape[0], self.lm_batch_size):
+                    acts = self.source.activations(ids[i:i + self.lm_batch_size], self.hookpoints)
+                    k = keep[i:i + self.lm_batch_size]
+                    for hp in self.hookpoints:
+                        out[hp].append(acts[hp][k].float().cpu())
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + n_buffer)
+            n_buffer += 1
+            rows = {hp: torch.cat(v) for hp, v in out.items()}
+            perm = torch.randperm(next(iter(rows.values())).shape[0], generator=gen)
+            return {hp: t[perm] for hp, t in rows.items()}
+
+        for window in self.windows():
+            for seq in window:
+                if seq_index % world_size == rank:
+                    pending.append(seq.unsqueeze(0))
+                seq_index += 1
+                if len(pending) >= self.buffer_sequences:
+                    yield flush()
+        if pending:
+            yield flush()
+
+    def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
+                world_size: int = 1) -> Iterator[Batch]:
+        limit = self.n_batches(batch_size, rank=rank, world_size=world_size)
+        carry: Batch | None = None
+        index = 0
+        for buf in self._buffers(epoch, seed, rank, world_size):
+            if carry is not None:
+                buf = {hp: torch.cat([carry[hp], buf[hp]]) for hp in buf}
+            n = next(iter(buf.values())).shape[0]
+            full = n // batch_size
+            for b in range(full):
+                if limit is not None and index >= limit:
+                    return
+                if index >= start_batch:
+                    yield {hp: t[b * batch_size:(b + 1) * batch_size] for hp, t in buf.items()}
+                index += 1
+            carry = {hp: t[full * batch_size:] for hp, t in buf.items()}
+
+    def identity(self) -> dict[str, Any]:
+        identity = getattr(self.source, "identity", lambda: {})()
+        return {"kind": "on_the_fly", "model": identity, "hookpoints": self.hookpoints,
+                "exclude_positions": list(self.exclude_positions), "exclude_bos": self.exclude_bos}
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs, results and per-dictionary state
+
+
+@dataclass
+class DictionaryJob:
+    """One dictionary to train on the shared stream."""
+
+    name: str
+    """Dictionary name (directory name under ``dictionaries/``, key in logs)."""
+    module: SparseDictionary
+    """The architecture instance (trained in place, in the normalised space until folded)."""
+    lr: float | None = None
+    """Learning rate overriding the trainer's (sweeps over learning rates)."""
+    out_dir: Path | None = None
+    """Where cfg.json, weights, the training log and checkpoints go (None: nothing written)."""
+    extra_cfg: dict[str, Any] = field(default_factory=dict)
+    """Extra entries for cfg.json (e.g. the model and the activation cache used)."""
+
+
+@dataclass
+class TrainResult:
+    """What training one dictionary gave."""
+
+    name: str
+    module: SparseDictionary
+    """The trained dictionary (maps raw activations to raw targets once ``folded``)."""
+    steps: int
+    tokens: int
+    metrics: dict[str, float]
+    """Averages over the last logging window: loss terms, ``fvu``, ``l0``, ``dead_frac``."""
+    dead_final_epoch: float
+    """Fraction of latents that never fired during the final epoch (the whole run when 1 epoch)."""
+    input_scale: float
+    output_scale: float
+    folded: bool
+    lr: float = 0.0
+    """Base learning rate (before warm-up and decay)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every JSONL log entry of this run (since the start or the resumed checkpoint)."""
+    out_dir: Path | None = None
+
+
+class _JobState:
+    """Optimizer, schedule, scales, dead-latent counters and metric accumulators of one dictionary."""
+
+    def __init__(self, job: DictionaryJob, config: TrainerConfig, total_steps: int, device: torch.device):
+        self.job = job
+        self.module = job.module.to(device)
+        self.module.train()
+        self.sites: SiteSpec = job.module.sites
+        self.lr = job.lr if job.lr is not None else (config.lr if config.lr is not None
+                                                     else auto_lr(job.module.d_sae))
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                          eps=config.adam_eps)
+        warmup = config.warmup_steps if config.warmup_steps is not None else min(1000, total_steps // 20)
+        self.warmup = warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_lambda(s, total_steps, warmup, config.lr_decay, config.decay_fraction))
+        d_sae = job.module.d_sae
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.fired_epoch = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        self.input_scale = 1.0
+        self.output_scale = 1.0
+        self.acc: dict[str, torch.Tensor] = {}
+        self.acc_steps = 0
+        self.last: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def fingerprint(self, config: TrainerConfig, source_identity: dict[str, Any]) -> str:
+        payload = {"trainer": _fingerprint_fields(config), "dictionary": self.module.config(),
+                   "lr": self.lr, "data": source_identity}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def stack(self, batch: Batch, sites: Sequence[str], scale: float, device: torch.device) -> torch.Tensor:
+        return torch.stack([batch[hp] for hp in sites], dim=1).to(device, non_blocking=True) * scale
+
+
+class Trainer:
+    """Trains several dictionaries (a sweep, several hookpoints) on one stream of activations."""
+
+    def __init__(self, jobs: Sequence[DictionaryJob], config: TrainerConfig | None = None, *,
+                 dist: DistContext | None = None, progress: bool = True, run_name: str | None = None):
+        if not jobs:
+            raise UsageError("nothing to train: no dictionaries given")
+        names = [j.name for j in jobs]
+        if len(set(names)) != len(names):
+            raise UsageError(f"dictionary names must be unique; got {names}")
+        self.jobs = list(jobs)
+        self.config = config or TrainerConfig()
+        self.dist = dist or current_dist()
+        self.progress = progress
+        self.run_name = run_name
+        self.device = resolve_device(self.config.device, self.dist.local_rank)
+        if self.config.batch_size % self.dist.world_size:
+            raise UsageError(f"batch_size {self.config.batch_size} is not divisible by the "
+                             f"{self.dist.world_size} data-parallel processes")
+        for name, value in (("batch_size", self.config.batch_size), ("epochs", self.config.epochs),
+                            ("log_every", self.config.log_every), ("init_rows", self.config.init_rows)):
+            if value < 1:
+                raise UsageError(f"bad value {value} for {name}; it must be a positive integer")
+
+    # -- data plumbing -------------------------------------------------------------------------
+
+    def _local_batch_size(self) -> int:
+        return self.config.batch_size // self.dist.world_size
+
+    def _steps_per_epoch(self, source: BatchSource) -> int | None:
+        cfg, d = self.config, self.dist
+        if cfg.data_parallel == "batch" or not d.active:
+            n = source.n_batches(cfg.batch_size)
+        else:
+            n = source.n_batches(self._local_batch_size(), rank=d.rank, world_size=d.world_size)
+            if n is not None:
+                n = int(d.all_reduce(torch.tensor(n, dtype=torch.long), "min").item())
+        return n
+
+    def _epoch_batches(self, source: BatchSource, epoch: int, start_batch: int) -> Iterator[Batch]:
+        cfg, d = self.config, self.dist
+        if d.active and cfg.data_parallel == "shards":
+            yield from source.batches(self._local_batch_size(), epoch=epoch, seed=cfg.seed,
+                                      start_batch=start_batch, rank=d.rank, world_size=d.world_size)
+            return
+        b = self._local_batch_size()
+        for batch in source.batches(cfg.batch_size, epoch=epoch, seed=cfg.seed, start_batch=start_batch):
+            if d.active:
+                batch = {hp: t[d.rank * b:(d.rank + 1) * b] for hp, t in batch.items()}
+            yield batch
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def fit(self, source: BatchSource, *, resume: bool = True) -> list[TrainResult]:
+        """Train every dictionary on ``source``; resume from the latest common checkpoint if ``resume``."""
+        cfg = self.config
+        for job in self.jobs:
+            for hp in {*job.module.sites.inputs, *job.module.sites.outputs}:
+                if hp not in source.hookpoints:
+                    raise UsageError(f"dictionary {job.name!r} needs hookpoint {hp!r}, which the activation "
+                                     f"stream lacks; it has: {', '.join(source.hookpoints)}")
+        steps_per_epoch = self._steps_per_epoch(source)
+        if steps_per_epoch is None and cfg.max_steps is None:
+            raise UsageError("the length of the activation stream is unknown: give max_steps (--max_steps)")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise UsageError(f"batch_size {cfg.batch_size} is larger than the data: not one full batch per "
+                             "epoch; lower --batch_size or cache more tokens")
+        total = steps_per_epoch * cfg.epochs if steps_per_epoch is not None else cfg.max_steps
+        assert total is not None
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        total_tokens = total * cfg.batch_size
+        dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else int(
+            min(10_000_000, max(cfg.batch_size, total_tokens // 10)))
+        torch.manual_seed(cfg.seed)
+        states = [_JobState(job, cfg, total, self.device) for job in self.jobs]
+        source_identity = source.identity()
+        fingerprints = [st.fingerprint(cfg, source_identity) for st in states]
+
+        step, epoch, batch_in_epoch = 0, 0, 0
+        ckpt = self._find_resume_step(states) if resume else None
+        if ckpt is not None:
+            step, epoch, batch_in_epoch = self._load_checkpoints(states, fingerprints, ckpt)
+        else:
+            self._initialise(states, source)
+            for st in states:
+                self._reset_log(st, 0)
+        self.dead_tokens = dead_tokens
+
+        wandb_run = self._wandb_init(states, total) if cfg.wandb_project and self.dist.is_main else None
+        display = _Display(states, total, step, enabled=self.progress and self.dist.is_main)
+        t_start, tokens_start = time.perf_counter(), step * cfg.batch_size
+        try:
+            with display:
+                while step < total and epoch < cfg.epochs:
+                    if batch_in_epoch == 0:
+                        for st in states:
+                            st.fired_epoch.zero_()
+                    got_batch = False
+                    for batch in self._epoch_batches(source, epoch, batch_in_epoch):
+                        got_batch = True
+                        for st in states:
+                            self._train_step(st, batch, dead_tokens)
+                        step += 1
+                        batch_in_epoch += 1
+                        epoch_done = steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch
+                        if step % cfg.log_every == 0 or step == total:
+                            elapsed = max(1e-9, time.perf_counter() - t_start)
+                            rate = (step * cfg.batch_size - tokens_start) / elapsed
+                            for st in states:
+                                entry = self._log(st, step, epoch, rate)
+                                if wandb_run is not None:
+                                    wandb_run.log({f"{st.job.name}/{k}": v for k, v in entry.items()
+                                                   if isinstance(v, (int, float))}, step=step)
+                        display.update(step)
+                        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                            position = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
+                            self._save_checkpoints(states, fingerprints, step, *position)
+                        if step >= total or epoch_done:
+                            break
+                    if not got_batch and batch_in_epoch == 0:
+                        break  # the stream is empty
+                    epoch, batch_in_epoch = epoch + 1, 0
+        finally:
+            if wandb_run is not None:
+                wandb_run.finish()
+        return [self._finish(st, step) for st in states]
+
+    def _initialise(self, states: list[_JobState], source: BatchSource) -> None:
+        cfg = self.config
+        sample = source.sample(cfg.init_rows, seed=cfg.seed)
+        for st in states:
+            sites = st.sites
+            x = torch.stack([sample[hp] for hp in sites.inputs], dim=1).float().to(self.device)
+            y = x if sites.is_autoencoder else torch.stack([sample[hp] for hp in sites.outputs], dim=1).float().to(self.device)
+            if cfg.normalise == "norm":
+                st.input_scale = _norm_scale(x, self.dist)
+                st.output_scale = st.input_scale if sites.is_autoencoder else _norm_scale(y, self.dist)
+            x = x * st.input_scale
+            y = x if sites.is_autoencoder else y * st.output_scale
+            with torch.no_grad():
+                st.module.initialize_from_data(x, y)
+            # Every rank must start from rank 0's weights.
+            for t in st.module.state_dict().values():
+                self.dist.broadcast(t)
+
+    def _train_step(self, st: _JobState, batch: Batch, dead_tokens: int) -> None:
+        sites = st.sites
+        x = st.stack(batch, sites.inputs, st.input_scale, self.device)
+        y = None if sites.is_autoencoder else st.stack(batch, sites.outputs, st.output_scale, self.device)
+        dead_mask = st.tokens_since_fired >= dead_tokens
+        out = st.module(x, target=y, dead_mask=dead_mask)
+        loss = sum(out.losses.values())
+        st.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist.active:
+            _all_reduce_grads(st.module, self.dist)
+        st.module.before_optimizer_step()
+        st.optimizer.step()
+        st.scheduler.step()
+        st.module.after_optimizer_step()
+        if self.dist.active:
+            st.module.synchronize(self.dist.all_reduce_mean)
+        with torch.no_grad():
+            target = x if y is None else y
+            active = out.latents != 0
+            fired = active.any(0)
+            if self.dist.active:
+                fired = self.dist.all_reduce(fired.to(torch.uint8), "max").bool()
+            st.tokens_since_fired += self.config.batch_size
+            st.tokens_since_fired[fired] = 0
+            st.fired_epoch |= fired
+            err = (out.reconstruction - target).pow(2).sum()
+            var = (target - target.mean(0)).pow(2).sum()
+            values = {"loss": loss.detach(), **{k: v.detach() for k, v in out.losses.items()},
+                      "fvu": err / var.clamp_min(1e-12),
+                      "l0": active.sum(-1).float().mean(),
+                      "dead_frac": dead_mask.float().mean()}
+            for k, v in values.items():
+                v = v.float()
+                st.acc[k] = st.acc[k] + v if k in st.acc else v.clone()
+        st.acc_steps += 1
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _log(self, st: _JobState, step: int, epoch: int, rate: float) -> dict[str, Any]:
+        keys = sorted(st.acc)
+        if keys:
+            vec = torch.stack([st.acc[k] for k in keys]) / max(1, st.acc_steps)
+            self.dist.all_reduce_mean(vec)
+            st.last = dict(zip(keys, vec.tolist(), strict=True))
+        st.acc, st.acc_steps = {}, 0
+        entry = {"step": step, "tokens": step * self.config.batch_size, "epoch": epoch,
+                 "lr": st.optimizer.param_groups[0]["lr"], **st.last, "tokens_per_s": rate}
+        st.history.append(entry)
+        if self.dist.is_main and st.job.out_dir is not None:
+            with open(st.job.out_dir / TRAINING_LOG, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        return entry
+
+    def _reset_log(self, st: _JobState, keep_until_step: int) -> None:
+        """Start the JSONL log afresh, or cut it back to the resumed step."""
+        if not self.dist.is_main or st.job.out_dir is None:
+            return
+        st.job.out_dir.mkdir(parents=True, exist_ok=True)
+        path = st.job.out_dir / TRAINING_LOG
+        kept: list[str] = []
+        if keep_until_step and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_until_step:
+                        kept.append(line)
+                except ValueError:
+                    break  # a line torn by a kill
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _wandb_init(self, states: list[_JobState], total: int) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("Weights & Biases logging asked for (wandb_project) but wandb is not installed; "
+                             "pip install wandb, or drop --wandb_project") from None
+        config = {"trainer": self.config.model_dump(mode="json"), "total_steps": total,
+                  "dictionaries": {st.job.name: {**st.module.config(), "lr": st.lr} for st in states}}
+        out = next((st.job.out_dir for st in states if st.job.out_dir is not None), None)
+        return wandb.init(project=self.config.wandb_project, name=self.run_name, config=config,
+                          dir=str(out.parent) if out is not None else None)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _save_checkpoints(self, states: list[_JobState], fingerprints: list[str], step: int, epoch: int,
+                          batch_in_epoch: int) -> None:
+        if self.dist.is_main:
+            for st, fp in zip(states, fingerprints, strict=True):
+                if st.job.out_dir is None:
+                    continue
+                save_checkpoint(st, st.job.out_dir / CHECKPOINT_DIR, step=step, epoch=epoch,
+                                batch_in_epoch=batch_in_epoch, fingerprint=fp,
+                                keep=self.config.keep_checkpoints)
+        self.dist.barrier()
+
+    def _find_resume_step(self, states: list[_JobState]) -> int | None:
+        common: set[int] | None = None
+        for st in states:
+            if st.job.out_dir is None:
+                return None
+            steps = set(list_checkpoints(st.job.out_dir / CHECKPOINT_DIR))
+            common = steps if common is None else common & steps
+        return max(common) if common else None
+
+    def _load_checkpoints(self, states: list[_JobState], fingerprints: list[str],
+                          step: int) -> tuple[int, int, int]:
+        position = (0, 0, 0)
+        for st, fp in zip(states, fingerprints, strict=True):
+            assert st.job.out_dir is not None
+            meta = load_checkpoint(st, st.job.out_dir / CHECKPOINT_DIR / f"step_{step:09d}", fingerprint=fp,
+                                   device=self.device)
+            position = (meta["step"], meta["epoch"], meta["batch_in_epoch"])
+            self._reset_log(st, step)
+        return position
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def _finish(self, st: _JobState, step: int) -> TrainResult:
+        module = st.module
+        module.eval()
+        if st.input_scale != 1.0 or st.output_scale != 1.0:
+            with torch.no_grad():
+                module.fold_scaling(st.input_scale, st.output_scale)
+        result = TrainResult(
+            name=st.job.name, module=module, steps=step, tokens=step * self.config.batch_size,
+            metrics=dict(st.last), dead_final_epoch=float(1.0 - st.fired_epoch.float().mean().item()),
+            input_scale=st.input_scale, output_scale=st.output_scale, folded=True, lr=st.lr, history=st.history,
+            out_dir=st.job.out_dir)
+        if self.dist.is_main and st.job.out_dir is not None:
+            save_trained(result, self.config, st, extra_cfg=st.job.extra_cfg, dead_tokens=self.dead_tokens)
+        self.dist.barrier()
+        return result
+
+
+class _Display:
+    """Rich progress: one row per dictionary with loss, FVU, L0 and dead %."""
+
+    def __init__(self, states: list[_JobState], total: int, start: int, enabled: bool):
+        self.states = states
+        self.enabled = enabled
+        self.prog = None
+        if enabled:
+            from rich.progress import TextColumn
+
+            from .progress import progress
+
+            self.prog = progress(TextColumn("{task.fields[metrics]}"))
+            self.tasks = [self.prog.add_task(st.job.name, total=total, completed=start, metrics="")
+                          for st in states]
+
+    def __enter__(self) -> _Display:
+        if self.prog is not None:
+            self.prog.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.prog is not None:
+            self.prog.__exit__(*exc)
+
+    def update(self, step: int) -> None:
+        if self.prog is None:
+            return
+        for st, task in zip(self.states, self.tasks, strict=True):
+            m = st.last
+            text = (f"loss {m.get('loss', float('nan')):.4g}  FVU {m.get('fvu', float('nan')):.3f}  "
+                    f"L0 {m.get('l0', float('nan')):.1f}  dead {100 * m.get('dead_frac', 0.0):.1f}%") if m else ""
+            self.prog.update(task, completed=step, metrics=text)
+
+
+def _norm_scale(x: torch.Tensor, dist: DistContext) -> float:
+    """``sqrt(d / E|x|^2)`` over rows and sites of ``x [N, n_sites, d]`` (averaged over ranks)."""
+    mean_sq = x.pow(2).sum(-1).mean().reshape(1).double()
+    dist.all_reduce_mean(mean_sq)
+    value = float(mean_sq.item())
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError("cannot normalise activations: their mean squared norm is zero or not finite")
+    return math.sqrt(x.shape[-1] / value)
+
+
+def _all_reduce_grads(module: nn.Module, dist: DistContext) -> None:
+    """Average gradients across ranks with one flat all-reduce."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce_mean(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON; no pickle)
+
+
+def list_checkpoints(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``directory`` (a checkpoint is complete once renamed)."""
+    if not directory.is_dir():
+        return []
+    steps = []
+    for child in directory.iterdir():
+        if child.is_dir() and child.name.startswith("step_") and not child.name.endswith(".tmp"):
+            if (child / "state.json").is_file() and (child / "state.safetensors").is_file():
+                steps.append(int(child.name[5:]))
+    return sorted(steps)
+
+
+def save_checkpoint(st: _JobState, directory: Path, *, step: int, epoch: int, batch_in_epoch: int,
+                    fingerprint: str, keep: int) -> Path:
+    """Write one checkpoint atomically (temporary directory renamed when complete); prune old ones."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:09d}"
+    tmp = directory / f"step_{step:09d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in st.module.state_dict().items():
+        tensors[f"model.{k}"] = v
+    opt = st.optimizer.state_dict()
+    opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
+    for idx, pstate in opt["state"].items():
+        opt_meta["state"][str(idx)] = {}
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+                opt_meta["state"][str(idx)][key] = "tensor"
+            else:
+                opt_meta["state"][str(idx)][key] = value
+    tensors["trainer.tokens_since_fired"] = st.tokens_since_fired
+    tensors["trainer.fired_epoch"] = st.fired_epoch.to(torch.uint8)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    for k, v in st.acc.items():
+        tensors[f"acc.{k}"] = v.reshape(1)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    sched = {k: v for k, v in st.scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "fingerprint": fingerprint,
+            "input_scale": st.input_scale, "output_scale": st.output_scale, "optimizer": opt_meta,
+            "scheduler": sched, "acc_steps": st.acc_steps, "last": st.last, "dictionary": st.module.config()}
+    (tmp / "state.json").write_text(json.dumps(meta, default=str))
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-max(1, keep)]:
+        shutil.rmtree(directory / f"step_{old:09d}", ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir() if path.is_dir() else []:
+        if child.is_file():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(st: _JobState, path: Path, *, fingerprint: str, device: torch.device) -> dict[str, Any]:
+    """Restore one dictionary's training state from ``path``; returns the checkpoint's JSON data."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("fingerprint") != fingerprint:
+        raise UsageError(f"checkpoint {path} was written by a run with other options or data; "
+                         "train with the same options, or start afresh (--overwrite train)")
+    tensors = load_file(str(path / "state.safetensors"))
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    st.module.load_state_dict(model_state)
+    opt_meta = meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entries in opt_meta["state"].items():
+        state[int(idx)] = {key: (tensors[f"optim.{idx}.{key}"] if value == "tensor" else value)
+                           for key, value in entries.items()}
+    st.optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    st.scheduler.load_state_dict(meta["scheduler"])
+    st.tokens_since_fired = tensors["trainer.tokens_since_fired"].to(device)
+    st.fired_epoch = tensors["trainer.fired_epoch"].bool().to(device)
+    st.input_scale, st.output_scale = meta["input_scale"], meta["output_scale"]
+    st.acc = {k[4:]: v.reshape(()).to(device) for k, v in tensors.items() if k.startswith("acc.")}
+    st.acc_steps, st.last = meta["acc_steps"], meta["last"]
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                       if f"rng.cuda.{i}" in tensors]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_trained(result: TrainResult, config: TrainerConfig, st: _JobState | None = None, *,
+                 extra_cfg: Mapping[str, Any] | None = None, dead_tokens: int | None = None) -> Path:
+    """Save a trained (folded) dictionary to ``result.out_dir`` in the saelab format, with the
+    normalisation and training summary in ``cfg.json``."""
+    from .dictionary import save_dictionary
+
+    assert result.out_dir is not None
+    training = {
+        "steps": result.steps, "tokens": result.tokens, "final_metrics": result.metrics,
+        "dead_final_epoch": result.dead_final_epoch, "dead_tokens": dead_tokens,
+        "lr": st.lr if st is not None else None, "warmup_steps": st.warmup if st is not None else None,
+        "trainer": config.model_dump(mode="json"),
+    }
+    extra = {
+        **dict(extra_cfg or {}),
+        "normalisation": {
+            "method": config.normalise, "input_scale": result.input_scale,
+            "output_scale": result.output_scale, "folded": result.folded,
+            "note": "training saw x*input_scale and y*output_scale; the scales are folded into the saved "
+                    "weights, which take and return raw activations",
+        },
+        "training": training,
+    }
+    save_dictionary(result.module, result.out_dir, extra)
+    return result.out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# In-memory convenience
+
+
+def train_on_tensors(
+    dictionary: SparseDictionary | Sequence[SparseDictionary],
+    x: torch.Tensor | Mapping[str, torch.Tensor],
+    target: torch.Tensor | None = None,
+    config: TrainerConfig | Mapping[str, Any] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    resume: bool = True,
+    **overrides: Any,
+) -> TrainResult | list[TrainResult]:
+    """Train dictionaries in place on in-memory activations (synthetic data, tests, notebooks).
+
+    ``x`` is ``[N, d_in]`` (one input site), ``[N, n_inputs, d_in]``, or ``{hookpoint: [N, d]}`` covering
+    every site of every dictionary; ``target`` (``[N, d_out]`` / ``[N, n_outputs, d_out]``) is for
+    dictionaries that reconstruct another site (transcoders). ``config`` fields may also be given as
+    keyword ``overrides`` (``train_on_tensors(sae, x, batch_size=256, epochs=5)``). After training the
+    normalisation is folded in: each module maps raw inputs to raw targets. With ``out_dir``, each
+    dictionary is saved (and checkpointed) under ``out_dir/<i or name>/``. Returns one
+    :class:`TrainResult` (several for a list of dictionaries).
+    """
+    single = isinstance(dictionary, SparseDictionary)
+    modules = [dictionary] if single else list(dictionary)  # type: ignore[list-item]
+    base = config.model_dump() if isinstance(config, TrainerConfig) else dict(config or {})
+    cfg = TrainerConfig.parse({**base, **overrides}, where="trainer")
+    data = _tensor_batches(modules[0].sites, x, target)
+    root = Path(out_dir) if out_dir is not None else None
+    names = [modules[0].name] if single else [f"{i}_{m.name}" for i, m in enumerate(modules)]
+    jobs = [DictionaryJob(name=n, module=m, out_dir=root / n if root is not None else None)
+            for n, m in zip(names, modules, strict=True)]
+    results = Trainer(jobs, cfg, progress=progress).fit(TensorSource(data), resume=resume)
+    return results[0] if single else results
+
+
+def _tensor_batches(sites: SiteSpec, x: torch.Tensor | Mapping[str, torch.Tensor],
+                    target: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if isinstance(x, Mapping):
+        return {hp: t.float() for hp, t in x.items()}
+    data: dict[str, torch.Tensor] = {}
+
+    def put(names: Sequence[str], t: torch.Tensor, what: str) -> None:
+        if t.dim() == 2:
+            t = t.unsqueeze(1)
+        if t.dim() != 3 or t.shape[1] != len(names):
+            raise UsageError(f"{what} must be [N, d] or [N, {len(names)}, d] for sites {list(names)}; "
+                             f"got shape {tuple(t.shape)}")
+        for i, hp in enumerate(names):
+            data[hp] = t[:, i].float()
+
+    put(sites.inputs, x, "x")
+    if not sites.is_autoencoder:
+        if target is None:
+            raise UsageError(f"dictionary reads {sites.inputs} and writes {sites.outputs}: give target=")
+        put(sites.outputs, target, "target")
+    elif target is not None:
+        raise UsageError("target= is only for dictionaries whose outputs differ from their inputs")
+    return data
+

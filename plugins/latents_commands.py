@@ -1,0 +1,1 @@
+"""Placeholder plugin module (not implemented yet)."""

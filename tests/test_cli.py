@@ -1,0 +1,195 @@
+"""The ``saelab`` command line: help, ``python -m saelab``, delphi-style dispatch, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import saelab
+from saelab import hookimpl
+from saelab.cli import MultiValueOption, build_cli
+
+
+class RunPlugin:
+    """A test plugin adding `run` (the delphi-style target) and `echo-opts` commands."""
+
+    @hookimpl
+    def register_commands(self, cli):
+        @cli.command("run")
+        @click.argument("model")
+        @click.argument("sparse_model")
+        @click.option("--hookpoints", cls=MultiValueOption, default=())
+        @click.option("--feature_num", cls=MultiValueOption, type=int, default=())
+        @click.option("--name", default="unnamed")
+        def run(model, sparse_model, hookpoints, feature_num, name):
+            """Delphi-style run (test stand-in)."""
+            click.echo(json.dumps({"model": model, "sparse_model": sparse_model, "hookpoints": list(hookpoints),
+                                   "feature_num": list(feature_num), "name": name}))
+
+        @cli.command("echo-opts")
+        @click.option("--scorers", cls=MultiValueOption, default=("fuzz", "detection"))
+        @click.option("--n_tokens", type=int, default=10)
+        @click.option("--mode", type=click.Choice(["a", "b"]), default="a")
+        def echo_opts(scorers, n_tokens, mode):
+            """Print the parsed options as JSON (test command)."""
+            click.echo(json.dumps({"scorers": list(scorers), "n_tokens": n_tokens, "mode": mode}))
+
+
+@pytest.fixture
+def run_plugin():
+    saelab.register_plugin(RunPlugin(), name="test-run")
+
+
+def test_help_lists_every_command_with_a_one_line_summary(cli, run_plugin):
+    result = cli("--help")
+    assert result.exit_code == 0, result.stderr
+    group = build_cli()
+    assert {"plugins", "run", "echo-opts"} <= set(group.commands)
+    lines = result.stdout.splitlines()
+    for name, command in group.commands.items():
+        if command.hidden:
+            continue
+        summary = command.get_short_help_str(limit=90)
+        assert summary, f"command {name!r} has no summary"
+        matching = [line for line in lines if line.strip().startswith(name + " ")]
+        assert matching, f"command {name!r} missing from --help:\n{result.stdout}"
+        assert summary.split()[0] in matching[0]
+
+
+def test_every_builtin_command_has_a_docstring_summary():
+    group = build_cli()
+    for name, command in group.commands.items():
+        assert (command.help or command.short_help or "").strip(), f"command {name!r} has no help text"
+
+
+def test_python_dash_m_saelab_runs_a_command(saelab_subprocess):
+    proc = saelab_subprocess(["plugins", "--json", "--hook", "register_commands"])
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert "plugins" in {c for row in rows for c in row["registers"].get("command", [])}
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "saelab"
+    script = script if script.exists() else Path(shutil.which("saelab") or "saelab")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("saelab, version ")
+
+
+def test_delphi_style_dispatch_to_run(cli, run_plugin):
+    result = cli("gpt2", "results/sae", "--hookpoints", "layers.3", "layers.4", "--feature_num", "0", "1", "2",
+                 "--name", "x")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"model": "gpt2", "sparse_model": "results/sae",
+                                         "hookpoints": ["layers.3", "layers.4"], "feature_num": [0, 1, 2],
+                                         "name": "x"}
+
+
+def test_delphi_style_dispatch_in_a_subprocess(tmp_path, saelab_subprocess):
+    # the same dispatch through `python -m saelab`, with `run` coming from a third-party entry point
+    from plugin_helpers import write_distribution
+
+    module = '''
+import click, json
+from saelab import hookimpl
+@hookimpl
+def register_commands(cli):
+    @cli.command("run")
+    @click.argument("model")
+    @click.argument("sparse_model")
+    def run(model, sparse_model):
+        """Delphi-style run (test stand-in)."""
+        click.echo(json.dumps([model, sparse_model]))
+'''
+    site = write_distribution(tmp_path / "site", "run-plugin", "0.0.1", {"runner": "runner_mod"},
+                              {"runner_mod.py": module})
+    proc = saelab_subprocess(["meta-llama/Meta-Llama-3-8B", "EleutherAI/sae"], env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["meta-llama/Meta-Llama-3-8B", "EleutherAI/sae"]
+
+
+def test_commands_are_not_dispatched_to_run(cli, run_plugin):
+    result = cli("plugins", "--json")
+    assert result.exit_code == 0
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_multi_value_options_parse_as_typed(cli, run_plugin):
+    cases = {
+        ("--scorers", "fuzz", "detection", "--n_tokens", "5"): ["fuzz", "detection"],
+        ("--scorers", "fuzz,detection"): ["fuzz", "detection"],
+        ("--scorers", "[fuzz, detection]"): ["fuzz", "detection"],
+        ("--scorers", "fuzz", "--scorers", "simulation"): ["fuzz", "simulation"],
+        (): ["fuzz", "detection"],
+    }
+    for args, expected in cases.items():
+        result = cli("echo-opts", *args)
+        assert result.exit_code == 0, (args, result.stderr)
+        assert json.loads(result.stdout)["scorers"] == expected, args
+
+
+def test_negative_numbers_are_values(cli, run_plugin):
+    result = cli("run", "m", "s", "--feature_num", "-1", "3")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["feature_num"] == [-1, 3]
+
+
+# ---------------------------------------------------------------------------------------------------
+# user errors: one line on stderr, exit 2, no traceback
+
+
+def test_unknown_command(cli):
+    cli("frobnicate").assert_user_error("'frobnicate'", "plugins")
+
+
+def test_delphi_style_without_run_command_is_an_unknown_command(cli):
+    cli("gpt2", "some/sae").assert_user_error("'gpt2'", "plugins")
+
+
+def test_unknown_root_option(cli):
+    cli("--frobnicate").assert_user_error("--frobnicate", "--version")
+
+
+def test_unknown_command_option_lists_accepted_options(cli):
+    cli("plugins", "--jsn").assert_user_error("--jsn", "--json", "--hook")
+
+
+def test_bad_plugin_flag(cli):
+    cli("-p", "topk", "plugins").assert_user_error("-p topk", "no:NAME")
+
+
+def test_unknown_plugin_kind(cli):
+    cli("plugins", "--kind", "widgets").assert_user_error("'widgets'", "architecture", "scorer")
+
+
+def test_unknown_hook(cli):
+    cli("plugins", "--hook", "register_widgets").assert_user_error("'register_widgets'", "register_scorers")
+
+
+def test_bad_option_value_and_choice(cli, run_plugin):
+    cli("echo-opts", "--n_tokens", "many").assert_user_error("many", "n_tokens")
+    cli("echo-opts", "--mode", "c").assert_user_error("'c'", "'a'", "'b'")
+
+
+def test_missing_argument(cli, run_plugin):
+    cli("run", "only-model").assert_user_error("SPARSE_MODEL")
+
+
+def test_user_errors_in_a_subprocess_have_no_traceback(saelab_subprocess):
+    proc = saelab_subprocess(["plugins", "--kind", "widgets"])
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "widgets" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plugins_table_output(cli):
+    result = cli("plugins", "--kind", "command")
+    assert result.exit_code == 0, result.stderr
+    assert "inspect" in result.stdout and "plugins" in result.stdout

@@ -1,0 +1,246 @@
+"""Unit tests of the generic trainer (core/training.py) on small in-memory data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import state_equal, synthetic, topk_sae
+
+from saelab import SiteSpec, UsageError
+from saelab.dictionary import build_dictionary, load_dictionary
+from saelab.training import (
+    CHECKPOINT_DIR,
+    TRAINING_LOG,
+    DictionaryJob,
+    TensorSource,
+    Trainer,
+    TrainerConfig,
+    auto_lr,
+    list_checkpoints,
+    lr_lambda,
+    train_on_tensors,
+)
+
+FAST = {"batch_size": 128, "log_every": 4, "device": "cpu"}
+
+
+def fvu(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """FVU of ``module`` on raw rows ``x [N, d]`` (targets ``y``, default ``x``)."""
+    y = x if y is None else y
+    with torch.no_grad():
+        rec = module(x.unsqueeze(1)).reconstruction.squeeze(1)
+    return float((rec - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
+def test_lr_schedule_warmup_plateau_decay() -> None:
+    total, warm = 100, 10
+    lin = [lr_lambda(s, total, warm, "linear", 0.2) for s in range(total)]
+    assert lin[0] == pytest.approx(1 / warm) and lin[warm - 1] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lin[:warm - 1], lin[1:warm], strict=True))  # rising warm-up
+    assert all(v == 1.0 for v in lin[warm:80])  # plateau until the last 20%
+    assert all(a > b for a, b in zip(lin[80:], lin[81:], strict=False))  # strictly decaying
+    assert lin[-1] == pytest.approx(0.0)
+    cos = [lr_lambda(s, total, 0, "cosine", 0.5) for s in range(total)]
+    assert cos[49] == 1.0 and cos[-1] == pytest.approx(0.0, abs=1e-12)
+    assert cos[75] == pytest.approx(0.5 * (1 + math.cos(math.pi * 26 / 50)))
+    assert all(lr_lambda(s, total, 0, "none", 0.2) == 1.0 for s in range(total))
+    # the default learning rate scales with width as sparsify's
+    assert auto_lr(16384) == pytest.approx(2e-4) and auto_lr(4096) == pytest.approx(4e-4)
+
+
+def test_trains_topk_and_folds_normalisation_into_raw_space() -> None:
+    # Far from unit scale and centred away from 0: without folding, a module fed raw data would fail.
+    x, _ = synthetic(n=2048, d=32, scale=300.0, offset=40.0)
+    sae = topk_sae(32, 64, k=4)
+    before = fvu(sae, x)
+    result = train_on_tensors(sae, x, epochs=4, **FAST)
+    assert result.steps == 4 * (2048 // 128) and result.tokens == result.steps * 128
+    # the scale makes the mean squared row norm equal the width
+    assert result.input_scale == pytest.approx(math.sqrt(32 / x.pow(2).sum(-1).mean().item()), rel=0.05)
+    assert result.folded and result.metrics["l0"] == pytest.approx(4.0)
+    raw = fvu(sae, x)  # the trained module takes raw activations
+    assert raw < 0.6 * before
+    assert raw == pytest.approx(result.metrics["fvu"], abs=0.08)
+    assert 0.0 <= result.dead_final_epoch < 0.5
+    assert [h["step"] for h in result.history] == list(range(4, result.steps + 1, 4))
+
+
+def test_saved_dictionary_reconstructs_raw_activations(tmp_path: Path) -> None:
+    x, _ = synthetic(n=2048, d=32, scale=50.0, offset=-7.0, seed=1)
+    sae = topk_sae(32, 64, k=4)
+    before = fvu(sae, x)
+    result = train_on_tensors(sae, x, epochs=3, out_dir=tmp_path, **FAST)
+    out = tmp_path / "topk"
+    assert result.out_dir == out
+    loaded = load_dictionary(out)
+    cfg = json.loads((out / "cfg.json").read_text())
+    norm = cfg["metadata"]["normalisation"]
+    assert norm["method"] == "norm" and norm["folded"] is True
+    assert norm["input_scale"] == pytest.approx(result.input_scale)
+    assert cfg["metadata"]["training"]["steps"] == result.steps
+    assert fvu(loaded, x) == pytest.approx(fvu(sae, x), rel=1e-5)
+    assert fvu(loaded, x) < 0.75 * before
+    lines = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert lines and {"step", "tokens", "lr", "loss", "mse", "fvu", "l0", "dead_frac"} <= set(lines[-1])
+    assert lines[-1]["step"] == result.steps
+
+
+def test_normalise_none_trains_on_raw_values() -> None:
+    x, _ = synthetic(n=2048, d=16, n_features=48, scale=3.0)
+    sae = topk_sae(16, 32, k=4)
+    result = train_on_tensors(sae, x, epochs=2, normalise="none", **FAST)
+    assert result.input_scale == 1.0 and result.output_scale == 1.0
+    assert fvu(sae, x) == pytest.approx(result.metrics["fvu"], abs=0.1)
+
+
+def test_sweep_trains_several_configs_on_one_stream() -> None:
+    x, _ = synthetic(n=2048, d=32)
+    reads = []
+
+    class CountingSource(TensorSource):
+        def batches(self, *args, **kwargs):
+            reads.append(kwargs.get("epoch"))
+            yield from super().batches(*args, **kwargs)
+
+    saes = [topk_sae(32, 64, k=2, seed=1), topk_sae(32, 128, k=8, seed=2)]
+    before = [fvu(s, x) for s in saes]
+    jobs = [DictionaryJob(name=f"k{s.k}", module=s) for s in saes]
+    results = Trainer(jobs, TrainerConfig(epochs=2, **FAST), progress=False).fit(CountingSource({"h": x}))
+    assert reads == [0, 1]  # one pass per epoch, shared by both dictionaries
+    assert [r.metrics["l0"] for r in results] == [pytest.approx(2.0), pytest.approx(8.0)]
+    assert results[1].metrics["fvu"] < results[0].metrics["fvu"]  # more latents, lower error
+    assert all(fvu(s, x) < 0.9 * b for s, b in zip(saes, before, strict=True))
+    # per-dictionary learning rates follow width unless overridden
+    assert [r.lr for r in results] == [pytest.approx(auto_lr(64)), pytest.approx(auto_lr(128))]
+
+
+def test_several_hookpoints_in_one_run() -> None:
+    xa, _ = synthetic(n=2048, d=32, seed=3, scale=10.0)
+    xb, _ = synthetic(n=2048, d=16, n_features=48, seed=4, scale=0.1)
+    torch.manual_seed(0)
+    sa = build_dictionary("topk", SiteSpec(["a"], ["a"], 32, 32), {"d_sae": 64, "k": 4})
+    sb = build_dictionary("topk", SiteSpec(["b"], ["b"], 16, 16), {"d_sae": 32, "k": 4})
+    before = fvu(sa, xa), fvu(sb, xb)
+    ra, rb = train_on_tensors([sa, sb], {"a": xa, "b": xb}, epochs=2, **FAST)
+    assert ra.input_scale == pytest.approx(rb.input_scale * math.sqrt(2) / 100, rel=0.15)
+    assert fvu(sa, xa) < 0.8 * before[0] and fvu(sb, xb) < 0.8 * before[1]
+    assert fvu(sa, xa) == pytest.approx(ra.metrics["fvu"], abs=0.1)
+
+
+def test_transcoder_sites_use_separate_scales() -> None:
+    if "transcoder" not in __import__("saelab").registry("architecture"):
+        pytest.skip("the transcoder architecture is not registered yet")
+    x, _ = synthetic(n=2048, d=16, n_features=48, seed=5)
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
+    y = torch.relu(x @ w) * 20.0
+    torch.manual_seed(0)
+    tc = build_dictionary("transcoder", SiteSpec(["in"], ["out"], 16, 24), {"d_sae": 64, "k": 8})
+    before = fvu(tc, x, y)
+    result = train_on_tensors(tc, x, target=y, epochs=2, **FAST)
+    assert result.input_scale != pytest.approx(result.output_scale, rel=0.1)
+    assert fvu(tc, x, y) == pytest.approx(result.metrics["fvu"], abs=0.1)
+    assert fvu(tc, x, y) < 0.8 * before
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    x, _ = synthetic(n=2048, d=32)
+    config = TrainerConfig(epochs=3, checkpoint_every=5, keep_checkpoints=2, **FAST)  # 16 steps per epoch
+
+    def run(out: Path, crash_after: int | None = None):
+        sae = topk_sae(32, 64, k=4)
+        seen = [0]
+
+        class Source(TensorSource):
+            def batches(self, *args, **kwargs):
+                for batch in super().batches(*args, **kwargs):
+                    if crash_after is not None and seen[0] == crash_after:
+                        raise _Crash
+                    seen[0] += 1
+                    yield batch
+
+        job = DictionaryJob(name="sae", module=sae, out_dir=out)
+        return Trainer([job], config, progress=False).fit(Source({"h": x})), sae, seen[0]
+
+    (full,), ref, _ = run(tmp_path / "full")
+    with pytest.raises(_Crash):
+        run(tmp_path / "resumed", crash_after=23)  # dies in epoch 1, after the step-20 checkpoint
+    assert list_checkpoints(tmp_path / "resumed" / CHECKPOINT_DIR) == [15, 20]
+    (resumed,), sae, consumed = run(tmp_path / "resumed")
+    assert consumed == full.steps - 20  # resumed at the checkpoint's data position
+    assert state_equal(sae, ref)
+    assert resumed.metrics == full.metrics
+    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / TRAINING_LOG).read_text().splitlines()]
+    assert log == list(range(4, full.steps + 1, 4))  # no duplicated or missing entries
+
+
+def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
+    x, _ = synthetic(n=1024, d=16, n_features=48)
+    config = TrainerConfig(epochs=1, checkpoint_every=3, **FAST)
+    job = DictionaryJob(name="sae", module=topk_sae(16, 32, 4), out_dir=tmp_path)
+    Trainer([job], config, progress=False).fit(TensorSource({"h": x}))
+    assert list_checkpoints(tmp_path / CHECKPOINT_DIR) == [6]
+    other = config.model_copy(update={"lr": 1e-2})
+    job = DictionaryJob(name="sae", module=topk_sae(16, 32, 4), out_dir=tmp_path)
+    with pytest.raises(UsageError, match="other options"):
+        Trainer([job], other, progress=False).fit(TensorSource({"h": x}))
+    # resume=False starts afresh
+    job = DictionaryJob(name="sae", module=topk_sae(16, 32, 4), out_dir=tmp_path)
+    (result,) = Trainer([job], other, progress=False).fit(TensorSource({"h": x}), resume=False)
+    assert result.steps == 8
+
+
+def test_dead_latents_feed_auxk_and_are_reported() -> None:
+    x, _ = synthetic(n=2048, d=32)
+    sae = topk_sae(32, 64, k=4)
+    masks = []
+    forward = type(sae).forward
+
+    def spy(self, x, target=None, dead_mask=None):
+        masks.append(dead_mask.clone())
+        return forward(self, x, target, dead_mask)
+
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e6  # these 8 latents can never be selected
+    sae.forward = spy.__get__(sae)
+    result = train_on_tensors(sae, x, epochs=1, dead_tokens=640, **FAST)  # dead after 5 steps of 128
+    assert not masks[4][:8].any() and masks[5][:8].all()
+    assert result.metrics["dead_frac"] >= 8 / 64
+    assert result.dead_final_epoch >= 8 / 64
+    assert result.metrics["auxk"] >= 0.0 and "auxk" in result.history[-1]
+
+
+def test_progress_display_and_options_validation(tmp_path: Path) -> None:
+    x, _ = synthetic(n=512, d=16, n_features=48)
+    result = train_on_tensors(topk_sae(16, 32, 4), x, progress=True, **FAST)
+    assert result.steps == 4
+    with pytest.raises(UsageError, match="larger than the data"):
+        train_on_tensors(topk_sae(16, 32, 4), x[:100], **FAST)
+    with pytest.raises(UsageError, match="unknown option 'bogus'"):
+        train_on_tensors(topk_sae(16, 32, 4), x, bogus=1)
+    with pytest.raises(UsageError, match="lr_decay"):
+        TrainerConfig.parse({"lr_decay": "exp"})
+    with pytest.raises(UsageError, match="lacks"):
+        Trainer([DictionaryJob("s", topk_sae(16, 32, 4))], TrainerConfig(**FAST),
+                progress=False).fit(TensorSource({"other": x}))
+
+
+def test_wandb_offline_logging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    x, _ = synthetic(n=1024, d=16, n_features=48)
+    train_on_tensors(topk_sae(16, 32, 4), x, out_dir=tmp_path / "run", wandb_project="saelab-test", **FAST)
+    runs = list((tmp_path).rglob("offline-run-*"))
+    assert runs, "no offline W&B run directory was written"
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files)
+    assert wandb.run is None  # finished
