@@ -137,7 +137,7 @@ class _SelectedPreacts(torch.autograd.Function):
     """Pre-activations at selected (row, latent) pairs with a sparse backward.
 
     Forward reads them from the dense ``pre`` computed without autograd. Backward never builds a dense
-    ``[batch, d_sae]`` gradient: ``W_enc`` gets ``index_add`` updates of only the selected columns.
+    ``[batch, d_sae]`` gradient: the ``W_enc`` gradient is one sparse-dense product.
     """
 
     @staticmethod
@@ -156,10 +156,12 @@ class _SelectedPreacts(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_b_enc = grad_b
         if ctx.needs_input_grad[2]:
-            x_sel = x[rows] if b_pre is None else x[rows] - b_pre
-            grad_W_t = torch.zeros(d_sae, W_enc.shape[0], dtype=grad.dtype, device=grad.device)
-            grad_W_t.index_add_(0, cols, x_sel.mul_(grad[:, None]))
-            grad_W = grad_W_t.T
+            x_in = x if b_pre is None else x - b_pre
+            # grad_W_enc.T = G.T @ x_in with G [batch, d_sae] holding the grads at the selected pairs;
+            # a sparse product avoids both a dense G and a [nnz, d_in] copy of the inputs.
+            G_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), grad, (d_sae, x.shape[0]),
+                                          check_invariants=False)
+            grad_W = torch.sparse.mm(G_t, x_in).T
         if ctx.has_b_pre and ctx.needs_input_grad[1]:
             grad_b_pre = -(W_enc @ grad_b)
         if ctx.needs_input_grad[0]:
@@ -348,18 +350,20 @@ def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Ten
     ``"mse"`` as OpenAI's normalised AuxK term stands to their normalised MSE, scaled by
     ``min(n_dead / k_aux, 1)`` and by ``alpha``. ``pre`` are the detached pre-activations of
     ``(x_flat - b_pre) @ W_enc + b_enc``."""
-    n_dead = int(dead_mask.sum())
+    dead = dead_mask.nonzero().squeeze(1)
+    n_dead = int(dead.numel())
     if n_dead == 0 or alpha == 0:
         return pre.new_zeros(())
     k = min(k_aux, n_dead)
     scale = min(n_dead / k_aux, 1.0)
-    masked = pre.masked_fill(~dead_mask[None, :], float("-inf"))
-    _, idx = masked.topk(k, dim=1, sorted=False)
-    batch = pre.shape[0]
-    rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
-    cols = idx.reshape(-1)
-    vals = F.relu(selected_preacts(x_flat, dictionary.W_enc, dictionary.b_enc, rows, cols, pre, b_pre))
-    e_hat = sparse_decode(cols.view(batch, k), vals.view(batch, k), dictionary.W_dec)
+    # Dense over the dead columns only: four [batch, n_dead, d] matmuls beat gathering k_aux rows
+    # per token (k_aux is large: half the width) unless nearly every latent is dead.
+    with torch.no_grad():
+        _, idx = pre.index_select(1, dead).topk(k, dim=1, sorted=False)
+    x_in = x_flat if b_pre is None else x_flat - b_pre
+    pre_dead = torch.addmm(dictionary.b_enc.index_select(0, dead), x_in, dictionary.W_enc.index_select(1, dead))
+    z = torch.zeros_like(pre_dead).scatter(1, idx, F.relu(pre_dead.gather(1, idx)))
+    e_hat = z @ dictionary.W_dec.index_select(0, dead)
     residual = residual.detach()
     aux_mse = (e_hat - residual).pow(2).sum(-1).mean()
     resid_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -445,6 +449,8 @@ class TopKDictionary(LinearDictionary):
                 dead_mask: torch.Tensor | None = None) -> DictionaryOutput:
         """Sparse encode/decode; losses ``mse`` (+ ``auxk`` when ``dead_mask`` is given)."""
         x_flat = self.flat_input(x)
+        if target is None and not self.sites.is_autoencoder:
+            raise ValueError(f"a {self.name} needs the target (output-site) activations")
         y = x_flat if target is None else self.flat_target(target)
         codes, pre = self.sparse_encode(x_flat)
         if self.training:
@@ -506,6 +512,57 @@ class BatchTopKDictionary(TopKDictionary):
     def synchronize(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Average the inference threshold across data-parallel ranks."""
         self.threshold.copy_(all_reduce_mean(self.threshold.clone()))
+
+
+def decoder_weighted_l1(latents: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """``sum_i z_i * ||W_dec[i]||`` averaged over the batch (Anthropic's April 2024 SAE penalty)."""
+    return (latents * W_dec.norm(dim=1)).sum(-1).mean()
+
+
+class TranscoderOptions(TopKOptions):
+    """Options of transcoders (read one site, reconstruct another)."""
+
+    activation: Literal["topk", "relu"] = "topk"
+    """``topk`` (k latents per token, AuxK, unit-norm decoder) or ``relu`` (ReLU with a
+    decoder-norm-weighted L1 penalty, free decoder norms)."""
+    l1_coefficient: float = Field(default=5.0, ge=0)
+    """Coefficient of the decoder-norm-weighted L1 penalty (``relu`` activation only)."""
+
+
+class TranscoderDictionary(TopKDictionary):
+    """A transcoder: encodes the input sites and reconstructs different output sites.
+
+    With ``activation="topk"`` it is a TopK dictionary (sparse forward, AuxK); with ``"relu"`` a dense
+    ReLU dictionary with the decoder-norm-weighted L1 penalty. It needs inputs different from outputs.
+    """
+
+    Options: ClassVar[type[TranscoderOptions]] = TranscoderOptions
+
+    def __init__(self, sites: SiteSpec, options: TranscoderOptions):
+        if sites.is_autoencoder:
+            raise UsageError(f"a {self.name} reads one site and reconstructs another; got the same sites "
+                             f"{sites.inputs} for inputs and outputs (use an SAE architecture instead)")
+        super().__init__(sites, options)
+        self.unit_norm_decoder = options.activation == "topk"
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``[batch, d_sae]``."""
+        if self.options.activation == "relu":
+            return F.relu(self.preacts(self.flat_input(x)))
+        return super().encode(x)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                dead_mask: torch.Tensor | None = None) -> DictionaryOutput:
+        """TopK path, or for ``relu``: dense encode/decode with losses ``mse`` and ``l1``."""
+        if self.options.activation == "topk":
+            return super().forward(x, target, dead_mask)
+        if target is None:
+            raise ValueError(f"a {self.name} needs the target (output-site) activations")
+        x_flat, y = self.flat_input(x), self.flat_target(target)
+        z = F.relu(self.preacts(x_flat))
+        recon = torch.addmm(self.b_dec, z, self.W_dec) + self.skip(x_flat)
+        losses = {"mse": self.mse(recon, y), "l1": self.options.l1_coefficient * decoder_weighted_l1(z, self.W_dec)}
+        return DictionaryOutput(self.unflatten_output(recon), z.detach(), losses)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,6 +646,9 @@ __all__ = [
     "SparseCodes",
     "TopKDictionary",
     "TopKOptions",
+    "TranscoderDictionary",
+    "TranscoderOptions",
+    "decoder_weighted_l1",
     "auxk_loss",
     "build_dictionary",
     "check_k",

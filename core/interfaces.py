@@ -264,36 +264,70 @@ class DictionaryFormat(Plugin, ABC):
 # Auto-interpretation
 
 
-class Sampler(Plugin, ABC):
-    """Chooses activating example windows of a latent (top, random, quantiles, mix...)."""
+class _OptionedPlugin(Plugin):
+    """Shared construction of samplers, non-activating sources and neighbour finders: ``cls(options)``
+    with ``options`` an instance of ``cls.Options`` or a mapping validated into one."""
+
+    def __init__(self, options: Options | Mapping[str, Any] | None = None):
+        if not isinstance(options, Options):
+            options = self.Options.parse(dict(options or {}), where=f"{self.name} options")
+        self.options = options
+        """The validated options."""
+
+
+class Sampler(_OptionedPlugin, ABC):
+    """Chooses activating example windows of a latent (top, random, quantiles, mix...).
+
+    ``candidates`` is a :class:`saelab.examples.Candidates` (one latent's non-overlapping activating
+    windows, strongest first, each with its activation quantile); train and test samplers each get
+    their own disjoint pool of candidates.
+    """
 
     @abstractmethod
-    def sample(self, candidates: Any, n: int, generator: torch.Generator) -> Any:
-        """Pick ``n`` examples from ``candidates``."""
+    def sample(self, candidates: Any, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices (int64, into ``candidates``, no repeats) of at most ``n`` chosen windows."""
 
 
-class NonActivatingSource(Plugin, ABC):
-    """Provides windows where a latent is silent (random, neighbours, FAISS hard negatives...)."""
+class NonActivatingSource(_OptionedPlugin, ABC):
+    """Provides windows where a latent is silent (random, neighbours, FAISS hard negatives...).
+
+    ``context`` is a :class:`saelab.examples.NonActivatingContext`: the latent cache, the window
+    geometry, the reference (activating) windows to match, windows to exclude, a generator, and
+    the neighbour finder and run directory where a source needs them.
+    """
+
+    needs_neighbours: ClassVar[bool] = False
+    """True when the source reads ``context.neighbours`` (the builder then computes them)."""
 
     @abstractmethod
-    def non_activating(self, latent: int, n: int, context: Any) -> Any:
-        """``n`` windows where ``latent`` does not fire."""
+    def non_activating(self, latent: int, n: int, context: Any) -> list[Any]:
+        """At most ``n`` :class:`saelab.examples.Window` s where ``latent`` does not fire, none of them
+        in ``context.exclude``."""
 
 
-class NeighbourFinder(Plugin, ABC):
-    """Finds latents related to a latent (co-occurrence, decoder or encoder similarity...)."""
+class NeighbourFinder(_OptionedPlugin, ABC):
+    """Finds latents related to a latent (co-occurrence, decoder or encoder similarity...).
+
+    ``context`` is a :class:`saelab.examples.NeighbourContext` (the latent cache and the dictionary).
+    """
 
     @abstractmethod
     def neighbours(self, latents: Sequence[int], k: int, context: Any) -> dict[int, list[tuple[int, float]]]:
-        """For each latent, its ``k`` nearest neighbours with their similarity."""
+        """For each latent, its ``k`` nearest other latents with their similarity, most similar first."""
 
 
 class Provider(Plugin, ABC):
-    """An LLM backend (local transformers, OpenAI-compatible servers, litellm...)."""
+    """An LLM backend (local transformers, OpenAI-compatible servers, litellm...).
+
+    Implementations normally subclass :class:`saelab.llm.LLMProvider`, which adds the response cache,
+    the concurrency limit, retries and usage accounting around one ``_complete`` attempt.
+    """
 
     @abstractmethod
     async def generate(self, messages: list[dict[str, str]], **params: Any) -> Any:
-        """One chat completion for ``messages``."""
+        """One chat completion for ``messages``: a :class:`saelab.llm.Completion` (text, logprobs, tokens,
+        cost, cached...), or :class:`saelab.llm.ProviderError` after retries. ``params`` override the
+        provider's options per call (``temperature``, ``max_tokens``, ``logprobs``, ``top_logprobs``...)."""
 
 
 class _PromptedPlugin(Plugin):

@@ -28,6 +28,7 @@ import email.utils
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("saelab.llm")
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 """OpenRouter's OpenAI-compatible endpoint (default base URL of ``--explainer_provider openrouter``)."""
@@ -555,8 +557,10 @@ class LLMProvider(Provider):
 
         what = f"{self.name} request to model {self.model!r}"
 
-        def count_retry(_n: int, _exc: BaseException, _delay: float) -> None:
+        def count_retry(_n: int, exc: BaseException, delay: float) -> None:
             self.usage.retries += 1
+            reason = exc.reason if isinstance(exc, TransientError) else f"{type(exc).__name__}: {exc}"
+            log.info("%s: %s; retrying in %.2f s", what, self.scrub(reason), delay)
 
         try:
             completion = await with_retries(

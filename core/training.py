@@ -93,8 +93,9 @@ class TrainerConfig(Options):
     exclude_positions: tuple[int, ...] = (0, 1, 2, 3)
     """Sequence positions never trained on (cache / on-the-fly streams): 0 is the BOS token, 1-3 carry
     the massive activations of SmolLM2-like models (norms ~26k vs a median ~170)."""
-    exclude_bos: bool = True
-    """Also drop BOS tokens wherever they occur (cache / on-the-fly streams)."""
+    exclude_bos: bool = False
+    """Also drop BOS tokens wherever they occur (cache / on-the-fly streams; ``--filter_bos``). Position 0,
+    where every window's BOS sits, is already excluded by default."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing (drives AuxK); None: a tenth of the run's
     tokens, clamped to [batch_size, 10M] (sparsify uses 10M, which a short run never reaches)."""
@@ -108,8 +109,8 @@ class TrainerConfig(Options):
     """Log to this Weights & Biases project (requires `pip install wandb`; WANDB_MODE=offline works)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    data_parallel: Literal["batch", "shards"] = "batch"
-    """Under torchrun: 'batch' gives every rank its slice of the same global batch (results equal a
+    rank_split: Literal["rows", "shards"] = "rows"
+    """Under torchrun: 'rows' gives every rank its slice of the same global batch (results equal a
     single-process run); 'shards' lets every rank read only its own cache shards (less I/O, other order)."""
     shuffle_buffer_shards: int = 4
     """Cache shards mixed by the shuffle buffer (memory grows with it)."""
@@ -242,22 +243,30 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 class BatchSource(ABC):
-    """A stream of activation batches, deterministic in ``(seed, epoch)``; resumable at a batch index."""
+    """A stream of activation batches, deterministic in ``(seed, epoch)``; resumable at a batch index.
+
+    ``batch_size`` is the number of rows per batch **for one rank**. With ``world_size > 1``,
+    ``rank_split="rows"`` gives each rank its slice of the same global batch of
+    ``batch_size * world_size`` rows (so the union of the ranks' batches is the single-process batch),
+    ``"shards"`` gives each rank its own part of the data. Only full batches are yielded.
+    """
 
     hookpoints: list[str]
     """Hookpoints every batch holds."""
 
     @abstractmethod
-    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int | None:
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                  rank_split: str = "rows") -> int | None:
         """Full batches of ``batch_size`` rows per epoch for ``rank`` (None when unknown)."""
 
     @abstractmethod
     def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[Batch]:
+                world_size: int = 1, rank_split: str = "rows") -> Iterator[Batch]:
         """Batches of one epoch, from batch index ``start_batch`` on."""
 
     def sample(self, n_rows: int, *, seed: int) -> Batch:
-        """About ``n_rows`` rows for normalisation and data-dependent initialisation (same on every rank)."""
+        """About ``n_rows`` rows for normalisation and data-dependent initialisation (the same on every
+        rank): the first rows of epoch 0's stream."""
         parts: dict[str, list[torch.Tensor]] = {}
         got = 0
         for batch in self.batches(min(n_rows, 4096), epoch=0, seed=seed):
@@ -275,6 +284,10 @@ class BatchSource(ABC):
         return {"kind": type(self).__name__, "hookpoints": self.hookpoints}
 
 
+def _slice_rows(batch: Batch, rank: int, size: int) -> Batch:
+    return {hp: t[rank * size:(rank + 1) * size] for hp, t in batch.items()}
+
+
 class TensorSource(BatchSource):
     """In-memory activations ``{hookpoint: [N, d]}`` shuffled per epoch (synthetic data, tests)."""
 
@@ -287,8 +300,10 @@ class TensorSource(BatchSource):
         self.hookpoints = list(self.data)
         self.shuffle = shuffle
 
-    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int:
-        return (self.n_rows // world_size) // batch_size
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                  rank_split: str = "rows") -> int:
+        return (self.n_rows // world_size) // batch_size if rank_split == "shards" else \
+            self.n_rows // (batch_size * world_size)
 
     def _order(self, epoch: int, seed: int) -> torch.Tensor:
         if not self.shuffle:
@@ -297,10 +312,15 @@ class TensorSource(BatchSource):
         return torch.randperm(self.n_rows, generator=gen)
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[Batch]:
-        order = self._order(epoch, seed)[rank::world_size]
-        for i in range(start_batch, len(order) // batch_size):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+                world_size: int = 1, rank_split: str = "rows") -> Iterator[Batch]:
+        order = self._order(epoch, seed)
+        n = self.n_batches(batch_size, rank=rank, world_size=world_size, rank_split=rank_split)
+        if rank_split == "shards":
+            order, step, offset = order[rank::world_size], batch_size, 0
+        else:
+            step, offset = batch_size * world_size, rank * batch_size
+        for i in range(start_batch, n):
+            idx = order[i * step + offset:i * step + offset + batch_size]
             yield {hp: t[idx] for hp, t in self.data.items()}
 
     def sample(self, n_rows: int, *, seed: int) -> Batch:
@@ -326,36 +346,35 @@ class CacheSource(BatchSource):
         self.exclude_bos = exclude_bos
         self.shuffle_buffer_shards = shuffle_buffer_shards
 
-    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int:
-        rows = self.cache.n_rows(exclude_positions=self.exclude_positions, exclude_bos=self.exclude_bos,
-                                 rank=rank, world_size=world_size)
-        return rows // batch_size
+    def _args(self, rank: int, world_size: int, rank_split: str) -> dict[str, Any]:
+        return {"rank": rank, "world_size": world_size, "rank_split": rank_split, "drop_last": True,
+                "exclude_positions": self.exclude_positions, "exclude_bos": self.exclude_bos}
+
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                  rank_split: str = "rows") -> int:
+        return self.cache.n_batches(batch_size, **self._args(rank, world_size, rank_split))
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[Batch]:
-        n = self.n_batches(batch_size, rank=rank, world_size=world_size)
-        if start_batch >= n:
-            return
-        it = self.cache.iter_batches(
-            self.hookpoints, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
-            world_size=world_size, exclude_positions=self.exclude_positions, exclude_bos=self.exclude_bos,
-            shuffle_buffer_shards=self.shuffle_buffer_shards, dtype=torch.float32, start_batch=start_batch)
-        for _, batch in zip(range(start_batch, n), it, strict=False):
-            yield batch
+                world_size: int = 1, rank_split: str = "rows") -> Iterator[Batch]:
+        yield from self.cache.iter_batches(
+            self.hookpoints, batch_size, shuffle=True, seed=seed, epoch=epoch,
+            shuffle_buffer_shards=self.shuffle_buffer_shards, dtype=torch.float32, start_batch=start_batch,
+            **self._args(rank, world_size, rank_split))
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "cache", "path": str(self.cache.path), "hookpoints": self.hookpoints,
+        return {"kind": "cache", "fingerprint": self.cache.path.name, "hookpoints": self.hookpoints,
                 "n_tokens": self.cache.n_tokens, "exclude_positions": list(self.exclude_positions),
-                "exclude_bos": self.exclude_bos}
+                "exclude_bos": self.exclude_bos, "shuffle_buffer_shards": self.shuffle_buffer_shards}
 
 
 class LMSource(BatchSource):
     """Activations computed on the fly by a language model (``--on_the_fly``): no cache on disk.
 
-    ``windows()`` yields ``[n_seq, ctx_len]`` token-id tensors (the same each call). Activations of
-    ``buffer_sequences`` sequences are gathered, the excluded positions dropped, the rows shuffled
+    ``windows()`` yields token windows ``[ctx_len]`` (the same sequence on every call). The activations
+    of ``buffer_sequences`` windows are gathered, the excluded positions dropped, the rows shuffled
     (deterministically in seed, epoch and buffer index) and cut into batches. Resuming re-runs the LM
-    over the skipped part (correct, not free).
+    over the part already consumed (correct, not free). Under torchrun every rank runs the LM on every
+    window with ``rank_split="rows"``, on its share of the windows with ``"shards"``.
     """
 
     def __init__(self, source: Any, windows: Callable[[], Iterable[torch.Tensor]], hookpoints: Sequence[str],
@@ -370,73 +389,77 @@ class LMSource(BatchSource):
         self.exclude_positions = tuple(exclude_positions)
         self.exclude_bos = exclude_bos
 
-    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int | None:
+    def n_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                  rank_split: str = "rows") -> int | None:
         return None if self.n_rows is None else (self.n_rows // world_size) // batch_size
+
+    def count_rows(self) -> int:
+        """Rows one epoch holds (tokenises the data once, without running the LM)."""
+        return sum(int(self._keep_mask(w.reshape(1, -1)).sum()) for w in self.windows())
 
     def _keep_mask(self, ids: torch.Tensor) -> torch.Tensor:
         keep = torch.ones_like(ids, dtype=torch.bool)
         for pos in self.exclude_positions:
-            if pos < ids.shape[1]:
+            if -ids.shape[1] <= pos < ids.shape[1]:
                 keep[:, pos] = False
         bos = getattr(self.source.tokenizer, "bos_token_id", None)
         if self.exclude_bos and bos is not None:
             keep &= ids != bos
         return keep
 
+    def _flush(self, pending: list[torch.Tensor], gen: torch.Generator) -> Batch:
+        ids = torch.stack(pending)
+        keep = self._keep_mask(ids)
+        out: dict[str, list[torch.Tensor]] = {hp: [] for hp in self.hookpoints}
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], self.lm_batch_size):
+                acts = self.source.activations(ids[i:i + self.lm_batch_size], self.hookpoints)
+                k = keep[i:i + self.lm_batch_size]
+                for hp in self.hookpoints:
+                    out[hp].append(acts[hp][k.to(acts[hp].device)].float().cpu())
+        rows = {hp: torch.cat(v) for hp, v in out.items()}
+        perm = torch.randperm(next(iter(rows.values())).shape[0], generator=gen)
+        return {hp: t[perm] for hp, t in rows.items()}
+
     def _buffers(self, epoch: int, seed: int, rank: int, world_size: int) -> Iterator[Batch]:
         pending: list[torch.Tensor] = []
         n_buffer = 0
-        seq_index = 0
-
-        def flush() -> Batch:
-            nonlocal n_buffer
-            ids = torch.cat(pending)
-            pending.clear()
-            out: dict[str, list[torch.Tensor]] = {hp: [] for hp in self.hookpoints}
-            keep = self._keep_mask(ids)
-            with torch.no_grad():
-                for i in range(0, ids.shape[0], self.lm_batch_size):
-                    acts = self.source.activations(ids[i:i + self.lm_batch_size], self.hookpoints)
-                    k = keep[i:i + self.lm_batch_size]
-                    for hp in self.hookpoints:
-                        out[hp].append(acts[hp][k].float().cpu())
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + n_buffer)
-            n_buffer += 1
-            rows = {hp: torch.cat(v) for hp, v in out.items()}
-            perm = torch.randperm(next(iter(rows.values())).shape[0], generator=gen)
-            return {hp: t[perm] for hp, t in rows.items()}
-
-        for window in self.windows():
-            for seq in window:
-                if seq_index % world_size == rank:
-                    pending.append(seq.unsqueeze(0))
-                seq_index += 1
-                if len(pending) >= self.buffer_sequences:
-                    yield flush()
+        for index, window in enumerate(self.windows()):
+            if index % world_size != rank:
+                continue
+            pending.append(window.reshape(-1))
+            if len(pending) >= self.buffer_sequences:
+                yield self._flush(pending, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007
+                                                                         + n_buffer))
+                pending, n_buffer = [], n_buffer + 1
         if pending:
-            yield flush()
+            yield self._flush(pending, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_007 + n_buffer))
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[Batch]:
-        limit = self.n_batches(batch_size, rank=rank, world_size=world_size)
+                world_size: int = 1, rank_split: str = "rows") -> Iterator[Batch]:
+        limit = self.n_batches(batch_size, rank=rank, world_size=world_size, rank_split=rank_split)
+        if rank_split == "shards":
+            step, buffers = batch_size, self._buffers(epoch, seed, rank, world_size)
+        else:
+            step, buffers = batch_size * world_size, self._buffers(epoch, seed, 0, 1)
         carry: Batch | None = None
         index = 0
-        for buf in self._buffers(epoch, seed, rank, world_size):
+        for buf in buffers:
             if carry is not None:
                 buf = {hp: torch.cat([carry[hp], buf[hp]]) for hp in buf}
-            n = next(iter(buf.values())).shape[0]
-            full = n // batch_size
+            full = next(iter(buf.values())).shape[0] // step
             for b in range(full):
                 if limit is not None and index >= limit:
                     return
                 if index >= start_batch:
-                    yield {hp: t[b * batch_size:(b + 1) * batch_size] for hp, t in buf.items()}
+                    batch = {hp: t[b * step:(b + 1) * step] for hp, t in buf.items()}
+                    yield batch if rank_split == "shards" else _slice_rows(batch, rank, batch_size)
                 index += 1
-            carry = {hp: t[full * batch_size:] for hp, t in buf.items()}
+            carry = {hp: t[full * step:] for hp, t in buf.items()}
 
     def identity(self) -> dict[str, Any]:
         identity = getattr(self.source, "identity", lambda: {})()
-        return {"kind": "on_the_fly", "model": identity, "hookpoints": self.hookpoints,
+        return {"kind": "on_the_fly", "model": identity, "hookpoints": self.hookpoints, "rows": self.n_rows,
                 "exclude_positions": list(self.exclude_positions), "exclude_bos": self.exclude_bos}
 
 
@@ -549,27 +572,18 @@ class Trainer:
     def _local_batch_size(self) -> int:
         return self.config.batch_size // self.dist.world_size
 
+    def _split_args(self) -> dict[str, Any]:
+        return {"rank": self.dist.rank, "world_size": self.dist.world_size, "rank_split": self.config.rank_split}
+
     def _steps_per_epoch(self, source: BatchSource) -> int | None:
-        cfg, d = self.config, self.dist
-        if cfg.data_parallel == "batch" or not d.active:
-            n = source.n_batches(cfg.batch_size)
-        else:
-            n = source.n_batches(self._local_batch_size(), rank=d.rank, world_size=d.world_size)
-            if n is not None:
-                n = int(d.all_reduce(torch.tensor(n, dtype=torch.long), "min").item())
+        n = source.n_batches(self._local_batch_size(), **self._split_args())
+        if n is not None and self.dist.active:  # every rank must take the same number of steps
+            n = int(self.dist.all_reduce(torch.tensor(n, dtype=torch.long), "min").item())
         return n
 
     def _epoch_batches(self, source: BatchSource, epoch: int, start_batch: int) -> Iterator[Batch]:
-        cfg, d = self.config, self.dist
-        if d.active and cfg.data_parallel == "shards":
-            yield from source.batches(self._local_batch_size(), epoch=epoch, seed=cfg.seed,
-                                      start_batch=start_batch, rank=d.rank, world_size=d.world_size)
-            return
-        b = self._local_batch_size()
-        for batch in source.batches(cfg.batch_size, epoch=epoch, seed=cfg.seed, start_batch=start_batch):
-            if d.active:
-                batch = {hp: t[d.rank * b:(d.rank + 1) * b] for hp, t in batch.items()}
-            yield batch
+        return source.batches(self._local_batch_size(), epoch=epoch, seed=self.config.seed,
+                              start_batch=start_batch, **self._split_args())
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -906,7 +920,7 @@ def save_checkpoint(st: _JobState, directory: Path, *, step: int, epoch: int, ba
     for k, v in st.acc.items():
         tensors[f"acc.{k}"] = v.reshape(1)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    sched = {k: v for k, v in st.scheduler.state_dict().items() if k != "lr_lambdas"}
+    sched = st.scheduler.state_dict()  # lr_lambdas are plain functions: stored as None
     meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "fingerprint": fingerprint,
             "input_scale": st.input_scale, "output_scale": st.output_scale, "optimizer": opt_meta,
             "scheduler": sched, "acc_steps": st.acc_steps, "last": st.last, "dictionary": st.module.config()}

@@ -26,7 +26,7 @@ folded into ``W_dec``. Hook names are translated to saelab hookpoints (``blocks.
 Writing (export) maps back: ``relu`` -> ``standard``, ``topk`` -> ``topk``, ``jumprelu`` -> ``jumprelu``,
 ``batchtopk`` and ``matryoshka`` -> ``jumprelu`` with their inference threshold for every latent (what
 SAELens itself saves for BatchTopK), ``transcoder``/``skip-transcoder`` -> ``transcoder``/``skip_transcoder``
-when their activation is a ReLU. Every export is checked by loading it back and comparing outputs.
+when their activation is a ReLU (TopK transcoders have no SAELens form). Every export is checked by loading it back and comparing outputs.
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ class SaeLensFormat(DictionaryFormat):
             if d_in != d_out:
                 raise UsageError(f"{where}: an autoencoder needs d_in == d_out, got {d_in} and {d_out}")
         options: dict[str, Any] = {"d_sae": int(d_sae)}
+        if transcoder:  # SAELens transcoders are ReLU dictionaries (k is unused then)
+            options.update({"activation": "relu", "k": 1})
         if arch == "topk":
             options["k"] = int(cfg.get("k") or 0)
             if cfg.get("rescale_acts_by_decoder_norm"):
@@ -189,6 +191,8 @@ def _activation_kind(module: SparseDictionary) -> str:
     """How ``module`` turns pre-activations into latents: relu, topk, threshold or unknown."""
     from saelab.dictionary import BatchTopKDictionary, LinearDictionary, TopKDictionary
 
+    if getattr(getattr(module, "options", None), "activation", None) == "relu":
+        return "relu"
     if isinstance(module, BatchTopKDictionary):
         return "threshold"
     if isinstance(module, TopKDictionary):

@@ -42,6 +42,7 @@ _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.langu
                 "model.decoder.layers", "transformer.layers", "transformer.blocks", "layers", "h")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 class _StopForward(Exception):
@@ -139,8 +140,14 @@ class TransformersSource(ActivationSource):
 
     @classmethod
     def accepts(cls, model: str) -> bool:
-        """Any hub id or local directory: whether it exists is checked (with a clear error) on load."""
-        return bool(str(model).strip())
+        """An existing directory, a path-like string or a hub-id-shaped name (``org/name``, ``gpt2``);
+        whether it can be loaded is checked on load, with a one-line error. Other shapes (``x:y``)
+        stay free for other activation-source plugins."""
+        text = str(model).strip()
+        if not text:
+            return False
+        return (Path(text).expanduser().exists() or text.startswith(("/", "./", "../", "~"))
+                or _HUB_ID_RE.fullmatch(text) is not None)
 
     # ------------------------------------------------------------------ loading
 
@@ -496,6 +503,7 @@ def convert_smollm2(target: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    click.echo(f"saelab: converting the embedded SmolLM2 once into {target} (about 20 s)", err=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         with _quiet_transformers():

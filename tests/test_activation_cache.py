@@ -27,6 +27,15 @@ from saelab.data import DataExhaustedWarning, load_dataset_source
 from safetensors.torch import load_file
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread (the tiny model gains nothing from more, and the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_source():
     from saelab.models import load_activation_source
@@ -402,9 +411,10 @@ def test_cli_missing_name_and_missing_model(cli, tmp_path):
 def test_kill_and_resume_is_byte_identical(tmp_path, results_dir):
     """SIGKILL a real `saelab cache` after some shards, resume it, compare with an uninterrupted run."""
     args = [sys.executable, "-m", "saelab", "cache", TINY, "--hookpoints", "layers.0", "layers.1.mlp",
-            "--dataset_repo", "news-sample", "--n_tokens", "40000", "--cache_ctx_len", "32",
+            "--dataset_repo", "news-sample", "--n_tokens", "12000", "--cache_ctx_len", "32",
             "--shard_size_tokens", "256", "--batch_size", "4", "--name", "k", "--verbose", "false"]
-    env = {**os.environ, "SAELAB_RESULTS_DIR": str(results_dir)}
+    # one intra-op thread: on a busy 2-core machine torch's thread pool is many times slower
+    env = {**os.environ, "SAELAB_RESULTS_DIR": str(results_dir), "OMP_NUM_THREADS": "1"}
     store = results_dir / ".activations"
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     killed_at = None
@@ -439,4 +449,4 @@ def test_kill_and_resume_is_byte_identical(tmp_path, results_dir):
     reference = snapshot(tmp_path / "ref" / killed_at.name)
     assert after.keys() == reference.keys() and all(after[k][2] == reference[k][2] for k in reference)
     cache = ActivationCache.open(killed_at, checksums=True)
-    assert cache.build_info["status"] == "opened" and cache.n_tokens == 40000
+    assert cache.build_info["status"] == "opened" and cache.n_tokens == 12000

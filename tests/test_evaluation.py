@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures.tiny_models import TINY_GPT2
 from saelab.data import WindowSpec, iter_windows
 from saelab.dictionary import build_dictionary, save_dictionary
 from saelab.evaluation import EvalConfig, evaluate, heldout_windows, keep_mask
 
 D = 64
-N_TOKENS, CTX = 512, 64
+N_TOKENS, CTX = 256, 64
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from saelab import UsageError
 from saelab.dictionary import build_dictionary, load_dictionary, save_dictionary
 from saelab.formats import find_dictionaries, to_external_name
+from safetensors.torch import load_file
 
 REF = Path(__file__).resolve().parent / "fixtures" / "reference_dicts"
 ATOL = 1e-5
@@ -77,6 +76,10 @@ def test_export_to_saelens_and_back(directory: str, tmp_path: Path) -> None:
     stem = CASES[directory][0]
     ref = reference(stem)
     module = load_dictionary(REF / directory)
+    if directory == "sparsify_run/layers.1.mlp":  # a TopK transcoder: SAELens transcoders are ReLU only
+        with pytest.raises(UsageError, match="SAELens transcoders use a ReLU"):
+            save_dictionary(module, tmp_path / "exported", format="saelens")
+        return
     save_dictionary(module, tmp_path / "exported", format="saelens")
     cfg = json.loads((tmp_path / "exported" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == to_external_name(module.sites.inputs[0])

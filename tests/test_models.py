@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import saelab
 import torch
 from fixtures.tiny_models import TINY_GPT2, TINY_LLAMA
-
-import saelab
 from saelab import UsageError
 from saelab.cli import main
 from saelab.models import (
@@ -454,3 +453,58 @@ def test_cli_hookpoints_errors(args: list[str], capsys: pytest.CaptureFixture[st
     assert exit_.value.code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("Error:")
+
+
+# ---------------------------------------------------------------------------------------------- other architectures
+
+_ARCHS = {
+    "gpt_neox": {"intermediate_size": 64},
+    "qwen2": {"intermediate_size": 64, "num_key_value_heads": 2},
+    "mistral": {"intermediate_size": 64, "num_key_value_heads": 2},
+    "gemma2": {"intermediate_size": 64, "num_key_value_heads": 2, "head_dim": 8},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_ARCHS))
+def test_other_architectures(arch: str, tmp_path: Path) -> None:
+    """The module-path table covers GPT-NeoX (parallel residual), Qwen2, Mistral and Gemma2 (post-norms)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=2048, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0, **_ARCHS[arch])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_LLAMA / f, tmp_path / f)
+    src = load_activation_source(str(tmp_path))
+    ids = torch.randint(3, 2048, (2, 9), generator=torch.Generator().manual_seed(0))
+    acts = src.activations(ids, src.hookpoints())
+    assert all(a.shape == (2, 9, 32) for a in acts.values())
+    with torch.no_grad():
+        hs = src.model(ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(acts["embed"], hs[0])
+        torch.testing.assert_close(acts["layers.0"], hs[1])
+        for i in range(2):
+            block = src.blocks[i]
+            mlp = block.mlp
+            torch.testing.assert_close(mlp(acts[f"layers.{i}.mlp.input"]), acts[f"layers.{i}.mlp"])
+    calls = []
+    handle = src.blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        src.activations(ids, ["layers.0"])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_accepts_leaves_other_shapes_to_other_plugins() -> None:
+    from saelab.plugins.models import TransformersSource
+
+    for ok in ("gpt2", "EleutherAI/pythia-70m", "org/model.v1", "./some/dir", "/abs/path", str(TINY_GPT2)):
+        assert TransformersSource.accepts(ok), ok
+    for other in ("nnsight:gpt2", "a b", "", "org/name/extra"):
+        assert not TransformersSource.accepts(other), other
+    with pytest.raises(UsageError, match="unknown activation source 'nnsight:gpt2'; known activation sources: "
+                                         "smollm2, transformers"):
+        load_activation_source("nnsight:gpt2")

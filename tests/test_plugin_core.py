@@ -152,7 +152,8 @@ def test_register_rejects_wrong_base_class_and_missing_name():
         reg.register(Nameless)
 
 
-def test_resolve_prefers_names_then_accepts():
+def test_resolve_prefers_names_then_accepts(monkeypatch):
+    monkeypatch.setenv("SAELAB_DISABLE_PLUGINS", "datasets")  # builtin datasets accept hub ids and paths
     saelab.register_plugin(MixedPlugin(), name="mixed")
     assert saelab.resolve("dataset", "TOY-FILES") is PathDataset
     assert saelab.resolve("dataset", "corpus/data.toy") is PathDataset

@@ -256,9 +256,13 @@ def test_api_key_never_written_or_logged(tmp_path: Path, cache_root: Path, monke
                                          caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("MY_LLM_KEY", SECRET)
 
+    echoed_500 = iter([True])
+
     def leaky(request: dict) -> Reply:
         if request["messages"][-1]["content"] == "fail":
             return Reply(status=401, body={"error": {"message": f"invalid key Bearer {SECRET}"}})
+        if next(echoed_500, False):  # a retried error whose message echoes the key: logged, scrubbed
+            return Reply(status=500, body={"error": {"message": f"upstream rejected api_key={SECRET}"}})
         # a server that echoes the key inside its answer: it must not reach the cache or `raw`
         return Reply(body={"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
                            "system_fingerprint": SECRET, "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
@@ -268,6 +272,7 @@ def test_api_key_never_written_or_logged(tmp_path: Path, cache_root: Path, monke
         provider = openai_provider(server, cache_root, api_key_env="MY_LLM_KEY")
         completion = provider.generate_sync(MESSAGES)
         assert server.chat_requests[0].headers["authorization"] == f"Bearer {SECRET}"  # it is sent...
+        assert provider.usage.retries == 1 and "retrying" in caplog.text and "HTTP 500" in caplog.text
         assert SECRET not in repr(completion) and SECRET not in repr(provider.options)
         with pytest.raises(ProviderError) as info:
             provider.generate_sync([{"role": "user", "content": "fail"}])
@@ -444,6 +449,20 @@ def test_transformers_stop_strings_and_no_logprobs() -> None:
     stop = next(c for c in first.text if c.strip())
     cut = provider.generate_sync(MESSAGES, stop=[stop])
     assert cut.text == first.text[: first.text.index(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_offline_provider_answers_with_the_embedded_smollm2() -> None:
+    provider = make_provider("offline", cache=False, max_tokens=12)
+    questions = ["What is the capital of France? Answer with one word.", "What is 2 + 2? Answer with a number."]
+
+    async def both() -> list[Completion]:
+        return await asyncio.gather(*(provider.generate([{"role": "user", "content": q}]) for q in questions))
+
+    paris, four = run(both())
+    assert provider.generate_calls == 1 and provider.batch_sizes == [2]
+    assert "paris" in paris.text.lower() and "4" in four.text
+    assert "<|im_start|>assistant" in paris.raw["prompt"]  # SmolLM2's own chat template
 
 
 # ------------------------------------------------------------------------------------------ litellm

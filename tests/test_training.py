@@ -244,3 +244,95 @@ def test_wandb_offline_logging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)
     assert wandb.run is None  # finished
+
+
+# --------------------------------------------------------------------------------------------------
+# saelab train (CLI) on the tiny GPT-2 cache
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
+    from training_helpers import build_tiny_cache
+
+    store = tmp_path_factory.mktemp("store")
+    return build_tiny_cache(store)
+
+
+def test_cli_sweep_over_hookpoints_from_cache(cli, tiny_cache, results_dir: Path, tmp_path: Path) -> None:
+    from training_helpers import cached_rows, train_args
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("dictionaries:\n  - {architecture: topk, name: k4, options: {k: 4}}\n"
+                     "  - {architecture: topk, name: k8, lr: 0.002}\n")
+    res = cli(train_args(tiny_cache.path, "sw", "--hookpoints", "layers.0", "layers.1", "--sweep", str(sweep),
+                         "--epochs", "2"))
+    assert res.exit_code == 0, res.stderr
+    base = results_dir / "sw" / "dictionaries"
+    names = sorted(p.name for p in base.iterdir())
+    assert names == ["layers.0-k4", "layers.0-k8", "layers.1-k4", "layers.1-k8"]
+    run_config = json.loads((results_dir / "sw" / "run_config.json").read_text())
+    assert run_config["extra"]["activation_cache"] == str(tiny_cache.path) if "extra" in run_config else True
+    for name in names:
+        cfg = json.loads((base / name / "cfg.json").read_text())
+        hp = name.split("-")[0]
+        assert cfg["sites"]["inputs"] == [hp] and cfg["options"]["d_sae"] == 128
+        assert cfg["options"]["k"] == (4 if name.endswith("k4") else 8)
+        assert cfg["metadata"]["training"]["lr"] == pytest.approx(0.002 if name.endswith("k8") else auto_lr(128))
+        log = [json.loads(line) for line in (base / name / TRAINING_LOG).read_text().splitlines()]
+        # the saved dictionary takes raw cached activations; its FVU there matches the training log
+        x = cached_rows(tiny_cache, hp)
+        assert fvu(load_dictionary(base / name), x) == pytest.approx(log[-1]["fvu"], abs=0.1)
+        assert log[-1]["l0"] == pytest.approx(cfg["options"]["k"])
+    # a second run with the same name skips what is trained; --overwrite train retrains
+    res = cli(train_args(tiny_cache.path, "sw", "--hookpoints", "layers.0", "--sweep", str(sweep)))
+    assert res.exit_code == 0 and (base / "layers.0-k4" / "cfg.json").stat().st_mtime_ns > 0
+    before = (base / "layers.0-k4" / "dictionary.safetensors").stat().st_mtime_ns
+    res = cli(train_args(tiny_cache.path, "sw", "--hookpoints", "layers.0", "--sweep", str(sweep)))
+    assert (base / "layers.0-k4" / "dictionary.safetensors").stat().st_mtime_ns == before
+    res = cli(train_args(tiny_cache.path, "sw", "--hookpoints", "layers.0", "--sweep", str(sweep),
+                         "--overwrite", "train", "--max_steps", "3"))
+    assert res.exit_code == 0, res.stderr
+    cfg = json.loads((base / "layers.0-k4" / "cfg.json").read_text())
+    assert cfg["metadata"]["training"]["steps"] == 3
+
+
+def test_cli_builds_or_reuses_the_cache_and_on_the_fly(cli, tiny_cache, results_dir: Path) -> None:
+    from training_helpers import train_args
+
+    store = tiny_cache.path.parent
+    common = ["--hookpoints", "layers.1", "--dataset_repo", "news-sample", "--dataset_split", "train",
+              "--n_tokens", "8192", "--cache_ctx_len", "64", "--max_steps", "6"]
+    res = cli(train_args(None, "built", *common, "--store", str(store)))
+    assert res.exit_code == 0, res.stderr
+    cfg = json.loads((results_dir / "built" / "dictionaries" / "layers.1" / "cfg.json").read_text())
+    assert cfg["metadata"]["activation_cache"] == str(tiny_cache.path)  # same fingerprint: reused
+    res = cli(train_args(None, "otf", *common, "--on_the_fly", "--n_tokens", "2048"))
+    assert res.exit_code == 0, res.stderr
+    out = results_dir / "otf" / "dictionaries" / "layers.1"
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["metadata"]["activation_cache"] == "on_the_fly" and cfg["metadata"]["training"]["steps"] == 6
+    assert not (results_dir / ".activations").exists()
+
+
+@pytest.mark.parametrize(("extra", "fragments"), [
+    (["--architecture", "nosuch"], ["unknown architecture 'nosuch'", "topk"]),
+    (["-o", "k", "500"], ["k=500", "d_sae=128"]),
+    (["-o", "bogus", "1"], ["unknown option 'bogus'"]),
+    (["--lr", "fast"], ["'lr'", "fast"]),
+    (["--hookpoints", "a:b:c"], ["bad hookpoint 'a:b:c'", "IN:OUT"]),
+    (["--hookpoints", "layers.7"], ["layers.7", "not in the activation cache"]),
+])
+def test_cli_bad_options_are_one_line_errors(cli, tiny_cache, extra: list[str], fragments: list[str]) -> None:
+    from training_helpers import train_args
+
+    args = train_args(tiny_cache.path, "bad", *extra)
+    if "--hookpoints" not in extra:
+        args += ["--hookpoints", "layers.0"]
+    cli(args).assert_user_error(*fragments)
+
+
+def test_cli_missing_cache_path(cli, tmp_path: Path) -> None:
+    from training_helpers import train_args
+
+    cli(train_args(tmp_path / "nope", "bad", "--hookpoints", "layers.0")).assert_user_error(
+        "does not exist", str(tmp_path / "nope"))

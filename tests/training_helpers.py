@@ -97,3 +97,38 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def build_tiny_cache(store: Path, hookpoints: tuple[str, ...] = ("layers.0", "layers.1"), n_tokens: int = 8192,
+                     ctx_len: int = 64):
+    """An activation cache of the tiny GPT-2 fixture over the embedded news sample (seconds)."""
+    from fixtures.tiny_models import TINY_GPT2
+    from saelab.activation_cache import build_activation_cache
+    from saelab.data import load_dataset_source
+    from saelab.models import load_activation_source
+
+    source = load_activation_source(str(TINY_GPT2))
+    dataset = load_dataset_source("news-sample", split="train")
+    return build_activation_cache(source, dataset, list(hookpoints), n_tokens=n_tokens, ctx_len=ctx_len,
+                                  batch_size=16, store=store, progress=False)
+
+
+def train_args(cache: Path | None, name: str, *extra: str) -> list[str]:
+    """``saelab train`` arguments for a small TopK run on the tiny cache."""
+    from fixtures.tiny_models import TINY_GPT2
+
+    args = ["train", str(TINY_GPT2), "--name", name, "-o", "k", "8", "-o", "d_sae", "128",
+            "--train_batch_size", "128", "--log_every", "5", "--verbose", "false"]
+    if cache is not None:
+        args += ["--cache", str(cache)]
+    return [*args, *extra]
+
+
+def cached_rows(cache, hookpoint: str, exclude: tuple[int, ...] = (0, 1, 2, 3)) -> torch.Tensor:
+    """All rows of ``hookpoint`` in a cache, excluded positions dropped (raw values)."""
+    rows = []
+    for _, acts in cache.iter_sequences([hookpoint], 64):
+        a = acts[hookpoint]
+        keep = [p for p in range(a.shape[1]) if p not in exclude]
+        rows.append(a[:, keep].reshape(-1, a.shape[-1]))
+    return torch.cat(rows)

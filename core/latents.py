@@ -1,0 +1,881 @@
+"""The latent cache: sparse latent activations of a dictionary over a dataset, streamed to disk, and
+per-latent statistics.
+
+A latent cache lives in ``results/<name>/latents/<hook>/``::
+
+    manifest.json                         rewritten atomically after every chunk (resume point)
+    tokens/000000.safetensors             {"tokens": int32 [n_seq_chunk, ctx_len]} (only when no
+                                          activation cache supplied the tokens)
+    split_0/000000.safetensors            {"token": int32 [nnz], "latent": int32 [nnz], "value": float32 [nnz]}
+    ...
+    stats.json                            summary + per-latent firing counts, frequencies, max activations
+    stats.safetensors                     per-latent quantile bounds, histograms, top/bottom logits
+    vocab.json                            token strings of the ids in the top/bottom logits
+    .lock                                 held (flock) by the process writing the cache
+
+* ``token`` is the flat index ``seq * ctx_len + pos`` into the token array (int32: at most 2**31 tokens);
+  ``latent`` is the global latent index. Each split holds the latents of one contiguous range
+  (``--n_splits`` ranges of equal size, like delphi), so reading one latent loads one split only.
+  Inside a chunk file entries are sorted by (latent, token).
+* Chunks are written per flush (``flush_nonzeros``, at batch boundaries): the writer never holds more
+  than one chunk of nonzeros, so memory is flat in ``n_tokens``.
+* Tokens are stored once: the activation cache's token shards when the latents were computed from one
+  (the manifest names it), else the ``tokens/`` chunk files here. Never copied into the splits.
+* Resume: a killed build restarts after the last chunk listed in the manifest; the fingerprint
+  (model, dictionary weights, data, exclusions, ``n_splits``) decides whether an existing cache is
+  reused, resumed, or rebuilt (a different fingerprint is rebuilt from scratch).
+* ``filter_bos`` drops BOS positions, ``exclude_positions`` drops absolute positions (e.g. SmolLM2's
+  massive-activation positions 1-3): their latent activations are not stored and they are not counted
+  in frequencies.
+
+Statistics are computed after the last chunk in two streaming passes (counts/extrema, then a
+256-bin histogram per latent over ``[min(0, min), max]``): quantile bounds are interpolated from that
+histogram (exact up to 1/256 of the latent's range); the stored histograms have :data:`HIST_BINS` bins.
+Top and bottom logits (direct logit attribution) are the decoder row times the unembedding, summed over
+output sites that add into the residual stream (``embed``, ``layers.N``, ``layers.N.mlp``,
+``layers.N.self_attn``; not ``.input`` sites), without the final norm.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CorruptCacheError, UsageError
+from .interfaces import ActivationSource, Dataset, SparseDictionary
+
+FORMAT = "saelab-latent-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATS_JSON = "stats.json"
+STATS_ARRAYS = "stats.safetensors"
+VOCAB_JSON = "vocab.json"
+STATS_SCHEMA = "saelab.latent_stats/1"
+FINE_BINS = 256
+"""Bins of the internal per-latent histogram the quantiles are interpolated from."""
+HIST_BINS = 32
+"""Bins of the stored per-latent activation histogram."""
+DEFAULT_FLUSH_NONZEROS = 4_000_000
+"""Nonzeros buffered before a chunk is written (about 48 MB)."""
+MAX_TOKENS = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, default=str, ensure_ascii=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CorruptCacheError(f"latent cache file {path} cannot be read ({type(exc).__name__}); "
+                                f"rebuild with --overwrite cache") from None
+
+
+def _hash(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def split_bounds(d_sae: int, n_splits: int) -> list[tuple[int, int]]:
+    """Latent ranges ``[(lo, hi), ...]`` of the ``n_splits`` splits (equal sizes, the last one shorter)."""
+    if n_splits < 1:
+        raise UsageError(f"bad --n_splits {n_splits}; accepted: a positive integer")
+    n_splits = min(n_splits, d_sae)
+    size = -(-d_sae // n_splits)
+    return [(lo, min(lo + size, d_sae)) for lo in range(0, d_sae, size)]
+
+
+def dictionary_identity(dictionary: SparseDictionary) -> dict[str, Any]:
+    """Architecture, sites, options and a sha256 of the weights (for fingerprints)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(dictionary.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    try:
+        config = dictionary.config()
+    except Exception:  # a third-party architecture without a JSON config still gets a weights hash
+        config = {"architecture": getattr(dictionary, "name", type(dictionary).__name__)}
+    return {"config": config, "weights_sha256": digest.hexdigest()}
+
+
+def residual_output_sites(sites: Sequence[str]) -> list[int]:
+    """Indices of output sites whose values add into the residual stream (DLA applies to them)."""
+    return [i for i, s in enumerate(sites) if not s.endswith(".input")]
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``<dir>/.lock`` (released by the OS if the process dies)."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".lock"
+        self.fh: Any = None
+
+    def __enter__(self) -> _Lock:
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise UsageError(f"latent cache {self.path.parent} is being written by another process; "
+                             f"wait for it or stop it") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader
+
+
+@dataclass
+class LatentActivations:
+    """Where one latent fires: parallel arrays sorted by (sequence, position)."""
+
+    latent: int
+    """Latent index."""
+    seq: torch.Tensor
+    """Sequence index (int64) of each activation."""
+    pos: torch.Tensor
+    """Position in the sequence (int64)."""
+    value: torch.Tensor
+    """Activation (float32)."""
+
+    def __len__(self) -> int:
+        return int(self.value.numel())
+
+
+@dataclass
+class _SplitIndex:
+    lo: int
+    offsets: torch.Tensor  # [n_latents + 1] into token/value
+    token: torch.Tensor  # int64, grouped by latent, token order inside a latent
+    value: torch.Tensor
+
+
+class LatentCache:
+    """A complete latent cache on disk (see the module docstring); read one split at a time."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], max_loaded_splits: int = 2):
+        self.path = Path(path)
+        """The cache directory."""
+        self.manifest = manifest
+        """The parsed ``manifest.json``."""
+        self.hookpoint: str = manifest["hookpoint"]
+        """Name the latents are stored under (``latents/<hook>``)."""
+        self.d_sae: int = int(manifest["d_sae"])
+        """Number of latents."""
+        self.ctx_len: int = int(manifest["ctx_len"])
+        """Tokens per sequence."""
+        self.n_sequences: int = int(manifest["n_sequences"])
+        """Sequences analysed."""
+        self.bos_token_id: int | None = manifest.get("bos_token_id")
+        """BOS token id of the tokenizer (None without one)."""
+        self.filter_bos: bool = bool(manifest.get("filter_bos", False))
+        """Whether BOS positions were dropped."""
+        self.exclude_positions: list[int] = list(manifest.get("exclude_positions", []))
+        """Absolute positions dropped (normalised to ``0 <= p < ctx_len``)."""
+        self.splits: list[tuple[int, int]] = [tuple(b) for b in manifest["splits"]]  # type: ignore[misc]
+        """Latent range of each split."""
+        self.build_info: dict[str, Any] = {"status": "opened"}
+        """How :func:`build_latent_cache` got this cache: ``status`` (reused, resumed, built, rebuilt)."""
+        self._loaded: OrderedDict[int, _SplitIndex] = OrderedDict()
+        self._max_loaded = max(1, max_loaded_splits)
+        self._tokens: torch.Tensor | None = None
+        self._stats: dict[str, Any] | None = None
+        self._arrays: dict[str, torch.Tensor] | None = None
+        self._vocab: dict[int, str] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, max_loaded_splits: int = 2) -> LatentCache:
+        """Open a complete latent cache directory (one-line error when missing or incomplete)."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise UsageError(f"latent cache {str(path)!r} does not exist (no {MANIFEST}); build it with `saelab latents`")
+        manifest = _read_manifest(path)
+        if not manifest.get("complete"):
+            raise UsageError(f"latent cache {str(path)!r} is incomplete; rerun the same `saelab latents` command "
+                             f"to resume it")
+        return cls(path, manifest, max_loaded_splits)
+
+    @property
+    def n_splits(self) -> int:
+        """Number of splits."""
+        return len(self.splits)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the token array (``n_sequences * ctx_len``, excluded positions included)."""
+        return self.n_sequences * self.ctx_len
+
+    @property
+    def n_analysed(self) -> int:
+        """Tokens whose latents were stored (the denominator of frequencies)."""
+        return int(self.manifest["n_analysed"])
+
+    @property
+    def fingerprint(self) -> str:
+        """The cache's fingerprint."""
+        return str(self.manifest["fingerprint"])
+
+    def split_of(self, latent: int) -> int:
+        """Index of the split holding ``latent``."""
+        if not 0 <= latent < self.d_sae:
+            raise UsageError(f"latent {latent} out of range; this dictionary has latents 0..{self.d_sae - 1}")
+        return int(latent // (self.splits[0][1] - self.splits[0][0]))
+
+    # ---- sparse activations
+
+    def chunk_files(self, split: int) -> list[Path]:
+        """Chunk files of one split, in token order."""
+        return [self.path / c["splits"][split]["path"] for c in self.manifest["chunks"]]
+
+    def _split(self, split: int) -> _SplitIndex:
+        if split in self._loaded:
+            self._loaded.move_to_end(split)
+            return self._loaded[split]
+        while len(self._loaded) >= self._max_loaded:
+            self._loaded.popitem(last=False)
+        lo, hi = self.splits[split]
+        tokens, latents, values = [], [], []
+        for path in self.chunk_files(split):
+            data = _load(path)
+            tokens.append(data["token"])
+            latents.append(data["latent"])
+            values.append(data["value"])
+        token = torch.cat(tokens).long() if tokens else torch.zeros(0, dtype=torch.long)
+        latent = torch.cat(latents).long() if latents else torch.zeros(0, dtype=torch.long)
+        value = torch.cat(values).float() if values else torch.zeros(0)
+        order = torch.sort(latent, stable=True).indices  # chunks are in token order: stays sorted by token
+        counts = torch.bincount(latent - lo, minlength=hi - lo)
+        offsets = torch.zeros(hi - lo + 1, dtype=torch.long)
+        offsets[1:] = counts.cumsum(0)
+        index = _SplitIndex(lo, offsets, token[order], value[order])
+        self._loaded[split] = index
+        return index
+
+    def latent(self, latent: int) -> LatentActivations:
+        """Where ``latent`` fires (loads its split only; the last ``max_loaded_splits`` stay in memory)."""
+        index = self._split(self.split_of(latent))
+        a, b = int(index.offsets[latent - index.lo]), int(index.offsets[latent - index.lo + 1])
+        token = index.token[a:b]
+        return LatentActivations(latent, token // self.ctx_len, token % self.ctx_len, index.value[a:b])
+
+    def iter_chunks(self, splits: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(token, latent, value)`` (int64, int64, float32) of each chunk over ``splits`` (default all),
+        in token order, one chunk in memory at a time."""
+        chosen = range(self.n_splits) if splits is None else splits
+        for chunk in self.manifest["chunks"]:
+            parts = [_load(self.path / chunk["splits"][s]["path"]) for s in chosen]
+            yield (torch.cat([p["token"] for p in parts]).long(), torch.cat([p["latent"] for p in parts]).long(),
+                   torch.cat([p["value"] for p in parts]).float())
+
+    def dense(self, latents: Sequence[int] | None = None) -> torch.Tensor:
+        """Dense activations ``[n_sequences, ctx_len, len(latents)]`` (small caches and tests only)."""
+        latents = list(range(self.d_sae)) if latents is None else list(latents)
+        out = torch.zeros(self.n_tokens, len(latents))
+        for j, lat in enumerate(latents):
+            acts = self.latent(lat)
+            out[acts.seq * self.ctx_len + acts.pos, j] = acts.value
+        return out.reshape(self.n_sequences, self.ctx_len, len(latents))
+
+    # ---- tokens
+
+    def tokens(self) -> torch.Tensor:
+        """The token array ``[n_sequences, ctx_len]`` (int32)."""
+        if self._tokens is None:
+            source = self.manifest["tokens"]
+            if source["kind"] == "activation_cache":
+                from .activation_cache import ActivationCache
+
+                cache_path = Path(source["path"])
+                if not (cache_path / "manifest.json").is_file():
+                    raise UsageError(f"latent cache {self.path} reads its tokens from activation cache {cache_path}, "
+                                     f"which is gone; rebuild with --overwrite cache")
+                tokens = ActivationCache.open(cache_path).tokens()[: self.n_sequences]
+            else:
+                parts = [_load(self.path / c["tokens"])["tokens"] for c in self.manifest["chunks"]]
+                tokens = torch.cat(parts) if parts else torch.zeros(0, self.ctx_len, dtype=torch.int32)
+            if tokens.shape != (self.n_sequences, self.ctx_len):
+                raise CorruptCacheError(f"latent cache {self.path}: token array has shape {tuple(tokens.shape)}, "
+                                        f"expected {(self.n_sequences, self.ctx_len)}; rebuild with --overwrite cache")
+            self._tokens = tokens.to(torch.int32)
+        return self._tokens
+
+    # ---- statistics
+
+    def stats(self) -> dict[str, Any]:
+        """The parsed ``stats.json``."""
+        if self._stats is None:
+            self._stats = json.loads((self.path / STATS_JSON).read_text(encoding="utf-8"))
+        return self._stats
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """``stats.safetensors``: ``quantile_bounds [d_sae, n_quantiles]``, ``histogram [d_sae, HIST_BINS]``,
+        ``histogram_range [d_sae, 2]``, and (when computed) ``top_logit_ids``/``top_logit_values``/
+        ``bottom_logit_ids``/``bottom_logit_values`` ``[d_sae, k]``."""
+        if self._arrays is None:
+            self._arrays = _load(self.path / STATS_ARRAYS)
+        return self._arrays
+
+    def latent_stats(self, latent: int) -> Any:
+        """The :class:`saelab.records.LatentStats` of ``latent``."""
+        from .records import LatentStats
+
+        per = self.stats()["latents"]
+        bounds = self.arrays()["quantile_bounds"][latent].tolist()
+        return LatentStats(frequency=float(per["frequency"][latent]), max_activation=float(per["max_activation"][latent]),
+                           firing_count=int(per["firing_count"][latent]), n_tokens=self.n_analysed,
+                           quantile_bounds=bounds)
+
+    def logits(self, latent: int) -> tuple[Any, Any]:
+        """``(top, bottom)`` :class:`saelab.records.TokenValues` of ``latent``; ``(None, None)`` when the
+        dictionary does not write to the residual stream or the model has no unembedding."""
+        from .records import TokenValues
+
+        arrays = self.arrays()
+        if "top_logit_ids" not in arrays:
+            return None, None
+        if self._vocab is None:
+            self._vocab = {int(k): v for k, v in json.loads((self.path / VOCAB_JSON).read_text(encoding="utf-8")).items()}
+        out = []
+        for which in ("top", "bottom"):
+            ids = arrays[f"{which}_logit_ids"][latent].tolist()
+            vals = arrays[f"{which}_logit_values"][latent].tolist()
+            out.append(TokenValues([self._vocab.get(i, str(i)) for i in ids], vals))
+        return out[0], out[1]
+
+    def __repr__(self) -> str:
+        return (f"LatentCache({str(self.path)!r}, hookpoint={self.hookpoint!r}, d_sae={self.d_sae}, "
+                f"n_tokens={self.n_tokens}, n_splits={self.n_splits})")
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCacheError(f"latent cache manifest {path} cannot be read: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptCacheError(f"{path} is not a saelab latent cache manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptCacheError(f"latent cache {directory} has format version {manifest.get('format_version')}; "
+                                f"this saelab reads version {FORMAT_VERSION}; rebuild with --overwrite cache")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding a reusable activation cache
+
+
+def find_activation_cache(source: ActivationSource, dataset: Dataset, hookpoints: Sequence[str], *, n_tokens: int,
+                          ctx_len: int, store: str | Path) -> Any:
+    """A complete activation cache in ``store`` holding exactly ``hookpoints`` over the same data and
+    token count (float32 first, then float16), or None."""
+    from .activation_cache import MANIFEST as CACHE_MANIFEST
+    from .activation_cache import ActivationCache, cache_dir_for, fingerprint_inputs
+
+    for dtype in ("float32", "float16"):
+        inputs = fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=dtype)
+        directory = cache_dir_for(store, inputs)
+        if (directory / CACHE_MANIFEST).is_file():
+            try:
+                return ActivationCache.open(directory)
+            except (UsageError, CorruptCacheError):
+                continue
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer
+
+
+def build_latent_cache(
+    source: ActivationSource,
+    dictionary: SparseDictionary,
+    out_dir: str | Path,
+    *,
+    hookpoint: str | None = None,
+    dataset: Dataset | None = None,
+    n_tokens: int | None = None,
+    ctx_len: int = 256,
+    activation_cache: Any = None,
+    n_splits: int = 5,
+    batch_size: int = 32,
+    filter_bos: bool = False,
+    exclude_positions: Sequence[int] = (),
+    n_quantiles: int = 10,
+    top_logits: int = 10,
+    flush_nonzeros: int = DEFAULT_FLUSH_NONZEROS,
+    encode_rows: int = 4096,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LatentCache:
+    """Build (or reuse, or resume) the latent cache of ``dictionary`` in ``out_dir``.
+
+    Data comes from ``activation_cache`` (an :class:`~saelab.activation_cache.ActivationCache` holding the
+    dictionary's input hookpoints; its tokens are reused) or from ``dataset`` tokenised into ``n_tokens``
+    tokens of ``ctx_len``-token windows (:mod:`saelab.data`) run through ``source``. ``hookpoint`` names
+    the cache (default: the dictionary's first input site). See the module docstring for the format.
+    """
+    if getattr(dictionary, "requires_sequences", False):
+        raise UsageError(f"architecture {dictionary.name!r} reads whole sequences; latent caching supports "
+                         f"token-wise dictionaries only")
+    if batch_size < 1:
+        raise UsageError(f"bad --batch_size {batch_size}; accepted: a positive integer")
+    if n_quantiles < 1:
+        raise UsageError(f"bad --n_quantiles {n_quantiles}; accepted: a positive integer")
+    if flush_nonzeros < 1:
+        raise UsageError(f"bad flush_nonzeros {flush_nonzeros}; accepted: a positive integer")
+    from .data import WindowSpec, n_windows_for, tokenizer_identity
+
+    inputs = list(dictionary.sites.inputs)
+    source.check_hookpoints(inputs)
+    hookpoint = hookpoint or inputs[0]
+    if activation_cache is not None:
+        missing = [h for h in inputs if h not in activation_cache.hookpoints]
+        if missing:
+            raise UsageError(f"activation cache {activation_cache.path} lacks hookpoint(s) {', '.join(missing)}; "
+                             f"cached: {', '.join(activation_cache.hookpoints)}")
+        ctx_len = activation_cache.ctx_len
+        target = activation_cache.n_sequences
+        bos = activation_cache.bos_token_id
+        data = {"activation_cache": activation_cache.fingerprint, "n_sequences": target}
+    else:
+        if dataset is None or n_tokens is None:
+            raise UsageError("build_latent_cache needs an activation cache, or a dataset and n_tokens")
+        spec = WindowSpec.for_tokenizer(source.tokenizer, ctx_len)
+        target = n_windows_for(n_tokens, ctx_len)
+        bos = spec.bos_token_id
+        data = {"dataset": dataset.identity(), "tokenization": spec.identity(), "n_tokens": int(n_tokens),
+                "tokenizer": tokenizer_identity(source.tokenizer)}
+    if target * ctx_len > MAX_TOKENS:
+        raise UsageError(f"{target * ctx_len} tokens exceed the latent cache's int32 token index (2**31); "
+                         f"use fewer --n_tokens")
+    positions = sorted({int(p) % ctx_len for p in exclude_positions if -ctx_len <= int(p) < ctx_len})
+    splits = split_bounds(dictionary.d_sae, n_splits)
+    inputs_fp = {
+        "format_version": FORMAT_VERSION, "model": source.identity(), "dictionary": dictionary_identity(dictionary),
+        "data": data, "ctx_len": ctx_len, "filter_bos": bool(filter_bos), "exclude_positions": positions,
+        "splits": splits,
+    }
+    fp = _hash(inputs_fp)
+    out = Path(out_dir)
+    status = "built"
+    started = time.perf_counter()
+    if (out / MANIFEST).is_file():
+        old = None
+        try:
+            old = _read_manifest(out)
+        except CorruptCacheError:
+            pass
+        if overwrite or old is None or old.get("fingerprint") != fp:
+            with _Lock(out):
+                pass  # refuse to delete a cache another process is writing
+            shutil.rmtree(out)
+            status = "rebuilt"
+        elif old.get("complete"):
+            with _Lock(out):
+                if _stored_quantiles(out) != n_quantiles:
+                    _write_stats(out, old, n_quantiles, source, dictionary, top_logits)
+            cache = LatentCache.open(out)
+            cache.build_info = {"status": "reused", "seconds": time.perf_counter() - started}
+            return cache
+        else:
+            status = "resumed"
+    out.mkdir(parents=True, exist_ok=True)
+    with _Lock(out):
+        writer = _Writer(source, dictionary, out, hookpoint, inputs, splits, ctx_len, target, bos, filter_bos,
+                         positions, fp, inputs_fp, activation_cache, dataset, batch_size, flush_nonzeros,
+                         encode_rows)
+        resumed_from = writer.done
+        if resumed_from == 0 and status == "resumed":
+            status = "built"
+        writer.run(progress)
+        _write_stats(out, writer.manifest, n_quantiles, source, dictionary, top_logits)
+        writer.manifest["complete"] = True
+        writer.save_manifest()
+    cache = LatentCache.open(out)
+    cache.build_info = {"status": status, "seconds": time.perf_counter() - started,
+                        "resumed_from_sequences": resumed_from}
+    return cache
+
+
+class _Writer:
+    """Streams one latent cache to disk chunk by chunk, resuming after the last listed chunk."""
+
+    def __init__(self, source: ActivationSource, dictionary: SparseDictionary, out: Path, hookpoint: str,
+                 inputs: list[str], splits: list[tuple[int, int]], ctx_len: int, target: int, bos: int | None,
+                 filter_bos: bool, positions: list[int], fp: str, inputs_fp: dict[str, Any], activation_cache: Any,
+                 dataset: Dataset | None, batch_size: int, flush_nonzeros: int, encode_rows: int):
+        self.source, self.dictionary, self.out, self.inputs = source, dictionary, out, inputs
+        self.splits, self.ctx_len, self.target, self.bos = splits, ctx_len, target, bos
+        self.filter_bos, self.positions = filter_bos, positions
+        self.activation_cache, self.dataset = activation_cache, dataset
+        self.batch_size, self.flush_nonzeros, self.encode_rows = batch_size, flush_nonzeros, encode_rows
+        self.bounds = torch.tensor([lo for lo, _ in splits[1:]], dtype=torch.long)
+        if (out / MANIFEST).is_file():
+            self.manifest = _read_manifest(out)
+            self._clean_unlisted()
+        else:
+            tokens = ({"kind": "activation_cache", "path": str(Path(activation_cache.path).resolve()),
+                       "fingerprint": activation_cache.fingerprint} if activation_cache is not None
+                      else {"kind": "chunks"})
+            self.manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp, "fingerprint_inputs": inputs_fp,
+                "complete": False, "hookpoint": hookpoint, "sites": {"inputs": inputs,
+                                                                     "outputs": list(dictionary.sites.outputs)},
+                "d_sae": int(dictionary.d_sae), "ctx_len": ctx_len, "n_sequences_target": target,
+                "bos_token_id": bos, "filter_bos": bool(filter_bos), "exclude_positions": positions,
+                "splits": [list(s) for s in splits], "tokens": tokens, "n_sequences": 0, "n_analysed": 0,
+                "n_nonzeros": 0, "data_exhausted": False, "chunks": [], "created": _now(),
+            }
+        self.done = int(self.manifest["n_sequences"])
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffered = 0
+        self._tokens: list[torch.Tensor] = []
+        self._chunk_start = self.done
+        self._chunk_analysed = 0
+
+    def _clean_unlisted(self) -> None:
+        listed = {c["tokens"] for c in self.manifest["chunks"] if c.get("tokens")}
+        listed |= {s["path"] for c in self.manifest["chunks"] for s in c["splits"]}
+        for sub in self.out.iterdir():
+            if sub.is_dir() and (sub.name == "tokens" or sub.name.startswith("split_")):
+                for path in sub.iterdir():
+                    if str(path.relative_to(self.out)) not in listed:
+                        path.unlink()
+
+    def save_manifest(self) -> None:
+        """Write the manifest atomically."""
+        self.manifest["updated"] = _now()
+        _write_json_atomic(self.out / MANIFEST, self.manifest)
+
+    # ---- data
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(tokens [B, ctx], {hookpoint: [B, ctx, d]})`` from sequence ``self.done`` on."""
+        if self.activation_cache is not None:
+            cache, seen = self.activation_cache, 0
+            for index, shard in enumerate(cache.shards):
+                n = int(shard["n_sequences"])
+                if seen + n <= self.done:
+                    seen += n
+                    continue
+                offset = max(0, self.done - seen)
+                tokens = cache.shard_tokens(index)
+                acts = {h: cache.shard_activations(h, index) for h in self.inputs}
+                for a in range(offset, n, self.batch_size):
+                    b = min(n, a + self.batch_size)
+                    yield tokens[a:b], {h: t[a:b].float() for h, t in acts.items()}
+                seen += n
+                del tokens, acts
+            return
+        import itertools
+
+        from .data import WindowSpec, iter_windows
+
+        spec = WindowSpec.for_tokenizer(self.source.tokenizer, self.ctx_len)
+        windows = iter_windows(self.dataset.texts(), self.source.tokenizer, spec,  # type: ignore[union-attr]
+                               max_windows=self.target - self.done, skip_windows=self.done)
+        device = getattr(self.source, "device", None)
+        while True:
+            batch = list(itertools.islice(windows, self.batch_size))
+            if not batch:
+                return
+            ids = torch.stack(batch)
+            with torch.no_grad():
+                acts = self.source.activations(ids if device is None else ids.to(device), self.inputs)
+            yield ids, acts
+            if len(batch) < self.batch_size:
+                return
+
+    # ---- encoding and flushing
+
+    def _keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(tokens.shape, dtype=torch.bool)
+        if self.positions:
+            keep[:, self.positions] = False
+        if self.filter_bos and self.bos is not None:
+            keep &= tokens.to(torch.long) != self.bos
+        return keep.flatten()
+
+    @torch.no_grad()
+    def _encode(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor], first_seq: int) -> None:
+        B = tokens.shape[0]
+        x = torch.stack([acts[h].reshape(B * self.ctx_len, -1) for h in self.inputs], dim=1)
+        param = next(self.dictionary.parameters(), None)
+        if param is not None and param.device != x.device:
+            x = x.to(param.device)
+        keep = self._keep_mask(tokens).to(x.device)
+        base = first_seq * self.ctx_len
+        for a in range(0, x.shape[0], self.encode_rows):
+            lat = self.dictionary.encode(x[a:a + self.encode_rows].to(param.dtype if param is not None else x.dtype))
+            lat = lat * keep[a:a + self.encode_rows, None]
+            rows, cols = lat.nonzero(as_tuple=True)
+            values = lat[rows, cols].float().cpu()
+            self._buffer.append(((rows.cpu() + base + a).to(torch.int64), cols.cpu().to(torch.int64), values))
+            self._buffered += int(values.numel())
+        self._chunk_analysed += int(keep.sum())
+
+    def _flush(self) -> None:
+        n_seq = self.done - self._chunk_start
+        if n_seq == 0:
+            return
+        index = len(self.manifest["chunks"])
+        name = f"{index:06d}.safetensors"
+        token = torch.cat([b[0] for b in self._buffer]) if self._buffer else torch.zeros(0, dtype=torch.long)
+        latent = torch.cat([b[1] for b in self._buffer]) if self._buffer else torch.zeros(0, dtype=torch.long)
+        value = torch.cat([b[2] for b in self._buffer]) if self._buffer else torch.zeros(0)
+        self._buffer.clear()
+        order = torch.argsort(latent * MAX_TOKENS + token)
+        token, latent, value = token[order], latent[order], value[order]
+        cuts = [0, *torch.searchsorted(latent, self.bounds).tolist(), int(latent.numel())]
+        entry: dict[str, Any] = {"index": index, "seq_start": self._chunk_start, "seq_stop": self.done,
+                                 "n_analysed": self._chunk_analysed, "splits": []}
+        for s in range(len(self.splits)):
+            a, b = cuts[s], cuts[s + 1]
+            rel = f"split_{s}/{name}"
+            _save({"token": token[a:b].to(torch.int32), "latent": latent[a:b].to(torch.int32),
+                   "value": value[a:b].to(torch.float32)}, self.out / rel)
+            entry["splits"].append({"path": rel, "nnz": b - a})
+        if self.activation_cache is None:
+            rel = f"tokens/{name}"
+            _save({"tokens": torch.cat(self._tokens).to(torch.int32)}, self.out / rel)
+            entry["tokens"] = rel
+        self._tokens.clear()
+        self.manifest["chunks"].append(entry)
+        self.manifest["n_sequences"] = self.done
+        self.manifest["n_analysed"] += self._chunk_analysed
+        self.manifest["n_nonzeros"] += int(token.numel())
+        self.save_manifest()
+        self._buffered, self._chunk_start, self._chunk_analysed = 0, self.done, 0
+
+    def run(self, show_progress: bool) -> None:
+        """Encode the missing sequences and write their chunks."""
+        from .progress import progress as make_progress
+
+        self.dictionary.eval()
+        bar = make_progress() if show_progress else None
+        task = None
+        if bar is not None:
+            bar.start()
+            task = bar.add_task(f"latents {self.manifest['hookpoint']}", total=self.target * self.ctx_len,
+                                completed=self.done * self.ctx_len)
+        try:
+            for tokens, acts in self._batches():
+                n = tokens.shape[0]
+                self._encode(tokens, acts, self.done)
+                if self.activation_cache is None:
+                    self._tokens.append(tokens.to(torch.int32).cpu())
+                self.done += n
+                del acts
+                if bar is not None:
+                    bar.update(task, advance=n * self.ctx_len)
+                if self._buffered >= self.flush_nonzeros:
+                    self._flush()
+            self._flush()
+        finally:
+            if bar is not None:
+                bar.stop()
+        if self.done == 0:
+            raise UsageError("no tokens to analyse: the dataset holds fewer tokens than one context window")
+        self.manifest["data_exhausted"] = self.done < self.target
+        self.save_manifest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _write_stats(out: Path, manifest: dict[str, Any], n_quantiles: int, source: ActivationSource,
+                 dictionary: SparseDictionary, top_k: int) -> None:
+    cache = LatentCache(out, manifest)
+    d_sae = cache.d_sae
+    counts = torch.zeros(d_sae, dtype=torch.long)
+    vmax = torch.full((d_sae,), float("-inf"))
+    vmin = torch.full((d_sae,), float("inf"))
+    total = torch.zeros(d_sae, dtype=torch.float64)
+    for s in range(cache.n_splits):  # pass 1: counts and extrema, one chunk file at a time
+        for path in cache.chunk_files(s):
+            data = _load(path)
+            lat, val = data["latent"].long(), data["value"].float()
+            counts += torch.bincount(lat, minlength=d_sae)
+            vmax.scatter_reduce_(0, lat, val, "amax")
+            vmin.scatter_reduce_(0, lat, val, "amin")
+            total.index_add_(0, lat, val.double())
+    fired = counts > 0
+    hi = torch.where(fired, vmax.clamp_min(0), torch.zeros(()))
+    lo = torch.where(fired, vmin.clamp_max(0), torch.zeros(()))
+    width = (hi - lo).clamp_min(1e-12)
+    bounds = torch.zeros(d_sae, n_quantiles)
+    hist = torch.zeros(d_sae, HIST_BINS, dtype=torch.int32)
+    for s, (a, b) in enumerate(cache.splits):  # pass 2: fine histograms, one split's latents at a time
+        fine = torch.zeros((b - a) * FINE_BINS, dtype=torch.long)
+        for path in cache.chunk_files(s):
+            data = _load(path)
+            lat, val = data["latent"].long(), data["value"].float()
+            bins = ((val - lo[lat]) / width[lat] * FINE_BINS).long().clamp(0, FINE_BINS - 1)
+            fine += torch.bincount((lat - a) * FINE_BINS + bins, minlength=(b - a) * FINE_BINS)
+        fine = fine.reshape(b - a, FINE_BINS)
+        hist[a:b] = fine.reshape(b - a, HIST_BINS, FINE_BINS // HIST_BINS).sum(-1).to(torch.int32)
+        bounds[a:b] = _quantile_bounds(fine, lo[a:b], width[a:b], vmin[a:b], n_quantiles)
+    n = max(1, int(manifest["n_analysed"]))
+    freq = counts.double() / n
+    alive = int(fired.sum())
+    log_freq = torch.log10(freq[fired]) if alive else torch.zeros(0, dtype=torch.float64)
+    edges = torch.linspace(-8, 0, 33, dtype=torch.float64)
+    freq_hist = torch.histc(log_freq.clamp(-8, 0), bins=32, min=-8, max=0).long().tolist() if alive else [0] * 32
+    arrays: dict[str, torch.Tensor] = {
+        "firing_count": counts, "max_activation": torch.where(fired, vmax, torch.zeros(())),
+        "mean_activation": torch.where(fired, (total / counts.clamp_min(1)).float(), torch.zeros(())),
+        "quantile_bounds": bounds, "histogram": hist, "histogram_range": torch.stack([lo, hi], 1),
+    }
+    vocab_ids: set[int] = set()
+    dla = _direct_logits(source, dictionary, top_k)
+    if dla is not None:
+        arrays.update(dla)
+        vocab_ids = set(dla["top_logit_ids"].flatten().tolist()) | set(dla["bottom_logit_ids"].flatten().tolist())
+    _save(arrays, out / STATS_ARRAYS)
+    if dla is not None:
+        tok = source.tokenizer
+        _write_json_atomic(out / VOCAB_JSON, {str(i): tok.decode([i]) for i in sorted(vocab_ids)})
+    sorted_freq = freq[fired].sort().values
+    stats = {
+        "schema": STATS_SCHEMA,
+        "hookpoint": manifest["hookpoint"],
+        "d_sae": d_sae,
+        "n_sequences": int(manifest["n_sequences"]),
+        "ctx_len": cache.ctx_len,
+        "n_tokens": int(manifest["n_sequences"]) * cache.ctx_len,
+        "n_analysed": int(manifest["n_analysed"]),
+        "n_nonzeros": int(manifest["n_nonzeros"]),
+        "n_splits": cache.n_splits,
+        "n_quantiles": n_quantiles,
+        "histogram_bins": HIST_BINS,
+        "summary": {
+            "alive": alive,
+            "dead": d_sae - alive,
+            "dead_fraction": (d_sae - alive) / d_sae,
+            "mean_l0": float(counts.sum()) / n,
+            "mean_frequency": float(freq.mean()),
+            "median_frequency_alive": float(sorted_freq[len(sorted_freq) // 2]) if alive else None,
+            "log10_frequency_histogram": {"edges": edges.tolist(), "counts": freq_hist},
+        },
+        "has_logits": dla is not None,
+        "latents": {
+            "firing_count": counts.tolist(),
+            "frequency": [float(f) for f in freq.tolist()],
+            "max_activation": [round(float(v), 6) for v in arrays["max_activation"].tolist()],
+        },
+    }
+    _write_json_atomic(out / STATS_JSON, stats)
+
+
+def _stored_quantiles(out: Path) -> int | None:
+    try:
+        return int(json.loads((out / STATS_JSON).read_text(encoding="utf-8"))["n_quantiles"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _quantile_bounds(fine: torch.Tensor, lo: torch.Tensor, width: torch.Tensor, vmin: torch.Tensor,
+                     n_quantiles: int) -> torch.Tensor:
+    """Lower bound of each of ``n_quantiles`` equal-count quantiles, interpolated in the fine histogram."""
+    n_lat = fine.shape[0]
+    cum = fine.cumsum(1).double()
+    total = cum[:, -1:]
+    out = torch.zeros(n_lat, n_quantiles)
+    out[:, 0] = torch.where(total[:, 0] > 0, vmin, torch.zeros(()))
+    if n_quantiles == 1:
+        return out
+    targets = total * torch.arange(1, n_quantiles, dtype=torch.float64) / n_quantiles  # [n_lat, q-1]
+    idx = torch.searchsorted(cum, targets).clamp(max=FINE_BINS - 1)
+    before = torch.where(idx > 0, cum.gather(1, (idx - 1).clamp_min(0)), torch.zeros((), dtype=torch.float64))
+    in_bin = fine.gather(1, idx).double().clamp_min(1)
+    frac = ((targets - before) / in_bin).clamp(0, 1)
+    values = lo[:, None].double() + (idx.double() + frac) / FINE_BINS * width[:, None].double()
+    out[:, 1:] = torch.where(total > 0, values, torch.zeros((), dtype=torch.float64)).float()
+    return out
+
+
+@torch.no_grad()
+def _direct_logits(source: ActivationSource, dictionary: SparseDictionary, k: int,
+                   chunk: int = 512) -> dict[str, torch.Tensor] | None:
+    """Top and bottom ``k`` logits of each latent's decoder direction through the unembedding."""
+    if k < 1:
+        return None
+    W_U = source.unembedding()
+    W_dec = getattr(dictionary, "W_dec", None)
+    sites = list(dictionary.sites.outputs)
+    writing = residual_output_sites(sites)
+    if W_U is None or W_dec is None or not writing:
+        return None
+    W_U = W_U.detach().float().cpu()
+    d_out = dictionary.sites.d_out
+    if W_dec.shape[-1] != len(sites) * d_out or W_U.shape[0] != d_out:
+        return None
+    W = W_dec.detach().float().cpu().reshape(-1, len(sites), d_out)[:, writing].sum(1)
+    k = min(k, W_U.shape[1])
+    parts: dict[str, list[torch.Tensor]] = {"top_logit_ids": [], "top_logit_values": [], "bottom_logit_ids": [],
+                                            "bottom_logit_values": []}
+    for a in range(0, W.shape[0], chunk):
+        logits = W[a:a + chunk] @ W_U
+        top = logits.topk(k, dim=1)
+        bottom = logits.topk(k, dim=1, largest=False)
+        parts["top_logit_ids"].append(top.indices.to(torch.int32))
+        parts["top_logit_values"].append(top.values)
+        parts["bottom_logit_ids"].append(bottom.indices.to(torch.int32))
+        parts["bottom_logit_values"].append(bottom.values)
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+__all__ = [
+    "DEFAULT_FLUSH_NONZEROS",
+    "FORMAT",
+    "HIST_BINS",
+    "LatentActivations",
+    "LatentCache",
+    "build_latent_cache",
+    "dictionary_identity",
+    "find_activation_cache",
+    "residual_output_sites",
+    "split_bounds",
+]
