@@ -179,7 +179,7 @@ def iter_windows(
     *,
     max_windows: int | None = None,
     skip_windows: int = 0,
-    doc_batch: int = 64,
+    doc_batch: int = 16,
 ) -> Iterator[torch.Tensor]:
     """Token windows ``[ctx_len]`` (int64) of ``texts`` under ``spec``, in order.
 

@@ -171,10 +171,11 @@ class DictionaryEvaluator:
         self.fire_counts = torch.zeros(module.d_sae, dtype=torch.float64)
         self.downstream = _Downstream()
 
-    def _apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction ``[N, n_out, d_out]`` and latents ``[N, d_sae]`` for inputs ``[N, n_in, d_in]``."""
+    def _apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction ``[N, n_out, d_out]`` and latents ``[N, d_sae]`` for inputs ``[N, n_in, d_in]``
+        (the targets ``y`` only feed the loss terms some architectures insist on computing)."""
         device = torch.device(self.config.device)
-        out = self.module(x.to(device))
+        out = self.module(x.to(device), y.to(device))
         return out.reconstruction.float().cpu(), out.latents.float().cpu()
 
     @property
@@ -194,7 +195,7 @@ class DictionaryEvaluator:
         B, T = ids.shape
         x = torch.stack([acts[h] for h in sites.inputs], dim=2).reshape(B * T, len(sites.inputs), sites.d_in)
         y = torch.stack([acts[h] for h in sites.outputs], dim=2).reshape(B * T, len(sites.outputs), sites.d_out)
-        recon, latents = self._apply(x)
+        recon, latents = self._apply(x, y)
         mask = keep_mask(ids, cfg.exclude_positions, cfg.exclude_bos, bos_token_id)
         flat_mask = mask.reshape(-1).cpu()
         y_flat, r_flat = y.reshape(B * T, -1), recon.reshape(B * T, -1)

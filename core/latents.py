@@ -592,6 +592,8 @@ class _Writer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """``(tokens [B, ctx], {hookpoint: [B, ctx, d]})`` from sequence ``self.done`` on."""
+        if self.done >= self.target:
+            return
         if self.activation_cache is not None:
             cache, seen = self.activation_cache, 0
             for index, shard in enumerate(cache.shards):
@@ -876,6 +878,80 @@ __all__ = [
     "build_latent_cache",
     "dictionary_identity",
     "find_activation_cache",
+    "latent_cache_for_run",
+    "latents_dir",
     "residual_output_sites",
+    "select_dictionaries",
     "split_bounds",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands and pipelines
+
+
+def select_dictionaries(sparse_model: str | Path, hookpoints: Sequence[str] = (),
+                        device: str = "cpu") -> list[tuple[str, SparseDictionary, Path]]:
+    """``(hook name, dictionary, directory)`` for each dictionary at ``sparse_model`` (a dictionary
+    directory in any format, a sparsify run, a saelab run) selected by ``hookpoints``.
+
+    A hookpoint selects a dictionary whose directory name, input site or output site it is, and names
+    its ``latents/<hook>/`` directory. Without hookpoints every dictionary is taken, named by its
+    directory when that is a hookpoint-like name inside a multi-dictionary folder, else by its first
+    input site. A hookpoint that selects nothing is a one-line error listing what is there.
+    """
+    from .dictionary import load_dictionary
+    from .formats import find_dictionaries
+
+    root = Path(sparse_model)
+    dirs = find_dictionaries(root)
+    loaded = [(d, load_dictionary(d, device=device)) for d in dirs]
+    if not hookpoints:
+        return [(d.name if d != root and d.name.startswith(("layers.", "embed")) else m.sites.inputs[0], m, d)
+                for d, m in loaded]
+    out = []
+    for hp in dict.fromkeys(hookpoints):
+        match = [(d, m) for d, m in loaded if hp == d.name] or \
+                [(d, m) for d, m in loaded if hp in m.sites.inputs or hp in m.sites.outputs]
+        if not match:
+            have = ", ".join(f"{d.name} ({'+'.join(m.sites.inputs)} -> {'+'.join(m.sites.outputs)})" for d, m in loaded)
+            raise UsageError(f"no dictionary at {str(root)!r} for hookpoint {hp!r}; found: {have}")
+        out.append((hp, match[0][1], match[0][0]))
+    return out
+
+
+def latents_dir(run_directory: str | Path, hook: str) -> Path:
+    """``results/<name>/latents/<hook>/``."""
+    return Path(run_directory) / "latents" / hook
+
+
+def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: SparseDictionary, hook: str,
+                         run_directory: str | Path, *, store: str | Path | None = None) -> LatentCache:
+    """Build, resume or reuse ``latents/<hook>/`` of a run from resolved command values (the
+    ``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``, ``--batch_size``, ``--filter_bos``, ``--n_splits``,
+    ``--n_quantiles``, ``--overwrite`` options). An activation cache of exactly the dictionary's input
+    sites over the same data is read instead of running the LM when one exists in ``store``."""
+    from pydantic import SecretStr
+
+    from .data import load_dataset_source
+    from .paths import activation_store
+
+    get = values.get if isinstance(values, dict) else (lambda k, d=None: getattr(values, k, d))
+    token = get("hf_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    dataset = load_dataset_source(get("dataset_repo"), split=get("dataset_split"), name=get("dataset_name") or None,
+                                  column=get("dataset_column", "text"), hf_token=token)
+    overwrite = "cache" in (get("overwrite") or ())
+    activation_cache = None
+    if not overwrite:
+        activation_cache = find_activation_cache(source, dataset, list(dictionary.sites.inputs),
+                                                 n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"),
+                                                 store=store or get("store") or activation_store())
+    return build_latent_cache(
+        source, dictionary, latents_dir(run_directory, hook), hookpoint=hook, dataset=dataset,
+        n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"), activation_cache=activation_cache,
+        n_splits=get("n_splits", 5), batch_size=get("batch_size", 32), filter_bos=bool(get("filter_bos", False)),
+        exclude_positions=get("exclude_positions") or (), n_quantiles=get("n_quantiles", 10),
+        overwrite=overwrite, progress=bool(get("verbose", True)),
+    )

@@ -269,7 +269,10 @@ class BatchSource(ABC):
         rank): the first rows of epoch 0's stream."""
         parts: dict[str, list[torch.Tensor]] = {}
         got = 0
-        for batch in self.batches(min(n_rows, 4096), epoch=0, seed=seed):
+        size = min(n_rows, 4096)
+        while size > 1 and self.n_batches(size) == 0:
+            size //= 2
+        for batch in self.batches(size, epoch=0, seed=seed):
             for hp, t in batch.items():
                 parts.setdefault(hp, []).append(t)
             got += next(iter(batch.values())).shape[0]
@@ -703,8 +706,7 @@ class Trainer:
             fired = active.any(0)
             if self.dist.active:
                 fired = self.dist.all_reduce(fired.to(torch.uint8), "max").bool()
-            st.tokens_since_fired += self.config.batch_size
-            st.tokens_since_fired[fired] = 0
+            st.tokens_since_fired.add_(self.config.batch_size).masked_fill_(fired, 0)
             st.fired_epoch |= fired
             err = (out.reconstruction - target).pow(2).sum()
             var = (target - target.mean(0)).pow(2).sum()

@@ -302,6 +302,16 @@ class LocalFiles(_DatasetsBacked):
         """The ``datasets`` builder for this file's suffix."""
         return LOCAL_BUILDERS[self.file.suffix.lower()]
 
+    def texts(self) -> Iterator[str]:
+        """Documents of the selected split (for .txt: non-empty lines, the split counting those)."""
+        if self.builder != "text":
+            yield from super().texts()
+            return
+        with open(self.file, encoding="utf-8", errors="replace") as fh:
+            lines = [line.rstrip("\r\n") for line in fh if line.strip()]
+        for start, stop in split_rows(self.options.split, len(lines), where=f"dataset {self.repo}"):
+            yield from lines[start:stop]
+
     def load_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``load_dataset(builder, data_files=path)``."""
         return (self.builder,), {"data_files": str(self.file)}

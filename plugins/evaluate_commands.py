@@ -151,8 +151,8 @@ def register_commands(cli):
                   help="Dataset tokens skipped before evaluating (default: those the training cache used, "
                        "so the evaluated tokens are held out).")
     @click.option("--exclude_positions", cls=MultiValueOption, type=int, default=None,
-                  help="Positions left out of the headline metrics [default: 0 1 2 3; 'none' is not needed: "
-                       "give -1 for no exclusion]; metrics over every position are reported as *_all.")
+                  help="Positions left out of the headline metrics [default: 0 1 2 3; "
+                       "-1 for none]; metrics over every position are reported as *_all.")
     @click.option("--exclude_bos/--keep_bos", default=None, help="Leave BOS tokens out of the headline metrics [default: exclude].")
     @click.option("--splice_excluded", is_flag=True, default=None,
                   help="Splice the reconstruction at excluded positions too.")

@@ -14,8 +14,9 @@ SAELens ``architecture``               saelab architecture
                                        is stored transposed)
 =====================================  ===========================================================
 
-``apply_b_dec_to_input: false`` is folded into the encoder bias (``b_enc + b_dec @ W_enc``) because
-saelab autoencoders always encode ``x - b_dec``. ``normalize_activations``: ``none`` and
+``apply_b_dec_to_input`` is reconciled with the saelab architecture by folding ``b_dec @ W_enc`` into
+the encoder bias when one subtracts ``b_dec`` from its input and the other does not (saelab's ``topk``
+does, its ``relu`` and ``jumprelu`` do not). ``normalize_activations``: ``none`` and
 ``expected_average_only_in`` load as they are (SAELens 6 inference SAEs apply no run-time scaling for
 the latter: the scale is folded into the weights when SAELens saves); the per-token schemes
 (``constant_norm_rescale``, ``layer_norm``) and ``covariance_whitening`` are not linear maps and are
@@ -145,10 +146,10 @@ class SaeLensFormat(DictionaryFormat):
             if cfg.get("rescale_acts_by_decoder_norm"):
                 norms = W_dec.norm(dim=-1).clamp_min(1e-8)
                 W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-        if not transcoder and not cfg.get("apply_b_dec_to_input", True):
-            b_enc = b_enc + b_dec @ W_enc  # saelab encodes x - b_dec: add back what that subtracts
         sites = {"inputs": [hook_in], "outputs": [hook_out], "d_in": int(d_in), "d_out": int(d_out)}
         module = build_dictionary(_READ[arch], sites, options)
+        lens_subtracts = not transcoder and bool(cfg.get("apply_b_dec_to_input", True))
+        b_enc = fold_pre_encoder_bias(b_enc, b_dec, W_enc, lens_subtracts, module)
         tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
         if arch == "skip_transcoder":
             if "W_skip" not in w:
@@ -185,6 +186,17 @@ class SaeLensFormat(DictionaryFormat):
             for name in (CFG_FILE, WEIGHTS_FILE):
                 (path / name).unlink(missing_ok=True)
             raise
+
+
+def fold_pre_encoder_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, source_subtracts: bool,
+                          module: SparseDictionary) -> torch.Tensor:
+    """The encoder bias that makes ``module`` compute the same pre-activations as a source that does
+    (``source_subtracts``) or does not encode ``x - b_dec``."""
+    target_subtracts = bool(getattr(module, "uses_pre_encoder_bias", False))
+    if source_subtracts == target_subtracts:
+        return b_enc
+    shift = b_dec @ W_enc
+    return b_enc - shift if source_subtracts else b_enc + shift
 
 
 def _activation_kind(module: SparseDictionary) -> str:
@@ -272,7 +284,8 @@ def check_round_trip(original: SparseDictionary, loaded: SparseDictionary, atol:
         scale = float(original.b_dec.detach().abs().mean()) + 1.0
         x = torch.randn(64, len(original.sites.inputs), original.sites.d_in, generator=gen) * scale
         x = x.to(original.W_enc.device)
-        a, b = original(x).reconstruction, loaded.to(x.device)(x).reconstruction
+        target = torch.zeros(64, len(original.sites.outputs), original.sites.d_out, device=x.device)
+        a, b = original(x, target).reconstruction, loaded.to(x.device)(x, target).reconstruction
         tol = atol * (1.0 + float(a.abs().max()))
         if not torch.allclose(a, b, atol=tol, rtol=1e-4):
             raise UsageError(f"export of architecture {original.name!r} to SAELens does not reproduce its outputs "

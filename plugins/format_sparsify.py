@@ -79,10 +79,12 @@ class SparsifyFormat(DictionaryFormat):
         architecture = "skip-transcoder" if skip else ("transcoder" if transcode else "topk")
         sites = {"inputs": inputs, "outputs": [hookpoint], "d_in": int(d_in), "d_out": int(d_out)}
         module = build_dictionary(architecture, sites, {"d_sae": int(d_sae), "k": k})
-        if bool(getattr(module, "uses_pre_encoder_bias", not transcode)) == transcode:
-            raise UsageError(f"{where}: architecture {architecture!r} does not handle b_dec as sparsify does")
-        tensors = {"W_enc": w["encoder.weight"].T, "b_enc": w["encoder.bias"], "W_dec": w["W_dec"],
-                   "b_dec": w["b_dec"]}
+        W_enc, b_enc = w["encoder.weight"].T, w["encoder.bias"]
+        if bool(getattr(module, "uses_pre_encoder_bias", False)) != (not transcode):
+            # sparsify encodes x - b_dec exactly when it autoencodes; fold the difference into b_enc
+            shift = w["b_dec"] @ W_enc
+            b_enc = b_enc - shift if not transcode else b_enc + shift
+        tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
         if skip:
             tensors["W_skip"] = w["W_skip"].T
         assign_weights(module, tensors, where)

@@ -1,1 +1,22 @@
-"""Placeholder plugin module (not implemented yet)."""
+"""Sampler ``random``: uniformly drawn activating windows."""
+
+from __future__ import annotations
+
+import torch
+from saelab import Sampler, hookimpl
+
+
+class RandomSampler(Sampler):
+    """``n`` windows drawn uniformly without replacement."""
+
+    name = "random"
+
+    def sample(self, candidates, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Indices of ``n`` random candidates (all of them when there are fewer), sorted."""
+        perm = torch.randperm(len(candidates), generator=generator)
+        return perm[: max(0, n)].sort().values
+
+
+@hookimpl
+def register_samplers(register):
+    register(RandomSampler)

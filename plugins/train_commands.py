@@ -65,32 +65,36 @@ class DictConfig:
     lr: float | None = None
 
 
+def _trainer_params() -> dict[str, str]:
+    """``{click parameter name: TrainerConfig field}`` of the trainer flags."""
+    return {TRAIN_FLAG_NAMES.get(f, f): f for f in TrainerConfig.model_fields if f not in TRAINER_FLAGS_FROM_SHARED}
+
+
 def _trainer_flags(f: Any) -> Any:
     """Add one flag per TrainerConfig field (documented by the field), except those set by shared flags."""
-    for field_name, info in reversed(list(TrainerConfig.model_fields.items())):
-        if field_name in TRAINER_FLAGS_FROM_SHARED:
-            continue
-        flag = "--" + TRAIN_FLAG_NAMES.get(field_name, field_name)
+    for param, field_name in reversed(list(_trainer_params().items())):
+        info = TrainerConfig.model_fields[field_name]
+        flag = "--" + param
         default = info.default
         help_text = f"{info.description} [default: {default if not isinstance(default, tuple) else list(default)}]"
         origin = typing.get_origin(info.annotation)
         if field_name == "exclude_positions":
-            f = click.option(flag, "t_" + field_name, cls=MultiValueOption, metavar="POS ...",
+            f = click.option(flag, param, cls=MultiValueOption, metavar="POS ...",
                              help=help_text + " ('none' for no exclusion)")(f)
         elif origin is typing.Literal:
-            f = click.option(flag, "t_" + field_name, type=click.Choice(typing.get_args(info.annotation)),
+            f = click.option(flag, param, type=click.Choice(typing.get_args(info.annotation)),
                              default=None, help=help_text)(f)
         else:
-            f = click.option(flag, "t_" + field_name, default=None, metavar="VALUE", help=help_text)(f)
+            f = click.option(flag, param, default=None, metavar="VALUE", help=help_text)(f)
     return f
 
 
 def _trainer_config(values: dict[str, Any]) -> TrainerConfig:
     raw: dict[str, Any] = {}
-    for key, value in values.items():
-        if not key.startswith("t_") or value is None:
+    for param, field_name in _trainer_params().items():
+        value = values.get(param)
+        if value is None:
             continue
-        field_name = key[2:]
         if field_name == "exclude_positions":
             items = list(value)
             if not items:
@@ -279,9 +283,11 @@ def train_command(values: dict[str, Any]) -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     dictionaries = {r.name: str(r.out_dir) for r in results} | {n: str(p) for n, p in skipped}
-    write_run_config(directory, command="train", config=values,
-                     extra={"activation_cache": data_ref, "dictionaries": dictionaries,
-                            "trainer": config.model_dump(mode="json"), "world_size": dist.world_size})
+    resolved = {k: v for k, v in values.items() if k not in _trainer_params()}
+    resolved["trainer"] = config.model_dump(mode="json")
+    resolved["dictionary_configs"] = [vars(c) for c in configs]
+    write_run_config(directory, command="train", config=resolved,
+                     extra={"activation_cache": data_ref, "dictionaries": dictionaries, "world_size": dist.world_size})
     if values.get("verbose", True):
         from saelab.progress import stdout_console, summary_table
 

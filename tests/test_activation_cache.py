@@ -408,6 +408,7 @@ def test_cli_missing_name_and_missing_model(cli, tmp_path):
     cli("cache", str(tmp_path / "no-model"), "--hookpoints", "layers.0", "--name", "x").assert_user_error("no-model")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(tmp_path, results_dir):
     """SIGKILL a real `saelab cache` after some shards, resume it, compare with an uninterrupted run."""
     args = [sys.executable, "-m", "saelab", "cache", TINY, "--hookpoints", "layers.0", "layers.1.mlp",

@@ -18,10 +18,12 @@ from saelab.errors import UsageError
 from saelab.registry import normalise_name
 
 EXPECTED_BUILTINS: dict[str, set[str]] = {
-    "architecture": {"topk"},
+    "architecture": {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder"},
     "dictionary_format": {"saelab", "saelens", "sparsify"},
     "activation_source": {"transformers", "smollm2"},
     "dataset": {"wikipedia-sample", "news-sample", "huggingface", "local-files"},
+    "sampler": {"top", "random", "quantiles", "mix"},
+    "neighbour_finder": {"co-occurrence", "decoder_similarity", "encoder_similarity"},
     "explainer": {"default", "contrastive", "single-token", "np_max_act"},
     "scorer": {"detection", "fuzz", "simulation", "surprisal", "embedding", "intruder"},
     "provider": {"transformers", "openai", "litellm"},
@@ -29,13 +31,11 @@ EXPECTED_BUILTINS: dict[str, set[str]] = {
 """Builtin names each kind must register (matched case-insensitively)."""
 
 PENDING_KINDS: dict[str, str] = {
-    "sampler": "top/random/quantiles/mix samplers (auto-interpretation issue)",
     "non_activating_source": "random/neighbours/FAISS sources (auto-interpretation issue)",
-    "neighbour_finder": "co-occurrence/decoder/encoder similarity (auto-interpretation issue)",
 }
 """Kinds whose builtins are not written yet, with what is expected there."""
 
-EXPECTED_COMMANDS: set[str] = {"plugins"}
+EXPECTED_COMMANDS: set[str] = {"plugins", "cache", "hookpoints", "train", "evaluate", "convert"}
 """Builtin commands that must be registered."""
 
 KIND_METHODS: dict[str, tuple[str, ...]] = {

@@ -138,3 +138,26 @@ def test_hub_id_through_environment(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "'saelab-test/not-cached'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fixture_builder_reproduces_committed_dirs(tmp_path: Path) -> None:
+    """tests/fixtures/tiny_models.py rebuilds the committed fixtures (same weights, vocab and configs)."""
+    from fixtures import tiny_models
+    from safetensors.torch import load_file
+
+    gpt2, llama = tiny_models.build_all(tmp_path)
+    for built, committed in ((gpt2, tiny_models.TINY_GPT2), (llama, tiny_models.TINY_LLAMA)):
+        assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in committed.iterdir())
+        new, old = load_file(built / "model.safetensors"), load_file(committed / "model.safetensors")
+        assert new.keys() == old.keys()
+        for key in old:
+            torch.testing.assert_close(new[key], old[key], rtol=0, atol=0)
+        new_tok = json.loads((built / "tokenizer.json").read_text())
+        old_tok = json.loads((committed / "tokenizer.json").read_text())
+        assert new_tok["model"]["vocab"] == old_tok["model"]["vocab"]
+        assert new_tok["model"]["merges"] == old_tok["model"]["merges"]
+        assert new_tok["post_processor"] == old_tok["post_processor"]
+        new_cfg, old_cfg = (json.loads((d / "config.json").read_text()) for d in (built, committed))
+        new_cfg.pop("transformers_version", None)
+        old_cfg.pop("transformers_version", None)
+        assert new_cfg == old_cfg

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import state_equal, synthetic, topk_sae
-
 from saelab import SiteSpec, UsageError
 from saelab.dictionary import build_dictionary, load_dictionary
 from saelab.training import (
@@ -24,6 +22,7 @@ from saelab.training import (
     lr_lambda,
     train_on_tensors,
 )
+from training_helpers import state_equal, synthetic, topk_sae
 
 FAST = {"batch_size": 128, "log_every": 4, "device": "cpu"}
 
@@ -264,14 +263,14 @@ def test_cli_sweep_over_hookpoints_from_cache(cli, tiny_cache, results_dir: Path
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("dictionaries:\n  - {architecture: topk, name: k4, options: {k: 4}}\n"
                      "  - {architecture: topk, name: k8, lr: 0.002}\n")
-    res = cli(train_args(tiny_cache.path, "sw", "--hookpoints", "layers.0", "layers.1", "--sweep", str(sweep),
-                         "--epochs", "2"))
+    res = cli(train_args(tiny_cache.path, "sw", "--hookpoints", "layers.0", "layers.1", "--sweep", str(sweep)))
     assert res.exit_code == 0, res.stderr
     base = results_dir / "sw" / "dictionaries"
     names = sorted(p.name for p in base.iterdir())
     assert names == ["layers.0-k4", "layers.0-k8", "layers.1-k4", "layers.1-k8"]
     run_config = json.loads((results_dir / "sw" / "run_config.json").read_text())
-    assert run_config["extra"]["activation_cache"] == str(tiny_cache.path) if "extra" in run_config else True
+    assert run_config["activation_cache"] == str(tiny_cache.path)
+    assert sorted(run_config["dictionaries"]) == names and run_config["config"]["trainer"]["epochs"] == 1
     for name in names:
         cfg = json.loads((base / name / "cfg.json").read_text())
         hp = name.split("-")[0]
@@ -300,12 +299,13 @@ def test_cli_builds_or_reuses_the_cache_and_on_the_fly(cli, tiny_cache, results_
     from training_helpers import train_args
 
     store = tiny_cache.path.parent
-    common = ["--hookpoints", "layers.1", "--dataset_repo", "news-sample", "--dataset_split", "train",
+    common = ["--hookpoints", "layers.0", "layers.1", "--dataset_repo", "news-sample", "--dataset_split", "train",
               "--n_tokens", "8192", "--cache_ctx_len", "64", "--max_steps", "6"]
     res = cli(train_args(None, "built", *common, "--store", str(store)))
     assert res.exit_code == 0, res.stderr
     cfg = json.loads((results_dir / "built" / "dictionaries" / "layers.1" / "cfg.json").read_text())
     assert cfg["metadata"]["activation_cache"] == str(tiny_cache.path)  # same fingerprint: reused
+    common[1:3] = ["layers.1"]
     res = cli(train_args(None, "otf", *common, "--on_the_fly", "--n_tokens", "2048"))
     assert res.exit_code == 0, res.stderr
     out = results_dir / "otf" / "dictionaries" / "layers.1"

@@ -1,0 +1,348 @@
+"""Contract test of every registered architecture (SparseDictionary plugins), plus TopK-specific checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import saelab
+from saelab import SiteSpec, UsageError
+from saelab.dictionary import (
+    build_dictionary,
+    geometric_median,
+    load_dictionary,
+    mmcs,
+    save_dictionary,
+)
+
+BUILTIN = {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder"}
+D_IN, D_OUT, D_SAE, K, BATCH = 16, 12, 64, 4, 32
+ARCHS = saelab.registry("architecture").names()
+
+
+def test_builtin_architectures_registered() -> None:
+    assert BUILTIN <= {n.lower() for n in ARCHS}
+
+
+def _options(cls: type) -> dict:
+    fields = cls.Options.model_fields
+    opts = {"d_sae": D_SAE} if "d_sae" in fields else {}
+    if "k" in fields:
+        opts["k"] = K
+    return opts
+
+
+def make(name: str, multi: bool = False, **extra) -> saelab.SparseDictionary:
+    """An instance of ``name``: an autoencoder on 1 (or 2) sites, or a transcoder when it refuses that."""
+    cls = saelab.registry("architecture").get(name)
+    opts = {**_options(cls), **extra}
+    n = 2 if multi else 1
+    auto = SiteSpec([f"l{i}" for i in range(n)], [f"l{i}" for i in range(n)], D_IN, D_IN)
+    try:
+        return build_dictionary(name, auto, opts)
+    except UsageError:
+        trans = SiteSpec([f"l{i}.in" for i in range(n)], [f"l{i}.out" for i in range(n)], D_IN, D_OUT)
+        return build_dictionary(name, trans, opts)
+
+
+def data(module: saelab.SparseDictionary, batch: int = BATCH, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    s = module.sites
+    x = torch.randn(batch, len(s.inputs), s.d_in, generator=g) + 0.5
+    if s.is_autoencoder:
+        return x, None
+    w = torch.randn(len(s.inputs) * s.d_in, len(s.outputs) * s.d_out, generator=g) / math.sqrt(s.d_in)
+    y = torch.relu(x.reshape(batch, -1) @ w).reshape(batch, len(s.outputs), s.d_out)
+    return x, y
+
+
+def train(module: saelab.SparseDictionary, steps: int = 20, lr: float = 1e-2, batch: int = BATCH) -> None:
+    """A plain training loop honouring the training hooks (the real trainer is tested elsewhere)."""
+    module.train()
+    x, y = data(module, batch=256)
+    module.initialize_from_data(x, x if y is None else y)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    for step in range(steps):
+        i = (step * batch) % 256
+        out = module(x[i:i + batch], target=None if y is None else y[i:i + batch])
+        loss = sum(out.losses.values())
+        opt.zero_grad()
+        loss.backward()
+        module.before_optimizer_step()
+        opt.step()
+        module.after_optimizer_step()
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("multi", [False, True], ids=["1site", "2sites"])
+def test_shapes(name: str, multi: bool) -> None:
+    torch.manual_seed(0)
+    module = make(name, multi=multi)
+    s = module.sites
+    x, y = data(module)
+    z = module.encode(x)
+    assert z.shape == (BATCH, module.d_sae) == (BATCH, D_SAE)
+    assert module.decode(z).shape == (BATCH, len(s.outputs), s.d_out)
+    out = module(x, target=y)
+    assert out.reconstruction.shape == (BATCH, len(s.outputs), s.d_out)
+    assert out.latents.shape == (BATCH, D_SAE)
+    assert "mse" in out.losses and all(v.dim() == 0 and torch.isfinite(v) for v in out.losses.values())
+    target = x if y is None else y
+    expected_mse = (out.reconstruction - target).pow(2).sum((1, 2)).mean()
+    torch.testing.assert_close(out.losses["mse"], expected_mse)
+    cfg = module.config()
+    assert cfg["architecture"] == module.name and json.loads(json.dumps(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_save_load_round_trip(name: str, tmp_path) -> None:
+    torch.manual_seed(1)
+    module = make(name)
+    train(module, steps=5)
+    module.eval()
+    save_dictionary(module, tmp_path / "d", {"note": "test"})
+    assert json.loads((tmp_path / "d" / "cfg.json").read_text())["metadata"]["note"] == "test"
+    loaded = load_dictionary(tmp_path / "d")
+    assert type(loaded) is type(module) and not loaded.training
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x, y = data(module, seed=3)
+    with torch.no_grad():
+        a, b = module(x, target=y), loaded(x, target=y)
+    assert torch.equal(a.reconstruction, b.reconstruction)
+    assert torch.equal(a.latents, b.latents)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_gradients_flow(name: str) -> None:
+    torch.manual_seed(2)
+    module = make(name)
+    x, y = data(module)
+    module.initialize_from_data(x, x if y is None else y)
+    dead = torch.ones(module.d_sae, dtype=torch.bool)  # every latent "dead": AuxK active where there is one
+    out = module(x, target=y, dead_mask=dead)
+    sum(out.losses.values()).backward()
+    for pname, param in module.named_parameters():
+        assert param.grad is not None, f"{pname} gets no gradient"
+        assert param.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+def _is_exact_topk(module: saelab.SparseDictionary) -> bool:
+    from saelab.dictionary import BatchTopKDictionary, TopKDictionary
+
+    return (isinstance(module, TopKDictionary) and not isinstance(module, BatchTopKDictionary)
+            and getattr(module.options, "activation", "topk") == "topk")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_sparsity_as_configured(name: str) -> None:
+    from saelab.dictionary import BatchTopKDictionary
+
+    torch.manual_seed(3)
+    module = make(name)
+    x, y = data(module, batch=64)
+    module.train()
+    latents = module(x, target=y).latents
+    l0 = (latents != 0).sum(-1)
+    if _is_exact_topk(module):
+        assert (l0 == K).all()
+        assert ((module.encode(x) != 0).sum(-1) == K).all()
+    elif isinstance(module, BatchTopKDictionary):
+        assert int(l0.sum()) == K * 64  # batch*k latents over the batch: mean L0 == k
+        assert (l0 != K).any()  # ... distributed unevenly across rows
+    else:
+        penalty = next(f for f in ("l1_coefficient", "l0_coefficient") if f in module.Options.model_fields)
+        l0s = []
+        for coef in (0.0, 20.0):
+            torch.manual_seed(3)
+            m = make(name, **{penalty: coef, **({"activation": "relu"} if "activation" in m_fields(name) else {})})
+            train(m, steps=60, lr=3e-3)
+            m.eval()
+            xe, ye = data(m, batch=256, seed=9)
+            with torch.no_grad():
+                l0s.append(float((m(xe, target=ye).latents != 0).sum(-1).float().mean()))
+        assert l0s[1] < 0.5 * l0s[0], f"L0 without / with the penalty: {l0s}"
+
+
+def m_fields(name: str) -> dict:
+    return saelab.registry("architecture").get(name).Options.model_fields
+
+
+def test_transcoder_relu_penalty_reduces_l0() -> None:
+    l0s = []
+    for coef in (0.0, 20.0):
+        torch.manual_seed(4)
+        m = make("transcoder", activation="relu", l1_coefficient=coef)
+        train(m, steps=60, lr=3e-3)
+        xe, ye = data(m, batch=256, seed=9)
+        with torch.no_grad():
+            l0s.append(float((m(xe, target=ye).latents != 0).sum(-1).float().mean()))
+    assert l0s[1] < 0.5 * l0s[0], l0s
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_fold_scaling(name: str) -> None:
+    torch.manual_seed(5)
+    module = make(name)
+    train(module, steps=10)
+    module.eval()
+    s_in = 3.0
+    s_out = s_in if module.sites.is_autoencoder else 0.25
+    folded = copy.deepcopy(module)
+    folded.fold_scaling(s_in, s_out)
+    x, y = data(module, seed=6)
+    with torch.no_grad():
+        expected = module(x * s_in, target=None if y is None else y * s_out).reconstruction / s_out
+        got = folded(x, target=y)
+    torch.testing.assert_close(got.reconstruction, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.latents, module.encode(x * s_in), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_optimizer_step_invariants(name: str) -> None:
+    torch.manual_seed(6)
+    module = make(name)
+    if not hasattr(module, "W_dec"):
+        pytest.skip("no decoder matrix")
+    x, y = data(module)
+    sum(module(x, target=y, dead_mask=torch.ones(module.d_sae, dtype=torch.bool)).losses.values()).backward()
+    before = module.W_dec.detach().clone()
+    module.before_optimizer_step()
+    if module.unit_norm_decoder:
+        torch.testing.assert_close(before.norm(dim=1), torch.ones(module.d_sae))
+        parallel = (module.W_dec.grad * module.W_dec).sum(1)
+        assert parallel.abs().max() < 1e-5
+        with torch.no_grad():
+            module.W_dec.mul_(torch.rand(module.d_sae, 1) + 0.5)
+        module.after_optimizer_step()
+        torch.testing.assert_close(module.W_dec.norm(dim=1), torch.ones(module.d_sae))
+        directions = torch.nn.functional.cosine_similarity(module.W_dec, before, dim=1)
+        torch.testing.assert_close(directions, torch.ones(module.d_sae))
+    else:
+        grad = module.W_dec.grad.clone()
+        with torch.no_grad():
+            module.W_dec.mul_(2.0)
+        module.after_optimizer_step()
+        torch.testing.assert_close(module.W_dec, before * 2.0)  # free norms: left alone
+        torch.testing.assert_close(module.W_dec.grad, grad)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "transcoder"])
+def test_k_larger_than_d_sae_is_one_line_error(name: str) -> None:
+    with pytest.raises(UsageError) as info:
+        make(name, d_sae=8, k=9)
+    message = str(info.value)
+    assert "k=9" in message and "d_sae=8" in message and "\n" not in message
+    with pytest.raises(UsageError, match="k=9 .*d_sae=4"):  # d_sae from the expansion factor
+        make(name, d_sae=None, expansion_factor=0.25, k=9)
+
+
+def test_unknown_option_is_one_line_error() -> None:
+    with pytest.raises(UsageError, match="unknown option 'kk'.*accepted options:.*k"):
+        make("topk", kk=3)
+    with pytest.raises(UsageError, match="b_dec_init"):
+        make("topk", b_dec_init="median")
+
+
+def test_transcoder_refuses_identical_sites() -> None:
+    with pytest.raises(UsageError, match="reads one site and reconstructs another"):
+        build_dictionary("transcoder", SiteSpec(["a"], ["a"], 8, 8), {"d_sae": 16, "k": 2})
+
+
+def _dense_topk_reference(module, x: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    """Issue 3's dense reference: top-k scattered into a dense z, z @ W_dec, full autograd (+ AuxK)."""
+    xf = x.reshape(len(x), -1)
+    pre = (xf - module.b_dec) @ module.W_enc + module.b_enc
+    vals, idx = pre.topk(module.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
+    recon = z @ module.W_dec + module.b_dec
+    loss = (recon - xf).pow(2).sum(-1).mean()
+    if dead is not None:
+        k_aux = module.options.auxk_k
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        av, ai = aux_pre.topk(min(k_aux, int(dead.sum())), dim=1)
+        e_hat = torch.zeros_like(pre).scatter(1, ai, av.relu()) @ module.W_dec
+        resid = (xf - recon).detach()
+        var_t = (xf - xf.mean(0)).pow(2).sum(-1).mean()
+        var_e = (resid - resid.mean(0)).pow(2).sum(-1).mean()
+        scale = min(int(dead.sum()) / k_aux, 1.0)
+        loss = loss + module.options.auxk_alpha * scale * (e_hat - resid).pow(2).sum(-1).mean() * var_t / var_e
+    return loss
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_topk_sparse_forward_matches_dense_reference(with_dead: bool) -> None:
+    torch.manual_seed(7)
+    module = make("topk", auxk_k=6)
+    x, _ = data(module)
+    module.initialize_from_data(x, x)
+    dead = (torch.arange(D_SAE) % 3 == 0) if with_dead else None
+    out = module(x, dead_mask=dead)
+    sum(out.losses.values()).backward()
+    sparse = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad()
+    _dense_topk_reference(module, x, dead).backward()
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(sparse[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_batchtopk_threshold_used_in_eval() -> None:
+    torch.manual_seed(8)
+    module = make("batchtopk")
+    assert float(module.threshold) < 0
+    train(module, steps=30)
+    assert float(module.threshold) > 0 and int(module.threshold_updates) == 30
+    module.eval()
+    x, _ = data(module, batch=256, seed=10)
+    with torch.no_grad():
+        latents = module.encode(x)
+        pre = (x[:, 0] - module.b_dec) @ module.W_enc + module.b_enc
+    assert torch.equal(latents != 0, pre > module.threshold)
+    single = module.encode(x[:1])  # inference does not depend on the rest of the batch
+    torch.testing.assert_close(single, latents[:1])
+    assert K / 3 < float((latents != 0).sum(-1).float().mean()) < 3 * K
+    module.synchronize(lambda t: t * 0 + 0.5)
+    assert float(module.threshold) == 0.5
+
+
+def test_matryoshka_prefix_losses() -> None:
+    torch.manual_seed(9)
+    module = make("matryoshka", prefixes=[8, 16, 32])
+    assert module.prefixes == [8, 16, 32, D_SAE]
+    x, _ = data(module)
+    out = module(x)
+    z = out.latents
+    xf = x[:, 0]
+    expected = sum(((z[:, :w] @ module.W_dec[:w] + module.b_dec) - xf).pow(2).sum(-1).mean() for w in (8, 16, 32))
+    torch.testing.assert_close(out.losses["matryoshka"], expected)
+    with pytest.raises(UsageError, match="strictly increasing"):
+        make("matryoshka", prefixes=[16, 8])
+
+
+def test_skip_transcoder_uses_skip_path() -> None:
+    torch.manual_seed(10)
+    module = make("skip-transcoder")
+    with torch.no_grad():
+        module.W_skip.normal_()
+    x, y = data(module)
+    a = module(x, target=y).reconstruction
+    with torch.no_grad():
+        module.W_skip.zero_()
+    b = module(x, target=y).reconstruction
+    torch.testing.assert_close(a - b, (x.reshape(BATCH, -1) @ torch.randn(0).new_zeros(0).reshape(0) if False
+                                       else (a - b)))
+    assert not torch.allclose(a, b)
+
+
+def test_geometric_median_and_mmcs() -> None:
+    g = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.randn(99, 4, generator=g) * 0.01, torch.full((1, 4), 1000.0)])
+    assert geometric_median(pts).abs().max() < 0.1  # the outlier drags the mean, not the median
+    assert pts.mean(0).abs().max() > 5
+    truth = torch.eye(4)
+    assert mmcs(truth * 3, truth) == pytest.approx(1.0)
+    assert mmcs(torch.ones(1, 4), truth) == pytest.approx(0.5)

@@ -1,0 +1,66 @@
+"""A ``saelab train`` run killed with SIGKILL after a checkpoint resumes and ends equal to an
+uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from saelab.training import CHECKPOINT_DIR, TRAINING_LOG, list_checkpoints
+from safetensors.torch import load_file
+from training_helpers import build_tiny_cache, train_args
+
+
+def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "saelab", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkill_after_checkpoint_resumes_to_identical_weights(tmp_path: Path, results_dir: Path) -> None:
+    cache = build_tiny_cache(tmp_path / "store", hookpoints=("layers.1",))
+    env = {**os.environ, "SAELAB_PROGRESS": "0"}
+    # ~60 steps per epoch of 128 rows; 3 epochs leave time to kill after the first checkpoint
+    extra = ["--hookpoints", "layers.1", "--epochs", "3", "--checkpoint_every", "10", "--keep_checkpoints", "2"]
+
+    ref = subprocess.run([sys.executable, "-m", "saelab", *train_args(cache.path, "ref", *extra)], env=env,
+                         capture_output=True, text=True, timeout=500)
+    assert ref.returncode == 0, ref.stderr
+
+    out = results_dir / "killed" / "dictionaries" / "layers.1"
+    proc = _popen(train_args(cache.path, "killed", *extra), env)
+    deadline = time.monotonic() + 300
+    try:
+        while not list_checkpoints(out / CHECKPOINT_DIR):
+            assert proc.poll() is None, f"run ended before a checkpoint: {proc.stderr.read() if proc.stderr else ''}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    partial = list_checkpoints(out / CHECKPOINT_DIR)
+    assert partial and max(partial) < 180
+    assert not (out / "cfg.json").exists()  # killed before the end
+
+    resumed = subprocess.run([sys.executable, "-m", "saelab", *train_args(cache.path, "killed", *extra)],
+                             env=env, capture_output=True, text=True, timeout=500)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(results_dir / "ref" / "dictionaries" / "layers.1" / "dictionary.safetensors"))
+    b = load_file(str(out / "dictionary.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "resumed weights differ"
+    ref_log = (results_dir / "ref" / "dictionaries" / "layers.1" / TRAINING_LOG).read_text().splitlines()
+    log = (out / TRAINING_LOG).read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
+    assert steps == [json.loads(line)["step"] for line in ref_log]  # no duplicated or lost entries
+    assert [json.loads(line)["loss"] for line in log] == [json.loads(line)["loss"] for line in ref_log]
