@@ -70,11 +70,11 @@ def throughput(n_tokens: int, ctx_len: int, batch_size: int, repeats: int) -> di
     return best
 
 
-def peak_rss(n_tokens: int, ctx_len: int, batch_size: int) -> tuple[float, float]:
+def peak_rss(n_tokens: int, ctx_len: int, batch_size: int, hookpoint: str = HOOKPOINT) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one ``saelab cache`` subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "SAELAB_RESULTS_DIR": tmp, "SAELAB_PROGRESS": "0"}
-        args = [sys.executable, "-m", "saelab", "cache", "smollm2", "--hookpoints", HOOKPOINT, "--n_tokens",
+        args = [sys.executable, "-m", "saelab", "cache", "smollm2", "--hookpoints", hookpoint, "--n_tokens",
                 str(n_tokens), "--cache_ctx_len", str(ctx_len), "--batch_size", str(batch_size),
                 "--name", "bench", "--verbose", "false"]
         start = time.perf_counter()
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rss", type=int, nargs=2, default=[50_000, 400_000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--rss_hookpoint", default=HOOKPOINT,
+                        help="hookpoint of the RSS runs (an early layer makes them fast; memory is the same)")
     parser.add_argument("--skip_throughput", action="store_true")
     parser.add_argument("--skip_rss", action="store_true")
     args = parser.parse_args()
@@ -108,10 +110,11 @@ def main() -> None:
         print(f"  cache / bare forward = {cache / bare:.2f} (target >= 0.85: writing costs {100 * (1 - cache / bare):.1f}%)")
     if not args.skip_rss:
         small, large = args.rss
-        rss_small, t_small = peak_rss(small, args.ctx_len, args.batch_size)
-        print(f"peak RSS at {small} tokens: {rss_small:.0f} MiB ({t_small:.0f} s)", flush=True)
-        rss_large, t_large = peak_rss(large, args.ctx_len, args.batch_size)
-        print(f"peak RSS at {large} tokens: {rss_large:.0f} MiB ({t_large:.0f} s)")
+        hp = args.rss_hookpoint
+        rss_small, t_small = peak_rss(small, args.ctx_len, args.batch_size, hp)
+        print(f"peak RSS of saelab cache at {hp}, {small} tokens: {rss_small:.0f} MiB ({t_small:.0f} s)", flush=True)
+        rss_large, t_large = peak_rss(large, args.ctx_len, args.batch_size, hp)
+        print(f"peak RSS of saelab cache at {hp}, {large} tokens: {rss_large:.0f} MiB ({t_large:.0f} s)")
         print(f"  ratio {rss_large / rss_small:.3f} (target within 10%)")
 
 

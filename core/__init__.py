@@ -21,7 +21,6 @@ from .interfaces import (
     SiteSpec,
     SparseDictionary,
 )
-from .options import Options
 from .manager import (
     KINDS,
     get_plugin_manager,
@@ -31,6 +30,7 @@ from .manager import (
     resolve,
     unregister_plugin,
 )
+from .options import Options
 from .registry import Registry
 
 __all__ = [

@@ -329,6 +329,7 @@ def test_resume_after_sigkill_makes_no_requests_for_finished_latents(tmp_path, r
         done = sorted(out_dir.glob("latent_*.json"))
         assert 2 <= len(done) < n
         assert not list(out_dir.glob(".*tmp"))  # atomic writes: no half-written file left behind
+        time.sleep(1.0)  # let requests the killed client had already sent reach the server before counting
         server.reset()
         handler.delay_s = 0.0
         result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
