@@ -59,12 +59,14 @@ class _Step(torch.autograd.Function):
 class JumpReLUOptions(DictionaryOptions):
     """Options of the ``jumprelu`` architecture."""
 
-    l0_coefficient: float = Field(default=0.01, ge=0)
-    """Weight of the L0 penalty (expected active latents per token)."""
-    bandwidth: float = Field(default=0.05, gt=0)
+    l0_coefficient: float = Field(default=1.0, ge=0)
+    """Weight of the L0 penalty (active latents per token). A latent whose removal costs less than this
+    in squared error is pushed off, so with the trainer's normalisation (E|x|^2 = d_in) 1.0 prunes
+    activations below ~1."""
+    bandwidth: float = Field(default=0.1, gt=0)
     """Width of the rectangle kernel of the straight-through threshold gradient."""
-    initial_threshold: float = Field(default=0.1, gt=0)
-    """Starting threshold of every latent."""
+    initial_threshold: float = Field(default=0.5, gt=0)
+    """Starting threshold of every latent (pre-activations are O(1) after normalisation)."""
     l0_warmup_steps: int = Field(default=0, ge=0)
     """Optimizer steps over which the L0 penalty grows linearly from 0 (0: full from the start)."""
 

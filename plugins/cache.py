@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-
 from saelab import hookimpl
 from saelab.cli_options import (
     EMBEDDED_NOTE,

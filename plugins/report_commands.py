@@ -1,1 +1,49 @@
-"""Placeholder plugin module (not implemented yet)."""
+"""``saelab report RUN``: the static HTML report of a run (``results/<name>/report/index.html``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from saelab import UsageError, hookimpl
+
+
+def resolve_run_dir(run: str) -> Path:
+    """A run directory from RUN: an existing directory, else ``results/<RUN>``."""
+    from saelab.paths import results_dir
+
+    path = Path(run).expanduser()
+    if path.is_dir() and ((path / "run_config.json").is_file() or any(
+            (path / d).is_dir() for d in ("records", "explanations", "scores", "latents", "dictionaries"))):
+        return path
+    candidate = results_dir() / run
+    if "/" not in run and candidate.is_dir():
+        return candidate
+    raise UsageError(f"run {run!r} not found (looked for the directory {str(path)!r} and {str(candidate)!r}); "
+                     f"give a run name under results/ or a run directory")
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    """Register ``saelab report``."""
+
+    @cli.command("report")
+    @click.argument("run")
+    @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+                  help="Directory to write the site to [default: RUN/report].")
+    @click.option("--max_latents", type=click.IntRange(min=1), default=None,
+                  help="Pages for at most this many latents per hookpoint (the first ones) [default: all].")
+    def report(run: str, out: str | None, max_latents: int | None) -> None:
+        """Write the static HTML report of RUN (a name under results/ or a run directory): run config,
+        evaluation table, score and frequency histograms, a sortable latent table and one page per latent.
+        Opens from disk (file://) with no server and no network."""
+        from saelab.progress import stdout_console, summary_table
+        from saelab.report import load_run, report_summary, write_run_report
+
+        data = load_run(resolve_run_dir(run), max_latents=max_latents)
+        index = write_run_report(data, out)
+        rows: list[tuple[str, Any]] = report_summary(data)
+        stdout_console.print(summary_table(f"saelab report: {data.root.name}", rows))
+        # one unwrapped line, so the path can be copied or parsed
+        stdout_console.print(f"report: {index.resolve().as_uri()}", soft_wrap=True, highlight=False, markup=False)

@@ -33,7 +33,7 @@ def test_centred_windows_put_the_max_at_the_centre():
     # 22 beats 20 (same window); 40 is far enough for its own window; edges clip the window
     assert got == {(0, 18, 22), (0, 36, 40), (1, 0, 1), (1, 56, 62), (2, 26, 30)}
     assert c.value.tolist() == sorted(c.value.tolist(), reverse=True)
-    for s, st, p in got:
+    for _s, st, p in got:
         if 4 <= p <= CTX - 4:
             assert p - st == 4  # index L//2 of the window
     windows = c.windows()
@@ -155,7 +155,6 @@ def test_records_are_reproducible_and_carry_stats(cache):
     assert a[0].top_logits is not None and len(a[0].top_logits.tokens) == 10
 
 
-@pytest.mark.slow
 def test_faiss_source_offline(cache):
     builder = RecordBuilder(cache, {**OPTS, "non_activating_source": "FAISS", "feature_num": [0, 1]},
                             tokenizer=tiny_source().tokenizer)

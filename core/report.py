@@ -1,0 +1,759 @@
+"""The HTML report of a run: a static site in ``results/<name>/report/`` that opens from ``file://``.
+
+:func:`write_report` reads a run directory (the layout of :mod:`saelab.pipeline`, the latent caches of
+:mod:`saelab.latents`, the dictionaries' ``eval.json``) and writes::
+
+    report/index.html                          run config, evaluation table, histograms, latent table
+    report/latents/<hook>/latent_<i>.html      one page per latent that has a record, explanation or score
+    report/assets/report.css, report.js        copied from the package (``saelab/report_assets``)
+
+No server and no network: a ``file://`` page cannot fetch JSON, so each page's data is inlined as JSON
+in ``<script type="application/json">`` (with ``<``, ``>``, ``&``, U+2028 and U+2029 written as
+``\\uXXXX`` escapes, so text can never close the script element) and the JavaScript builds the latent
+table from it with ``textContent`` only. Everything else is rendered here with :func:`html.escape`.
+Dataset text and LLM answers therefore show as text and never run.
+
+Plots are inline SVG generated here from the data (no matplotlib, no plotting library in the page):
+histograms of each scorer's per-latent score, of latent firing frequency (log10 axis), and per latent
+of its activations (from ``stats.safetensors``) with a log count axis.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .errors import UsageError
+from .records import Example, Explanation, LatentRecord, ScoreResult
+
+REPORT_DIR = "report"
+"""Name of the report directory inside a run directory."""
+ASSETS = ("report.css", "report.js")
+"""Files copied from ``saelab/report_assets`` into ``report/assets/``."""
+
+MAIN_METRICS: dict[str, str] = {
+    "detection": "balanced_accuracy",
+    "fuzz": "balanced_accuracy",
+    "simulation": "correlation",
+    "intruder": "accuracy",
+    "surprisal": "auc",
+    "embedding": "auc",
+}
+"""The per-latent score shown for each scorer (other scorers: ``balanced_accuracy``, else ``auc``, else
+``accuracy``, else ``correlation``, whichever the score has)."""
+
+EVAL_COLUMNS = (("fvu", "FVU"), ("explained_variance", "explained var."), ("l0", "L0"),
+                ("dead_frac", "dead %"), ("ce_loss_recovered", "CE loss recovered"), ("fvu_all", "FVU (all pos.)"),
+                ("kl_spliced", "KL spliced"), ("tokens", "tokens"))
+"""Columns of the evaluation table: (``eval.json`` metric, header)."""
+
+N_TOP_EXAMPLES = 10
+"""Top examples shown per latent page."""
+PER_QUANTILE = 3
+"""Examples shown per activation quantile."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Escaping
+
+
+def esc(value: Any) -> str:
+    """HTML-escape ``value`` (quotes included) for text and attribute values."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                   0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def script_json(data: Any) -> str:
+    """``data`` as JSON safe to inline in ``<script type="application/json">``: ``<``, ``>``, ``&``,
+    U+2028 and U+2029 become ``\\uXXXX`` escapes (still valid JSON, parsed back unchanged)."""
+    text = json.dumps(_clean(data), ensure_ascii=False, allow_nan=False, default=str)
+    return text.translate(_SCRIPT_ESCAPES)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables ('' for None)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ""
+        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e5):
+            return f"{value:.{max(1, digits - 1)}e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inline SVG plots
+
+
+def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, xlabel: str,
+                  ylabel: str = "latents", log_y: bool = False, x_ticks: Sequence[tuple[float, str]] | None = None,
+                  width: int = 380, height: int = 170) -> str:
+    """An inline SVG bar histogram of ``counts`` over bins ``edges`` (``len(edges) == len(counts) + 1``).
+
+    ``log_y`` draws bar heights as ``log10(1 + count)``; ``x_ticks`` are (x value, label) pairs (default:
+    the first, middle and last edge). Each bar has a ``<title>`` with its range and count.
+    """
+    if len(edges) != len(counts) + 1:
+        raise ValueError(f"svg_histogram: {len(edges)} edges for {len(counts)} counts")
+    left, right, top, bottom = 46, 10, 22, 36
+    pw, ph = width - left - right, height - top - bottom
+    x0, x1 = float(edges[0]), float(edges[-1])
+    span = (x1 - x0) or 1.0
+
+    def sx(x: float) -> float:
+        return left + (float(x) - x0) / span * pw
+
+    def h(c: float) -> float:
+        return math.log10(1 + c) if log_y else float(c)
+
+    peak = max((h(c) for c in counts), default=0.0) or 1.0
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
+             f'<text class="plot-title" x="{left}" y="14">{esc(title)}</text>']
+    for i, c in enumerate(counts):
+        if c <= 0:
+            continue
+        xa, xb = sx(edges[i]), sx(edges[i + 1])
+        bh = h(c) / peak * ph
+        parts.append(f'<rect class="bar" x="{xa + 0.5:.2f}" y="{top + ph - bh:.2f}" width="{max(0.5, xb - xa - 1):.2f}" '
+                     f'height="{bh:.2f}"><title>{esc(f"{fmt(float(edges[i]))} to {fmt(float(edges[i + 1]))}: {fmt(c)}")}'
+                     f'</title></rect>')
+    parts.append(f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>')
+    parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>')
+    max_count = max(counts, default=0)
+    parts.append(f'<text class="tick" x="{left - 4}" y="{top + 4}" text-anchor="end">{esc(fmt(max_count))}</text>')
+    parts.append(f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>')
+    if x_ticks is None:
+        mid = (x0 + x1) / 2
+        x_ticks = [(x0, fmt(x0, 2)), (mid, fmt(mid, 2)), (x1, fmt(x1, 2))]
+    for x, label in x_ticks:
+        if x0 - 1e-9 <= x <= x1 + 1e-9:
+            parts.append(f'<line class="axis" x1="{sx(x):.2f}" y1="{top + ph}" x2="{sx(x):.2f}" y2="{top + ph + 4}"/>')
+            parts.append(f'<text class="tick" x="{sx(x):.2f}" y="{top + ph + 15}" text-anchor="middle">{esc(label)}</text>')
+    ylab = f"{ylabel} (log scale)" if log_y else ylabel
+    parts.append(f'<text class="label" x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">{esc(xlabel)}</text>')
+    parts.append(f'<text class="label" x="10" y="{top + ph / 2:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 10 {top + ph / 2:.1f})">{esc(ylab)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram(values: Sequence[float], lo: float, hi: float, bins: int) -> tuple[list[int], list[float]]:
+    """Counts of ``values`` in ``bins`` equal bins over ``[lo, hi]`` (values outside are clamped in)."""
+    width = (hi - lo) / bins if hi > lo else 1.0
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int((v - lo) / width)))] += 1
+    return counts, [lo + i * width for i in range(bins + 1)]
+
+
+def frequency_histogram_svg(frequencies: Sequence[float], title: str = "latent firing frequency") -> str:
+    """Histogram of the log10 firing frequency of the latents that fired (dead ones are counted in the title)."""
+    alive = [f for f in frequencies if f and f > 0]
+    dead = len(frequencies) - len(alive)
+    if not alive:
+        return f'<p class="muted">{esc(title)}: no latent fired.</p>'
+    logs = [math.log10(f) for f in alive]
+    lo, hi = math.floor(min(logs)), max(0, math.ceil(max(logs)))
+    lo = min(lo, hi - 1)
+    counts, edges = histogram(logs, lo, hi, max(8, 4 * (hi - lo)))
+    ticks = [(float(e), f"1e{e}" if e else "1") for e in range(lo, hi + 1)]
+    return svg_histogram(counts, edges, title=f"{title} ({len(alive)} alive, {dead} dead)",
+                         xlabel="fraction of tokens (log10 scale)", x_ticks=ticks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def main_metric(scorer: str, metrics: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """(metric name, value) of the per-latent score shown for ``scorer`` (see :data:`MAIN_METRICS`)."""
+    names = [MAIN_METRICS[scorer]] if scorer in MAIN_METRICS else []
+    names += ["balanced_accuracy", "auc", "accuracy", "correlation"]
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return name, float(value)
+    return (names[0] if names else None), None
+
+
+@dataclass
+class LatentEntry:
+    """Everything the report knows about one latent."""
+
+    hookpoint: str
+    latent: int
+    record: LatentRecord | None = None
+    explanation: Explanation | None = None
+    scores: dict[str, ScoreResult] = field(default_factory=dict)
+    frequency: float | None = None
+    max_activation: float | None = None
+    histogram: tuple[list[float], float, float] | None = None
+    """Activation histogram: (counts, low, high) with equal bins over [low, high]."""
+    problems: list[str] = field(default_factory=list)
+    """Files of this latent that could not be read (shown on its page)."""
+
+
+@dataclass
+class HookData:
+    """One hookpoint (dictionary) of the run."""
+
+    hookpoint: str
+    dirname: str
+    stats: dict[str, Any] | None = None
+    """The latent cache's ``stats.json`` (None when there is no latent cache)."""
+    latents: dict[int, LatentEntry] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Latents skipped while building records, with the reason."""
+
+
+@dataclass
+class RunData:
+    """A run directory read for the report."""
+
+    root: Path
+    config: dict[str, Any]
+    evals: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    hooks: list[HookData]
+
+    @property
+    def scorers(self) -> list[str]:
+        """Every scorer with at least one score in the report, in first-seen order."""
+        out: list[str] = []
+        for hook in self.hooks:
+            for entry in hook.latents.values():
+                out += [s for s in entry.scores if s not in out]
+        return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _latent_ids(directory: Path) -> set[int]:
+    out = set()
+    if directory.is_dir():
+        for p in directory.glob("latent_*.json"):
+            try:
+                out.add(int(p.stem.split("_", 1)[1]))
+            except ValueError:
+                continue
+    return out
+
+
+def _stats_arrays(latents_dir: Path) -> Any:
+    """A lazy reader of ``stats.safetensors`` (None when absent or unreadable)."""
+    path = latents_dir / "stats.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt")
+    except Exception:  # safetensors raises several types for damaged files
+        return None
+
+
+def _evals(root: Path, config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    dirs: list[Path] = []
+    base = root / "dictionaries"
+    if base.is_dir():
+        dirs += sorted(p.parent for p in base.glob("**/eval.json"))
+    extra = config.get("dictionaries")
+    if isinstance(extra, Mapping):
+        dirs += [Path(str(p)) for p in extra.values() if (Path(str(p)) / "eval.json").is_file()]
+    rows, seen = [], set()
+    for d in dirs:
+        key = d.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        data = _read_json(d / "eval.json")
+        if not isinstance(data, Mapping):
+            continue
+        cfg = _read_json(d / "cfg.json") or {}
+        try:
+            name = str(d.relative_to(base))
+        except ValueError:
+            name = str(d)
+        rows.append({"name": name, "architecture": cfg.get("architecture") or cfg.get("arch") or "",
+                     "d_sae": cfg.get("d_sae") or cfg.get("num_latents"),
+                     "metrics": dict(data.get("metrics") or {}), "held_out": data.get("held_out")})
+    return rows
+
+
+def load_run(run_dir: str | os.PathLike[str], max_latents: int | None = None) -> RunData:
+    """Read what the report shows from ``run_dir``; at most ``max_latents`` latent pages per hookpoint
+    (the first ones by index). Unreadable per-latent files are noted on the latent's page, not fatal."""
+    from .config import read_run_config
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UsageError(f"run directory {str(root)!r} does not exist; give a run name under results/ or a "
+                         f"run directory")
+    config = read_run_config(root)
+    names: dict[str, str] = {}  # dirname -> hookpoint
+    dirnames: list[str] = []
+
+    def add(dirname: str, hookpoint: str | None = None) -> None:
+        if dirname not in dirnames:
+            dirnames.append(dirname)
+        if hookpoint and dirname not in names:
+            names[dirname] = hookpoint
+
+    for index in sorted((root / "records").glob("*/index.json")):
+        data = _read_json(index)
+        add(index.parent.name, (data or {}).get("hookpoint"))
+    for d in sorted(p for p in (root / "explanations").glob("*") if p.is_dir()):
+        add(d.name)
+    for d in sorted(p for p in (root / "scores").glob("*/*") if p.is_dir()):
+        add(d.name)
+    for stats in sorted((root / "latents").glob("*/stats.json")):
+        data = _read_json(stats)
+        add(stats.parent.name, (data or {}).get("hookpoint"))
+
+    hooks = []
+    score_dirs = sorted(p for p in (root / "scores").glob("*") if p.is_dir())
+    for dirname in dirnames:
+        index = _read_json(root / "records" / dirname / "index.json") or {}
+        ids: list[int] = [int(i) for i in index.get("latents", [])]
+        extra = _latent_ids(root / "explanations" / dirname)
+        for sd in score_dirs:
+            extra |= _latent_ids(sd / dirname)
+        extra |= _latent_ids(root / "records" / dirname) - set(ids)
+        ids += sorted(extra - set(ids))
+        if max_latents is not None:
+            ids = ids[:max_latents]
+        stats = _read_json(root / "latents" / dirname / "stats.json")
+        hook = HookData(names.get(dirname, dirname), dirname, stats if isinstance(stats, dict) else None,
+                        skipped={str(k): str(v) for k, v in (index.get("skipped") or {}).items()})
+        arrays = _stats_arrays(root / "latents" / dirname)
+        per = (hook.stats or {}).get("latents") or {}
+        for i in ids:
+            entry = LatentEntry(hook.hookpoint, i)
+            entry.record = _load(LatentRecord, root / "records" / dirname / f"latent_{i}.json", entry)
+            entry.explanation = _load(Explanation, root / "explanations" / dirname / f"latent_{i}.json", entry)
+            for sd in score_dirs:
+                score = _load(ScoreResult, sd / dirname / f"latent_{i}.json", entry)
+                if score is not None:
+                    entry.scores[score.scorer or sd.name] = score
+            if entry.record is not None and names.get(dirname) is None:
+                hook.hookpoint = entry.hookpoint = entry.record.hookpoint
+            _fill_stats(entry, per, arrays)
+            hook.latents[i] = entry
+        hooks.append(hook)
+    summary = _read_json(root / "summary.json")
+    return RunData(root, config, _evals(root, config), summary if isinstance(summary, dict) else None, hooks)
+
+
+def _load(cls: Any, path: Path, entry: LatentEntry) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return cls.load(path)
+    except (UsageError, OSError, ValueError) as exc:
+        entry.problems.append(f"{path.name} in {path.parent}: {exc}")
+        return None
+
+
+def _fill_stats(entry: LatentEntry, per: Mapping[str, Any], arrays: Any) -> None:
+    i = entry.latent
+    freq, vmax = per.get("frequency") or [], per.get("max_activation") or []
+    if i < len(freq):
+        entry.frequency = float(freq[i])
+    if i < len(vmax):
+        entry.max_activation = float(vmax[i])
+    stats = entry.record.stats if entry.record is not None else None
+    if stats is not None:
+        entry.frequency = stats.frequency if entry.frequency is None else entry.frequency
+        entry.max_activation = stats.max_activation if entry.max_activation is None else entry.max_activation
+    if arrays is not None:
+        try:
+            counts = arrays.get_slice("histogram")[i : i + 1].tolist()[0]
+            lo, hi = arrays.get_slice("histogram_range")[i : i + 1].tolist()[0]
+            entry.histogram = ([float(c) for c in counts], float(lo), float(hi))
+        except Exception:  # missing keys or a latent beyond the arrays: no histogram
+            entry.histogram = None
+    if entry.histogram is None and entry.record is not None:  # fall back on the examples' activations
+        values = [a for e in entry.record.train + entry.record.test for a in e.activations if a > 0]
+        if values:
+            counts, edges = histogram(values, 0.0, max(values), 20)
+            entry.histogram = ([float(c) for c in counts], edges[0], edges[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def latent_href(dirname: str, latent: int) -> str:
+    """Relative URL of a latent page from the report root."""
+    return f"latents/{quote(dirname, safe='')}/latent_{int(latent)}.html"
+
+
+def _page(title: str, body: str, depth: int, data: Any = None, page: str = "") -> str:
+    prefix = "../" * depth
+    data_tag = ("" if data is None else
+                f'<script type="application/json" id="report-data">{script_json(data)}</script>\n')
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<title>{esc(title)}</title>\n<link rel="icon" href="data:,">\n'
+            f'<link rel="stylesheet" href="{prefix}assets/report.css">\n</head>\n'
+            f'<body data-page="{esc(page)}">\n{body}\n{data_tag}'
+            f'<div id="tooltip" class="tooltip" hidden></div>\n'
+            f'<script src="{prefix}assets/report.js"></script>\n</body>\n</html>\n')
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """A table of already-escaped cells."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _shown_token(text: str) -> str:
+    return text.replace("\n", "\u21b5").replace("\t", "\u2192")
+
+
+def render_example(example: Example, scale: float | None = None, extra: str = "") -> str:
+    """An example as tokens shaded by activation (``scale``: the activation drawn fully coloured; default
+    the example's max); the value shows on hover (``title`` and the page's tooltip)."""
+    ref = scale if scale and scale > 0 else (example.max_activation or 0.0)
+    spans = []
+    for tok, act in zip(example.token_strs, example.activations, strict=False):
+        alpha = 0.0 if ref <= 0 or act <= 0 else min(1.0, act / ref)
+        style = f' style="background-color: rgba(255, 128, 0, {alpha:.3f})"' if alpha > 0 else ""
+        cls = "tok on" if act > 0 else "tok"
+        spans.append(f'<span class="{cls}" data-act="{act:.4g}" title="{esc(f"{act:.4g}")}"{style}>'
+                     f"{esc(_shown_token(tok))}</span>")
+    meta = [f"max {fmt(example.max_activation)}"]
+    if example.quantile is not None:
+        meta.append(f"quantile {example.quantile}")
+    if example.source:
+        meta.append(example.source)
+    meta.append(f"seq {example.sequence} @ {example.start}")
+    return (f'<div class="example" data-example-id="{esc(example.id)}">{extra}'
+            f'<div class="example-meta">{esc(" · ".join(meta))}</div>'
+            f'<div class="tokens">{"".join(spans)}</div></div>')
+
+
+def _svg_activation_histogram(entry: LatentEntry) -> str:
+    if entry.histogram is None:
+        return '<p class="muted">No activation histogram (no latent cache statistics).</p>'
+    counts, lo, hi = entry.histogram
+    n = len(counts)
+    edges = [lo + (hi - lo) * k / n for k in range(n + 1)]
+    return svg_histogram(counts, edges, title="activations where the latent fires", xlabel="activation",
+                         ylabel="tokens", log_y=True)
+
+
+def _logits_table(title: str, values: Any, cls: str) -> str:
+    if values is None or not values.tokens:
+        return f'<div class="logits"><h3>{esc(title)}</h3><p class="muted">not computed</p></div>'
+    peak = max((abs(v) for v in values.values), default=0.0) or 1.0
+    rows = []
+    for tok, v in zip(values.tokens, values.values, strict=False):
+        bar = f'<span class="lbar {cls}" style="width: {abs(v) / peak * 100:.1f}%"></span>'
+        rows.append([f'<code class="token">{esc(_shown_token(tok))}</code>', esc(fmt(v)), bar])
+    return f'<div class="logits"><h3>{esc(title)}</h3>{_table(["token", "value", ""], rows, "compact")}</div>'
+
+
+def _score_section(scorer: str, score: ScoreResult, examples: Mapping[str, Example], scale: float | None) -> str:
+    name, value = main_metric(scorer, score.metrics)
+    metric_rows = [[esc(k), esc(fmt(v))] for k, v in score.metrics.items()]
+    f = score.failures
+    parts = [f'<section class="score" id="score-{esc(scorer)}"><h3>{esc(scorer)}: {esc(name or "")} '
+             f'<span class="big">{esc(fmt(value))}</span></h3>',
+             '<div class="row">', _table(["metric", "value"], metric_rows, "compact"),
+             f'<p class="muted">{esc(score.model)} via {esc(score.provider)}; {score.n_prompts} prompts; '
+             f'failures: {f.prompts} prompts, {f.examples} examples, {f.requests} requests</p></div>']
+    if score.explanation:
+        parts.append(f'<p>Explanation scored: <q class="llm-text">{esc(score.explanation)}</q></p>')
+    rows = []
+    for p in score.predictions:
+        if p.correct is None:
+            verdict = '<span class="verdict none">no answer</span>'
+        elif p.correct:
+            verdict = '<span class="verdict right">\u2713 right</span>'
+        else:
+            verdict = '<span class="verdict wrong">\u2717 wrong</span>'
+        example = examples.get(p.example_id)
+        text = render_example(example, scale) if example is not None else f'<code>{esc(p.example_id)}</code>'
+        truth = "activating" if p.truth else "non-activating"
+        rows.append([verdict, esc(truth), esc("" if p.prediction is None else p.prediction),
+                     esc(fmt(p.probability)), esc(fmt(p.score)), text])
+    if rows:
+        parts.append('<details open><summary>per-example predictions '
+                     f'({sum(1 for p in score.predictions if p.correct)} of {len(score.predictions)} right)</summary>')
+        parts.append(_table(["", "truth", "predicted", "P(1)", "score", "example"], rows, "predictions"))
+        parts.append("</details>")
+    if score.raw_responses:
+        items = "".join(f'<li><pre class="llm-text">{esc(r)}</pre></li>' for r in score.raw_responses)
+        parts.append(f"<details><summary>raw LLM answers ({len(score.raw_responses)})</summary><ol>{items}</ol>"
+                     "</details>")
+    if score.errors:
+        parts.append("<ul class=\"errors\">" + "".join(f"<li>{esc(e)}</li>" for e in score.errors) + "</ul>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def render_latent_page(run: RunData, hook: HookData, entry: LatentEntry) -> str:
+    """The HTML page of one latent."""
+    record, expl = entry.record, entry.explanation
+    title = f"{hook.hookpoint} latent {entry.latent}"
+    scale = entry.max_activation
+    body = [f'<nav><a href="../../index.html" id="back">\u2190 {esc(run.root.name)} report</a></nav>',
+            f"<h1>{esc(title)}</h1>"]
+    for problem in entry.problems:
+        body.append(f'<p class="errors">unreadable: {esc(problem)}</p>')
+    if expl is not None:
+        status = " (could not be parsed)" if expl.parse_failed else ""
+        status = f" (request failed: {expl.error})" if expl.error else status
+        body.append(f'<section><h2>Explanation</h2><p class="explanation llm-text" id="explanation">'
+                    f'{esc(expl.text)}</p><p class="muted">{esc(expl.explainer)} explainer, {esc(expl.model)} via '
+                    f"{esc(expl.provider)}{esc(status)}; {expl.usage.prompt_tokens} prompt + "
+                    f"{expl.usage.completion_tokens} completion tokens</p>")
+        if expl.raw_responses:
+            items = "".join(f'<li><pre class="llm-text">{esc(r)}</pre></li>' for r in expl.raw_responses)
+            body.append(f"<details><summary>raw LLM answer</summary><ol>{items}</ol></details>")
+        body.append("</section>")
+    else:
+        body.append('<section><h2>Explanation</h2><p class="muted">not explained yet</p></section>')
+    facts = [["frequency", esc(fmt(entry.frequency, 5))], ["max activation", esc(fmt(entry.max_activation))]]
+    if record is not None and record.stats is not None:
+        facts.append(["firing tokens", esc(record.stats.firing_count)])
+        if record.stats.quantile_bounds:
+            facts.append(["quantile lower bounds", esc(", ".join(fmt(b, 2) for b in record.stats.quantile_bounds))])
+    body.append('<section><h2>Statistics</h2><div class="row">' + _table(["", ""], facts, "compact")
+                + _svg_activation_histogram(entry) + "</div></section>")
+    examples = {e.id: e for e in record.examples()} if record is not None else {}
+    if entry.scores:
+        body.append("<section><h2>Scores</h2>")
+        body += [_score_section(s, score, examples, scale) for s, score in entry.scores.items()]
+        body.append("</section>")
+    if record is not None:
+        activating = record.train + record.test
+        top = sorted(activating, key=lambda e: -(e.max_activation or 0.0))[:N_TOP_EXAMPLES]
+        body.append(f'<section id="top-examples"><h2>Top examples</h2>'
+                    f'{"".join(render_example(e, scale) for e in top) or "<p class=muted>none</p>"}</section>')
+        by_q: dict[int, list[Example]] = {}
+        for e in activating:
+            if e.quantile is not None:
+                by_q.setdefault(int(e.quantile), []).append(e)
+        if by_q:
+            body.append('<section id="quantile-examples"><h2>Examples by activation quantile</h2>')
+            for q in sorted(by_q, reverse=True):
+                shown = sorted(by_q[q], key=lambda e: -(e.max_activation or 0.0))[:PER_QUANTILE]
+                body.append(f"<h3>quantile {q}</h3>" + "".join(render_example(e, scale) for e in shown))
+            body.append("</section>")
+        negatives = record.non_activating + record.train_non_activating
+        body.append(f'<section id="non-activating"><h2>Non-activating examples ({len(negatives)})</h2>'
+                    f'{"".join(render_example(e, scale) for e in negatives) or "<p class=muted>none</p>"}'
+                    "</section>")
+        body.append('<section><h2>Logits</h2><div class="row">'
+                    + _logits_table("top positive logits", record.top_logits, "pos")
+                    + _logits_table("top negative logits", record.bottom_logits, "neg") + "</div></section>")
+        if record.neighbours:
+            rows = []
+            for n in record.neighbours:
+                target = hook.latents.get(n.latent)
+                label = f"latent {n.latent}"
+                link = (f'<a class="neighbour" href="latent_{int(n.latent)}.html">{esc(label)}</a>'
+                        if target is not None else esc(label))
+                note = esc(target.explanation.text) if target is not None and target.explanation else ""
+                rows.append([link, esc(fmt(n.similarity)), esc(n.kind), f'<span class="llm-text">{note}</span>'])
+            body.append("<section id=\"neighbours\"><h2>Neighbours</h2>"
+                        + _table(["latent", "similarity", "kind", "explanation"], rows) + "</section>")
+    else:
+        body.append('<p class="muted">No latent record (examples) for this latent.</p>')
+    data = {"hookpoint": hook.hookpoint, "latent": entry.latent,
+            "explanation": None if expl is None else expl.text,
+            "scores": {s: main_metric(s, r.metrics)[1] for s, r in entry.scores.items()}}
+    return _page(title, "\n".join(body), depth=2, data=data, page="latent")
+
+
+def _index_rows(run: RunData) -> list[dict[str, Any]]:
+    rows = []
+    for hook in run.hooks:
+        for i, entry in hook.latents.items():
+            expl = entry.explanation
+            rows.append({
+                "hookpoint": hook.hookpoint, "latent": i, "href": latent_href(hook.dirname, i),
+                "explanation": None if expl is None else expl.text,
+                "scores": {s: main_metric(s, r.metrics)[1] for s, r in entry.scores.items()},
+                "frequency": entry.frequency, "max_activation": entry.max_activation,
+            })
+    return rows
+
+
+def render_index(run: RunData) -> str:
+    """The report's index page."""
+    name = run.root.name
+    cfg = run.config
+    body = [f"<h1>saelab report: {esc(name)}</h1>"]
+    conf = cfg.get("config") or {}
+    facts = [["command", esc(cfg.get("command", ""))], ["created", esc(cfg.get("created", ""))],
+             ["model", esc(conf.get("model", ""))], ["hookpoints", esc(", ".join(h.hookpoint for h in run.hooks))],
+             ["saelab", esc(cfg.get("saelab_version", ""))]]
+    body.append('<section id="config"><h2>Run</h2>' + _table(["", ""], facts, "compact")
+                + '<details><summary>full run_config.json (secrets redacted)</summary><pre>'
+                + esc(json.dumps(cfg, indent=1, default=str)) + "</pre></details></section>")
+    body.append('<section id="evaluation"><h2>Dictionary evaluation</h2>')
+    if run.evals:
+        rows = []
+        for ev in run.evals:
+            m = ev["metrics"]
+            cells = [esc(ev["name"]), esc(ev["architecture"]), esc(fmt(ev["d_sae"]))]
+            for key, _ in EVAL_COLUMNS:
+                value = m.get(key)
+                if key == "dead_frac" and isinstance(value, (int, float)):
+                    value = 100.0 * value
+                cells.append(esc(fmt(value)))
+            rows.append(cells)
+        body.append(_table(["dictionary", "architecture", "d_sae", *(h for _, h in EVAL_COLUMNS)], rows, "eval"))
+        body.append('<p class="muted">Headline metrics leave out the excluded positions (BOS and the massive '
+                    "activations); \u201call pos.\u201d includes them. Dead % is over the evaluated tokens.</p>")
+    else:
+        body.append('<p class="muted">No eval.json found (run <code>saelab evaluate</code>).</p>')
+    body.append("</section>")
+    plots = []
+    for scorer in run.scorers:
+        values = [v for h in run.hooks for e in h.latents.values() if scorer in e.scores
+                  for v in [main_metric(scorer, e.scores[scorer].metrics)[1]] if v is not None]
+        metric = next((main_metric(scorer, e.scores[scorer].metrics)[0] for h in run.hooks
+                       for e in h.latents.values() if scorer in e.scores), None)
+        if not values:
+            continue
+        lo = -1.0 if min(values) < 0 else 0.0
+        hi = max(1.0, max(values))
+        counts, edges = histogram(values, lo, hi, 20)
+        mean = sum(values) / len(values)
+        plots.append(svg_histogram(counts, edges, title=f"{scorer}: {metric} (mean {fmt(mean)}, {len(values)} latents)",
+                                   xlabel=str(metric), width=440))
+    for hook in run.hooks:
+        freqs = ((hook.stats or {}).get("latents") or {}).get("frequency")
+        if freqs:
+            plots.append(frequency_histogram_svg(freqs, f"{hook.hookpoint} firing frequency"))
+    body.append('<section id="plots"><h2>Distributions</h2><div class="row plots">' + "".join(plots)
+                + "</div></section>" if plots else "")
+    skipped = sum(len(h.skipped) for h in run.hooks)
+    note = f" Latents skipped for too few activating examples: {skipped}." if skipped else ""
+    body.append('<section id="latents"><h2>Latents</h2>'
+                '<div class="controls"><label>Filter <input id="filter" type="search" '
+                'placeholder="text in explanation, latent id or hookpoint"></label> '
+                f'<span id="count" class="muted"></span></div><p class="muted">Click a column header to sort.{esc(note)}'
+                '</p><table id="latent-table" class="latents"><thead></thead><tbody></tbody></table>'
+                "<noscript>The latent table needs JavaScript.</noscript></section>")
+    data = {"run": name, "scorers": run.scorers, "hookpoints": [h.hookpoint for h in run.hooks],
+            "latents": _index_rows(run)}
+    return _page(f"saelab report: {name}", "\n".join(body), depth=0, data=data, page="index")
+
+
+def copy_assets(out_dir: Path) -> None:
+    """Copy the report's CSS and JS from the package into ``out_dir/assets``."""
+    target = out_dir / "assets"
+    target.mkdir(parents=True, exist_ok=True)
+    package = resources.files("saelab") / "report_assets"
+    for name in ASSETS:
+        (target / name).write_bytes((package / name).read_bytes())
+
+
+def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, *,
+                 max_latents: int | None = None) -> Path:
+    """Write the static HTML report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``) and
+    return the path of its ``index.html``. The site is built in a temporary directory next to it and
+    swapped in at the end, so pages of latents no longer in the run do not linger."""
+    return write_run_report(load_run(run_dir, max_latents=max_latents), out_dir)
+
+
+def write_run_report(run: RunData, out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`write_report` for a run already read with :func:`load_run`."""
+    out = Path(out_dir) if out_dir is not None else run.root / REPORT_DIR
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        copy_assets(tmp)
+        (tmp / "index.html").write_text(render_index(run), encoding="utf-8")
+        for hook in run.hooks:
+            directory = tmp / "latents" / hook.dirname
+            directory.mkdir(parents=True, exist_ok=True)
+            for i, entry in hook.latents.items():
+                (directory / f"latent_{i}.html").write_text(render_latent_page(run, hook, entry), encoding="utf-8")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+def report_summary(run: RunData) -> list[tuple[str, Any]]:
+    """(key, value) rows describing a report (for the command's summary table)."""
+    pages = sum(len(h.latents) for h in run.hooks)
+    explained = sum(1 for h in run.hooks for e in h.latents.values() if e.explanation is not None)
+    return [("hookpoints", ", ".join(h.hookpoint for h in run.hooks) or "(none)"), ("latent pages", pages),
+            ("explained", explained), ("scorers", ", ".join(run.scorers) or "(none)"),
+            ("dictionaries evaluated", len(run.evals))]
+
+
+__all__ = [
+    "ASSETS",
+    "MAIN_METRICS",
+    "REPORT_DIR",
+    "HookData",
+    "LatentEntry",
+    "RunData",
+    "copy_assets",
+    "esc",
+    "frequency_histogram_svg",
+    "histogram",
+    "latent_href",
+    "load_run",
+    "main_metric",
+    "render_example",
+    "render_index",
+    "render_latent_page",
+    "report_summary",
+    "script_json",
+    "svg_histogram",
+    "write_report",
+    "write_run_report",
+]

@@ -1,0 +1,137 @@
+"""The HTML report (saelab.report, `saelab report`) over a synthetic run directory."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from report_helpers import EXPLANATIONS, HOOK, LATENTS, PAYLOADS, SCORES, build_run
+from saelab import report
+from saelab.records import Explanation
+
+DATA_RE = re.compile(r'<script type="application/json" id="report-data">(.*?)</script>', re.S)
+
+
+def _data(page: Path) -> dict:
+    match = DATA_RE.search(page.read_text(encoding="utf-8"))
+    assert match, f"no inline data in {page}"
+    return json.loads(match.group(1))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return build_run(tmp_path / "results" / "synth")
+
+
+def test_script_json_escapes_and_round_trips() -> None:
+    data = {"a": list(PAYLOADS), "b": "x\u2028y\u2029z & <b>", "n": float("nan")}
+    text = report.script_json(data)
+    for bad in ("<", ">", "&", "\u2028", "\u2029"):
+        assert bad not in text
+    assert json.loads(text) == {**data, "n": None}
+
+
+def test_report_pages_escape_every_payload(run: Path) -> None:
+    index = report.write_report(run)
+    assert index == run / "report" / "index.html"
+    pages = [index, *sorted((run / "report" / "latents" / HOOK).glob("*.html"))]
+    assert [p.name for p in pages[1:]] == sorted(f"latent_{i}.html" for i in LATENTS)
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        for payload in PAYLOADS:
+            assert payload not in html, f"raw payload in {page.name}"
+        # exactly the two script elements the report writes: the inline data and report.js
+        assert html.count("<script") == 2, page.name
+        assert html.count("</script>") == 2, page.name
+        assert "<img" not in html
+    assert (run / "report" / "assets" / "report.js").is_file()
+    assert (run / "report" / "assets" / "report.css").is_file()
+
+
+def test_index_data_and_tables(run: Path) -> None:
+    index = report.write_report(run)
+    data = _data(index)
+    assert data["scorers"] == ["detection", "fuzz"]
+    rows = {r["latent"]: r for r in data["latents"]}
+    assert sorted(rows) == sorted(LATENTS)
+    for latent, text in EXPLANATIONS.items():
+        assert rows[latent]["explanation"] == text  # payloads survive the JSON round trip unchanged
+        assert rows[latent]["scores"] == {s: SCORES[s][latent] for s in SCORES}
+        assert rows[latent]["href"] == f"latents/{HOOK}/latent_{latent}.html"
+        assert (index.parent / rows[latent]["href"]).is_file()
+    assert rows[42]["explanation"] is None and rows[42]["scores"] == {}
+    assert rows[3]["frequency"] == pytest.approx(0.02) and rows[3]["max_activation"] == pytest.approx(12.5)
+    html = index.read_text(encoding="utf-8")
+    assert "12.500" in html and "0.910" in html  # dead % and CE loss recovered
+    assert "firing frequency (49 alive, 15 dead)" in html
+    assert html.count('<svg class="plot"') == 3  # detection, fuzz, frequency
+
+
+def test_latent_page_content(run: Path) -> None:
+    report.write_report(run)
+    page = (run / "report" / "latents" / HOOK / "latent_7.html").read_text(encoding="utf-8")
+    assert "closing HTML tags &lt;/script&gt;&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page
+    # predictions: 8 per scorer, every third one wrong (j % 3 == 0: j = 0, 3, 6)
+    assert page.count("\u2717 wrong") == 2 * 3 and page.count("\u2713 right") == 2 * 5
+    assert "(5 of 8 right)" in page
+    # neighbours link to pages that exist; token activations are in title attributes
+    links = re.findall(r'class="neighbour" href="(latent_\d+\.html)"', page)
+    assert links and all((run / "report" / "latents" / HOOK / link).is_file() for link in links)
+    assert 'title="3.25"' in page
+    assert "activations where the latent fires" in page
+    assert "top positive logits" in page and "&lt;img src=x onerror=" in page
+    assert _data(run / "report" / "latents" / HOOK / "latent_7.html")["explanation"] == EXPLANATIONS[7]
+
+
+def test_svg_histogram_bars_and_errors() -> None:
+    svg = report.svg_histogram([1, 0, 3, 2], [0, 1, 2, 3, 4], title="t <x>", xlabel="x")
+    assert svg.count('<rect class="bar"') == 3
+    assert "t &lt;x&gt;" in svg
+    with pytest.raises(ValueError):
+        report.svg_histogram([1, 2], [0, 1], title="t", xlabel="x")
+    counts, edges = report.histogram([0.0, 0.5, 1.0, 2.0], 0.0, 1.0, 2)
+    assert counts == [1, 3] and edges == [0.0, 0.5, 1.0]
+
+
+def test_main_metric_per_scorer() -> None:
+    assert report.main_metric("detection", {"balanced_accuracy": 0.7, "auc": 0.9}) == ("balanced_accuracy", 0.7)
+    assert report.main_metric("simulation", {"correlation": 0.3, "balanced_accuracy": 0.6}) == ("correlation", 0.3)
+    assert report.main_metric("mine", {"auc": 0.8}) == ("auc", 0.8)
+    assert report.main_metric("fuzz", {"balanced_accuracy": None})[1] is None
+
+
+def test_rerun_drops_stale_pages_and_max_latents(run: Path) -> None:
+    report.write_report(run)
+    report.write_report(run, max_latents=2)
+    pages = sorted(p.name for p in (run / "report" / "latents" / HOOK).glob("*.html"))
+    assert pages == ["latent_3.html", "latent_7.html"]
+    assert not list(run.glob(".report.*"))
+
+
+def test_missing_stats_and_broken_file(tmp_path: Path) -> None:
+    run = build_run(tmp_path / "r", with_stats=False)
+    (run / "explanations" / HOOK / "latent_11.json").write_text("{not json")
+    report.write_report(run)
+    page = (run / "report" / "latents" / HOOK / "latent_11.html").read_text(encoding="utf-8")
+    assert "unreadable: latent_11.json" in page and "not explained yet" in page
+    # no latent cache: the histogram comes from the examples' activations, stats from the records
+    assert "activations where the latent fires" in page
+    rows = {r["latent"]: r for r in _data(run / "report" / "index.html")["latents"]}
+    assert rows[3]["frequency"] == pytest.approx(0.02)
+    assert Explanation.load(run / "explanations" / HOOK / "latent_3.json").text == EXPLANATIONS[3]
+
+
+def test_report_command(run: Path, cli) -> None:
+    result = cli("report", "synth")
+    assert result.exit_code == 0, result.output
+    assert "latent pages" in result.stdout and "index.html" in result.stdout
+    assert (run / "report" / "index.html").is_file()
+    out = run.parent / "elsewhere"
+    assert cli("report", str(run), "--out", str(out), "--max_latents", "1").exit_code == 0
+    assert [p.name for p in (out / "latents" / HOOK).glob("*.html")] == ["latent_3.html"]
+
+
+def test_report_command_unknown_run(cli) -> None:
+    cli("report", "nope").assert_user_error("'nope' not found")
