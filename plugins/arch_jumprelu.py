@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from pydantic import Field
-
 from saelab import DictionaryOutput, SiteSpec, hookimpl
 from saelab.dictionary import DictionaryOptions, LinearDictionary
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 from pydantic import field_validator
-
 from saelab import SiteSpec, UsageError, hookimpl
 from saelab.dictionary import BatchTopKDictionary, BatchTopKOptions, SparseCodes
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-
 from saelab import DictionaryOutput, SiteSpec, hookimpl
 from saelab.dictionary import DictionaryOptions, LinearDictionary, decoder_weighted_l1
 

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import FORMAT_NAME, build_dictionary
 from saelab.manager import saelab_version
+from safetensors.torch import load_file, save_file
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "dictionary.safetensors"

@@ -216,7 +216,9 @@ def register_commands(cli: click.Group) -> None:
     @config_option()
     @click.pass_context
     def run(ctx: click.Context, **params: Any) -> None:
-        """Delphi-style run: cache -> latents -> explain -> score into results/<name>/ (also `saelab MODEL SPARSE_MODEL`)."""
+        """Delphi-style run: cache, latents, explain, score.
+
+        Writes results/<name>/; also `saelab MODEL SPARSE_MODEL [options]`."""
         explicit = explicit_params(ctx)
         values = resolve_params(ctx, params)
         values = finish_run_values(values, explicit | _explicit_model(values, params))
@@ -233,7 +235,9 @@ def register_commands(cli: click.Group) -> None:
     @verbose_option()
     @click.pass_context
     def explain(ctx: click.Context, **params: Any) -> None:
-        """Explain the latent records of an existing run (RUN: a name under results/ or a run directory)."""
+        """Explain the latent records of an existing run.
+
+        RUN is a name under results/ or a run directory."""
         values = stage_values(ctx, params)
         with one_line_warnings():
             stage_command(values, explain=True, score=False)
@@ -251,7 +255,7 @@ def register_commands(cli: click.Group) -> None:
     @verbose_option()
     @click.pass_context
     def score(ctx: click.Context, **params: Any) -> None:
-        """Score the stored explanations of an existing run with --scorers."""
+        """Score the stored explanations of an existing run."""
         values = stage_values(ctx, params)
         with one_line_warnings():
             stage_command(values, explain=False, score=True)

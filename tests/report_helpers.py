@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from saelab.config import write_run_config
 from saelab.pipeline import RecordSet, RunLayout, save_records
 from saelab.records import (
@@ -26,6 +25,7 @@ from saelab.records import (
     TokenValues,
     Usage,
 )
+from safetensors.torch import save_file
 
 PAYLOADS = (
     "<script>window.__pwned=1</script>",

@@ -7,9 +7,8 @@ import json
 import math
 
 import pytest
-import torch
-
 import saelab
+import torch
 from saelab import SiteSpec, UsageError
 from saelab.dictionary import (
     build_dictionary,
@@ -160,7 +159,7 @@ def test_sparsity_as_configured(name: str) -> None:
         for coef in (0.0, 20.0):
             torch.manual_seed(3)
             m = make(name, **{penalty: coef})
-            train(m, steps=60, lr=3e-3)
+            train(m, steps=60, lr=2e-2)
             m.eval()
             xe, ye = data(m, batch=256, seed=9)
             with torch.no_grad():
@@ -173,7 +172,7 @@ def test_transcoder_relu_penalty_reduces_l0() -> None:
     for coef in (0.0, 20.0):
         torch.manual_seed(4)
         m = make("transcoder", activation="relu", l1_coefficient=coef)
-        train(m, steps=60, lr=3e-3)
+        train(m, steps=60, lr=2e-2)
         xe, ye = data(m, batch=256, seed=9)
         with torch.no_grad():
             l0s.append(float((m(xe, target=ye).latents != 0).sum(-1).float().mean()))

@@ -29,9 +29,10 @@ FAST = {"batch_size": 128, "log_every": 4, "device": "cpu"}
 
 def fvu(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> float:
     """FVU of ``module`` on raw rows ``x [N, d]`` (targets ``y``, default ``x``)."""
+    target = None if y is None else y.unsqueeze(1)
     y = x if y is None else y
     with torch.no_grad():
-        rec = module(x.unsqueeze(1)).reconstruction.squeeze(1)
+        rec = module(x.unsqueeze(1), target=target).reconstruction.squeeze(1)
     return float((rec - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
