@@ -303,6 +303,8 @@ class TransformersSource(ActivationSource):
             if self._weights_hash is None:
                 self._weights_hash = weights_hash(self._local_dir)
             ident["weights_sha256"] = self._weights_hash
+            # The weights hash identifies a local model; the path as typed (relative or absolute) must not.
+            ident["model"] = Path(self._local_dir).resolve().name
         else:
             ident["revision"] = self._commit_hash()
         if getattr(self.options, "load_in_8bit", False):

@@ -31,6 +31,12 @@ OpenAI's ``choices[0].logprobs.content``), ``body`` (raw ``str``/``bytes``/``dic
 malformed answers), ``prompt_tokens`` / ``completion_tokens`` (usage; default: whitespace word counts),
 ``finish_reason``, ``drop`` (close the connection without answering).
 
+:class:`ScriptedLLMServerProcess` runs the same server in a child process (its own interpreter and GIL), for
+benchmarks where the server must not compete with the client for CPU: ``ScriptedLLMServerProcess(factory,
+*args)`` builds the handler as ``factory(*args)`` in the child (``factory`` must be importable there: a
+module-level class or function); it exposes ``base_url``, ``reset()`` and ``stats()`` (request counts,
+``max_in_flight``, ``errors``), not the recorded requests themselves.
+
 Server attributes: ``base_url`` (``http://127.0.0.1:PORT/v1``), ``requests`` (list of
 :class:`RecordedRequest`: ``method``, ``path``, ``headers`` (lower-case keys), ``body`` (parsed JSON or None),
 ``raw`` bytes, ``started``/``finished`` monotonic times), ``chat_requests`` (only the chat completions),
@@ -42,6 +48,7 @@ Server attributes: ``base_url`` (``http://127.0.0.1:PORT/v1``), ``requests`` (li
 from __future__ import annotations
 
 import json
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +56,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["RecordedRequest", "Reply", "ScriptedLLMServer", "word_count"]
+__all__ = ["RecordedRequest", "Reply", "ScriptedLLMServer", "ScriptedLLMServerProcess", "word_count"]
 
 
 def word_count(text: str) -> int:
@@ -320,3 +327,90 @@ class ScriptedLLMServer:
             http.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout tests)
+
+
+def _serve_in_child(factory: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
+    """Child-process side of :class:`ScriptedLLMServerProcess`: serve and answer commands on ``conn``."""
+    with ScriptedLLMServer(factory(*args)) as server:
+        conn.send(server.base_url)
+        while True:
+            try:
+                command = conn.recv()
+            except EOFError:
+                return
+            if command == "stop":
+                conn.send(None)
+                return
+            if command == "reset":
+                server.reset()
+                conn.send(None)
+            elif command == "stats":
+                with server._lock:
+                    conn.send({"requests": len(server.requests), "chat_requests": len(server.chat_requests),
+                               "max_in_flight": server.max_in_flight, "errors": list(server.errors)})
+
+
+class ScriptedLLMServerProcess:
+    """A :class:`ScriptedLLMServer` in a child process (spawned), so that it has its own GIL; a context manager.
+
+    ``factory(*args)`` builds the handler in the child; ``factory`` is pickled by reference, so it must
+    be a module-level callable importable in a fresh interpreter (``sys.path`` is passed on).
+    """
+
+    def __init__(self, factory: Callable[..., Any], *args: Any, start_timeout_s: float = 120.0):
+        self._factory = factory
+        self._args = args
+        self._start_timeout_s = start_timeout_s
+        self._process: Any = None
+        self._conn: Any = None
+        self.base_url = ""
+        """OpenAI-style base URL of the child's server (set by :meth:`start`)."""
+
+    def start(self) -> ScriptedLLMServerProcess:
+        """Spawn the child and wait until it serves."""
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        self._process = context.Process(target=_serve_in_child, args=(self._factory, self._args, child), daemon=True)
+        self._process.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(self._start_timeout_s):
+            self.stop()
+            raise RuntimeError(f"scripted server process did not start within {self._start_timeout_s:g} s")
+        self.base_url = parent.recv()
+        return self
+
+    def _ask(self, command: str) -> Any:
+        assert self._conn is not None, "server process not started"
+        self._conn.send(command)
+        return self._conn.recv()
+
+    def reset(self) -> None:
+        """Forget the child's recorded requests, errors and in-flight maximum."""
+        self._ask("reset")
+
+    def stats(self) -> dict[str, Any]:
+        """``requests``, ``chat_requests`` (counts), ``max_in_flight`` and ``errors`` since the last reset."""
+        return self._ask("stats")
+
+    def stop(self) -> None:
+        """Stop the server and join the child (terminated if it does not exit in 10 s)."""
+        if self._conn is not None:
+            try:
+                self._ask("stop")
+            except (EOFError, OSError):
+                pass
+            self._conn.close()
+            self._conn = None
+        if self._process is not None:
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(5)
+            self._process = None
+
+    def __enter__(self) -> ScriptedLLMServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -40,9 +41,45 @@ class RunPlugin:
             click.echo(json.dumps({"scorers": list(scorers), "n_tokens": n_tokens, "mode": mode}))
 
 
+BUILTIN_RUN_PLUGIN = "run"
+"""Entry-point name of the builtin plugin that provides the real ``run`` command."""
+
+
 @pytest.fixture
-def run_plugin():
+def without_builtin_run() -> Iterator[None]:
+    """Disable the builtin ``run`` plugin for the test (so no ``run`` command exists unless a test adds one)."""
+    saelab.manager.disable([BUILTIN_RUN_PLUGIN])
+    try:
+        yield
+    finally:
+        saelab.manager.enable([BUILTIN_RUN_PLUGIN])
+
+
+@pytest.fixture
+def run_plugin(without_builtin_run: None) -> None:
+    """Register :class:`RunPlugin`; its stand-in ``run`` replaces the builtin one, which is disabled."""
     saelab.register_plugin(RunPlugin(), name="test-run")
+
+
+def _command_rows(help_text: str) -> dict[str, str]:
+    """``{command: summary}`` from the Commands section of ``--help`` (wrapped continuation lines joined).
+
+    A command row is indented by exactly two spaces; deeper lines continue the previous summary; the
+    section ends at the first blank line (the epilog after it is not a command).
+    """
+    rows: dict[str, str] = {}
+    lines = help_text.splitlines()
+    start = lines.index("Commands:") + 1
+    current = ""
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        if len(line) - len(line.lstrip()) == 2:
+            current, _, summary = line.strip().partition(" ")
+            rows[current] = summary.strip()
+        else:
+            rows[current] += " " + line.strip()
+    return rows
 
 
 def test_help_lists_every_command_with_a_one_line_summary(cli, run_plugin):
@@ -50,15 +87,24 @@ def test_help_lists_every_command_with_a_one_line_summary(cli, run_plugin):
     assert result.exit_code == 0, result.stderr
     group = build_cli()
     assert {"plugins", "run", "echo-opts"} <= set(group.commands)
-    lines = result.stdout.splitlines()
-    for name, command in group.commands.items():
-        if command.hidden:
-            continue
-        summary = command.get_short_help_str(limit=90)
+    rows = _command_rows(result.stdout)
+    shown = {name for name, command in group.commands.items() if not command.hidden}
+    assert set(rows) == shown, result.stdout
+    for name in shown:
+        summary = group.commands[name].get_short_help_str(limit=90)
         assert summary, f"command {name!r} has no summary"
-        matching = [line for line in lines if line.strip().startswith(name + " ")]
-        assert matching, f"command {name!r} missing from --help:\n{result.stdout}"
-        assert summary.split()[0] in matching[0]
+        # the help wraps long summaries; compare word by word (click may shorten the end with "...")
+        words = summary.rstrip(".").split()
+        assert rows[name].split()[: len(words) - 1] == words[:-1], (name, rows[name], summary)
+    assert rows["run"].startswith("Delphi-style run (test stand-in)")
+
+
+def test_help_lists_the_builtin_run_command(cli):
+    result = cli("--help")
+    assert result.exit_code == 0, result.stderr
+    rows = _command_rows(result.stdout)
+    assert "run" in rows and "test stand-in" not in rows["run"]
+    assert {"cache", "train", "latents", "explain", "score", "plugins"} <= set(rows)
 
 
 def test_every_builtin_command_has_a_docstring_summary():
@@ -109,7 +155,9 @@ def register_commands(cli):
 '''
     site = write_distribution(tmp_path / "site", "run-plugin", "0.0.1", {"runner": "runner_mod"},
                               {"runner_mod.py": module})
-    proc = saelab_subprocess(["meta-llama/Meta-Llama-3-8B", "EleutherAI/sae"], env={"PYTHONPATH": str(site)})
+    # `-p no:run` disables the builtin `run` so the third-party one is the only `run` command
+    proc = saelab_subprocess(["-p", f"no:{BUILTIN_RUN_PLUGIN}", "meta-llama/Meta-Llama-3-8B", "EleutherAI/sae"],
+                             env={"PYTHONPATH": str(site)})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == ["meta-llama/Meta-Llama-3-8B", "EleutherAI/sae"]
 
@@ -148,8 +196,14 @@ def test_unknown_command(cli):
     cli("frobnicate").assert_user_error("'frobnicate'", "plugins")
 
 
-def test_delphi_style_without_run_command_is_an_unknown_command(cli):
+def test_delphi_style_without_run_command_is_an_unknown_command(cli, without_builtin_run):
     cli("gpt2", "some/sae").assert_user_error("'gpt2'", "plugins")
+
+
+def test_delphi_style_dispatches_to_the_builtin_run(cli):
+    # no --name: the builtin `run` command (not "unknown command 'gpt2'") reports its missing option
+    cli("gpt2", "some/sae").assert_user_error("--name")
+    cli("-p", f"no:{BUILTIN_RUN_PLUGIN}", "gpt2", "some/sae").assert_user_error("unknown command 'gpt2'")
 
 
 def test_unknown_root_option(cli):
