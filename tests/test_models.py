@@ -352,7 +352,9 @@ def test_identity_weights_hash(tmp_path: Path) -> None:
     manual = hashlib.sha256(
         f"model.safetensors\0{hashlib.sha256((copy / 'model.safetensors').read_bytes()).hexdigest()}\n".encode()
     ).hexdigest()
-    assert ident == {"model": str(copy), "source": "transformers", "dtype": "float32", "weights_sha256": manual}
+    assert ident == {"model": "model", "source": "transformers", "dtype": "float32", "weights_sha256": manual}
+    # A relative path to the same directory has the same identity (cache fingerprints must match).
+    assert load_activation_source(os.path.relpath(copy)).identity() == ident
     # Same weights elsewhere hash the same; changed weights do not.
     assert load_activation_source(str(TINY_GPT2)).identity()["weights_sha256"] == manual
     data = bytearray((copy / "model.safetensors").read_bytes())
