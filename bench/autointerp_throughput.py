@@ -1,31 +1,79 @@
-"""Auto-interp throughput: 20 latents x (explain + detection + fuzz) against a local OpenAI-compatible
-server that waits 200 ms per request, at concurrency 16 vs 1; then a second run that must make zero
-requests (everything reused from disk).
+"""Auto-interp throughput against a local OpenAI-compatible server that waits 200 ms per request.
+
+1. saelab, 20 latents x (explain + detection + fuzz), at concurrency 16 vs 1 (target: >= 10x faster);
+2. the same command again: it must make zero requests (everything reused from disk);
+3. side by side with delphi (eai-delphi 0.1.3 in a side venv), explain + detection on the same latents and
+   example counts (4 train, 7 test, 6 non-activating; 5 examples per scorer prompt): saelab's latents/s
+   against delphi's (target: >= 3x). delphi is run as its CLI runs it with OpenRouter (``__main__`` forces
+   ``pipeline_num_proc = 1``: one latent at a time) and, for reference, with its ``Pipeline`` at the same
+   concurrency as saelab (latents in parallel; each latent's prompts still one at a time).
+
+The server runs in a child process (its own GIL), so it does not take CPU from the client being measured.
 
     .venv/bin/python bench/autointerp_throughput.py [--latents 20] [--delay 0.2] [--concurrency 16]
+        [--delphi-venv /tmp/delphivenv] [--no-delphi]
 
-Prints latents/s for each setting, the speed-up (target >= 10x) and the second run's request count.
+The side venv is created when missing (``python3 -m venv``, ``pip install torch==2.13.0``, ``pip install
+--no-deps eai-delphi==0.1.3``, then each module delphi fails to import, until it imports); delphi imports
+``vllm`` at import time, so a stub ``vllm`` package (never used: the OpenRouter client talks HTTP) is put on
+its path. When the venv cannot be set up, the delphi part is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
+BENCH = Path(__file__).resolve().parent
+TESTS = BENCH.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from interp_helpers import make_record  # noqa: E402
-from llm_server import ScriptedLLMServer  # noqa: E402
-from pipeline_helpers import SmartHandler  # noqa: E402
+from llm_server import Reply, ScriptedLLMServerProcess  # noqa: E402
+
+DELPHI_VERSION = "0.1.3"
+TORCH_VERSION = "2.13.0"
+_EXAMPLE = re.compile(r"^Example (\d+):", re.MULTILINE)
+_MODULE_TO_PACKAGE = {"faiss": "faiss-cpu", "sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
+_DELPHI_IMPORTS = "import delphi.clients, delphi.explainers, delphi.scorers, delphi.latents, delphi.pipeline"
+_VLLM_STUB = {
+    "vllm/__init__.py": '"""Stub: delphi imports vllm at import time; its vLLM client is never used here."""\n'
+                        "class LLM:\n    pass\n\n\nclass SamplingParams:\n    pass\n",
+    "vllm/inputs.py": "class TokensPrompt(dict):\n    pass\n",
+    "vllm/distributed/__init__.py": "",
+    "vllm/distributed/parallel_state.py": "def destroy_distributed_environment():\n    pass\n\n\n"
+                                          "def destroy_model_parallel():\n    pass\n",
+}
+
+
+class BenchHandler:
+    """Answers explainer prompts (system prompt asks for ``[EXPLANATION]:``, saelab's and delphi's alike) with
+    an explanation, and scorer prompts with a 0/1 list, one entry per ``Example N:`` line; every answer
+    waits ``delay_s``."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def __call__(self, request: dict[str, Any]) -> Reply:
+        messages = request["messages"]
+        system = next((str(m["content"]) for m in messages if m.get("role") == "system"), "")
+        if "[EXPLANATION]" in system:
+            return Reply(text="[EXPLANATION]: the word cat", delay_s=self.delay_s)
+        n = len(_EXAMPLE.findall(str(messages[-1]["content"])))
+        return Reply(text="[" + ",".join("1" if i % 2 == 0 else "0" for i in range(n)) + "]", delay_s=self.delay_s)
 
 
 def records(n: int) -> list:
-    """``n`` hand-made latent records (7 test + 6 non-activating examples: 3 prompts per scorer)."""
+    """``n`` hand-made latent records (4 train, 7 test + 6 non-activating examples: 3 prompts per scorer)."""
+    from interp_helpers import make_record
+
     out = []
     for i in range(n):
         r = make_record()
@@ -34,19 +82,108 @@ def records(n: int) -> list:
     return out
 
 
-def one_run(server: ScriptedLLMServer, root: Path, n: int, concurrency: int) -> tuple[float, int]:
-    """Seconds and requests of one explain + detection + fuzz run into ``root``."""
+def saelab_run(server: ScriptedLLMServerProcess, root: Path, n: int, concurrency: int,
+               scorers: tuple[str, ...] = ("detection", "fuzz")) -> dict[str, float]:
+    """Seconds, requests and the most requests in flight of one saelab explain + ``scorers`` run into ``root``."""
     from saelab.llm import make_provider
     from saelab.pipeline import AutoInterp, RunLayout, make_explainer, make_scorers
 
     provider = make_provider("openai", model="test-model", base_url=server.base_url, cache=False,
                              max_concurrency=concurrency, max_retries=0, timeout_s=30)
-    engine = AutoInterp(RunLayout(root), make_explainer("default"), make_scorers(["detection", "fuzz"]), provider,
+    engine = AutoInterp(RunLayout(root), make_explainer("default"), make_scorers(list(scorers)), provider,
                         progress=False)
+    batch = records(n)
     server.reset()
     start = time.perf_counter()
-    engine.run(records(n))
-    return time.perf_counter() - start, len(server.chat_requests)
+    engine.run(batch)
+    seconds = time.perf_counter() - start
+    stats = server.stats()
+    return {"seconds": seconds, "requests": stats["chat_requests"], "max_in_flight": stats["max_in_flight"]}
+
+
+# --------------------------------------------------------------------------------------------------- delphi
+
+
+def _missing_module(python: Path, stub: Path) -> tuple[str | None, str]:
+    """The top-level module delphi fails to import (None when it imports), and the error's last line."""
+    proc = subprocess.run([str(python), "-c", _DELPHI_IMPORTS], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(stub)})
+    if proc.returncode == 0:
+        return None, ""
+    last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    match = re.search(r"No module named '([^'.]+)", last)
+    return (match.group(1) if match else ""), last
+
+
+def ensure_delphi_venv(venv: Path) -> tuple[Path | None, Path, str]:
+    """(python of the side venv or None, the vllm stub dir, why not) -- sets the venv up when needed."""
+    stub = venv / "vllm_stub"
+    for rel, text in _VLLM_STUB.items():
+        path = stub / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    python = venv / "bin" / "python"
+
+    def pip(*args: str) -> subprocess.CompletedProcess[str]:
+        print(f"  [delphi venv] pip install {' '.join(args)}", flush=True)
+        return subprocess.run([str(python), "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
+                              timeout=1800)
+
+    try:
+        if not python.exists():
+            print(f"  [delphi venv] creating {venv}", flush=True)
+            subprocess.run(["python3", "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
+            stub.mkdir(parents=True, exist_ok=True)
+            for rel, text in _VLLM_STUB.items():
+                (stub / rel).parent.mkdir(parents=True, exist_ok=True)
+                (stub / rel).write_text(text)
+        check = subprocess.run([str(python), "-c", "import torch, delphi; print(delphi.__version__)"],
+                               capture_output=True, text=True, timeout=600)
+        if check.returncode != 0 or check.stdout.strip() != DELPHI_VERSION:
+            for args in ((f"torch=={TORCH_VERSION}",), ("--no-deps", f"eai-delphi=={DELPHI_VERSION}")):
+                proc = pip(*args)
+                if proc.returncode != 0:
+                    return None, stub, f"pip install {' '.join(args)} failed: {proc.stderr.strip()[-300:]}"
+        tried: set[str] = set()
+        for _ in range(40):
+            module, error = _missing_module(python, stub)
+            if module is None:
+                return python, stub, ""
+            if not module or module in tried:
+                return None, stub, f"delphi does not import: {error}"
+            tried.add(module)
+            proc = pip(_MODULE_TO_PACKAGE.get(module, module))
+            if proc.returncode != 0:
+                return None, stub, f"cannot install {module!r}: {proc.stderr.strip()[-300:]}"
+        return None, stub, "delphi still misses modules after 40 installs"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, stub, f"{type(exc).__name__}: {exc}"
+
+
+def delphi_run(python: Path, stub: Path, server: ScriptedLLMServerProcess, root: Path, n: int,
+               concurrency: int) -> dict[str, Any]:
+    """delphi's explain + detection on ``n`` latents (``bench/delphi_driver.py`` in the side venv)."""
+    server.reset()
+    proc = subprocess.run(
+        [str(python), str(BENCH / "delphi_driver.py"), server.base_url, "--latents", str(n),
+         "--concurrency", str(concurrency), "--out", str(root)],
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(stub)},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"delphi driver failed: {proc.stderr.strip()[-500:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats = server.stats()
+    result.update(requests=stats["chat_requests"], max_in_flight=stats["max_in_flight"])
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def _line(label: str, run: dict[str, Any], n: int) -> str:
+    return (f"{label:<44} {run['seconds']:7.2f} s  {n / run['seconds']:6.2f} latents/s  "
+            f"{run['requests']:4d} requests  max in flight {run['max_in_flight']}")
 
 
 def main() -> None:
@@ -54,19 +191,48 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.2, help="server wait per request (s)")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--delphi-venv", type=Path, default=Path(tempfile.gettempdir()) / "delphivenv",
+                        help="side venv for eai-delphi (created when missing)")
+    parser.add_argument("--no-delphi", action="store_true", help="skip the delphi side-by-side")
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-not-a-secret")
-    with ScriptedLLMServer(SmartHandler(delay_s=args.delay)) as server, tempfile.TemporaryDirectory() as tmp:
-        fast_s, fast_req = one_run(server, Path(tmp) / "fast", args.latents, args.concurrency)
-        again_s, again_req = one_run(server, Path(tmp) / "fast", args.latents, args.concurrency)
-        slow_s, slow_req = one_run(server, Path(tmp) / "slow", args.latents, 1)
-        print(f"server wait per request: {args.delay * 1000:.0f} ms; {args.latents} latents x "
-              f"(explain + detection + fuzz) = {fast_req} requests")
-        print(f"concurrency {args.concurrency:>2}: {fast_s:6.2f} s  {args.latents / fast_s:6.2f} latents/s  "
-              f"max in flight {args.concurrency}")
-        print(f"concurrency  1: {slow_s:6.2f} s  {args.latents / slow_s:6.2f} latents/s  ({slow_req} requests)")
-        print(f"speed-up: {slow_s / fast_s:.1f}x (target >= 10x)")
-        print(f"second run: {again_req} requests, {again_s:.2f} s (target: 0 requests)")
+    n, c = args.latents, args.concurrency
+    print(f"server (child process) waits {args.delay * 1000:.0f} ms per request; {n} latents; "
+          f"4 train / 7 test / 6 non-activating examples, 5 per scorer prompt", flush=True)
+    with ScriptedLLMServerProcess(BenchHandler, args.delay) as server, tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        records(1)  # import saelab and torch before timing
+        print("\nsaelab, explain + detection + fuzz", flush=True)
+        fast = saelab_run(server, root / "fast", n, c)
+        print(_line(f"  concurrency {c}", fast, n), flush=True)
+        again = saelab_run(server, root / "fast", n, c)
+        slow = saelab_run(server, root / "slow", n, 1)
+        print(_line("  concurrency 1", slow, n), flush=True)
+        print(f"  speed-up: {slow['seconds'] / fast['seconds']:.1f}x (target >= 10x)")
+        print(f"  second run of the same command: {again['requests']} requests, {again['seconds']:.2f} s "
+              f"(target: 0 requests)", flush=True)
+
+        print("\nside by side, explain + detection", flush=True)
+        ours = saelab_run(server, root / "side", n, c, scorers=("detection",))
+        print(_line(f"  saelab, concurrency {c}", ours, n), flush=True)
+        if args.no_delphi:
+            print("  delphi: skipped (--no-delphi)")
+            return
+        python, stub, why = ensure_delphi_venv(args.delphi_venv)
+        if python is None:
+            print(f"  delphi: skipped ({why})")
+            return
+        try:
+            as_cli = delphi_run(python, stub, server, root / "delphi1", n, 1)
+            print(_line("  delphi 0.1.3 as its CLI runs it (1 latent)", as_cli, n), flush=True)
+            wide = delphi_run(python, stub, server, root / "delphi16", n, c)
+            print(_line(f"  delphi 0.1.3 Pipeline, {c} latents at once", wide, n), flush=True)
+        except (RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            print(f"  delphi: failed ({exc})")
+            return
+        ours_rate = n / ours["seconds"]
+        print(f"  saelab / delphi as its CLI: {ours_rate / (n / as_cli['seconds']):.1f}x (target >= 3x)")
+        print(f"  saelab / delphi Pipeline at concurrency {c}: {ours_rate / (n / wide['seconds']):.1f}x")
 
 
 if __name__ == "__main__":
