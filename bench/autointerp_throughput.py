@@ -95,10 +95,15 @@ def saelab_run(server: ScriptedLLMServerProcess, root: Path, n: int, concurrency
     batch = records(n)
     server.reset()
     start = time.perf_counter()
-    engine.run(batch)
+    report = engine.run(batch)
     seconds = time.perf_counter() - start
     stats = server.stats()
-    return {"seconds": seconds, "requests": stats["chat_requests"], "max_in_flight": stats["max_in_flight"]}
+    failed = report.explain.failed + report.explain.crashed + sum(
+        s.failed + s.crashed for s in report.scores.values())
+    for line in report.errors[:5]:
+        print(f"  ! {line}")
+    return {"seconds": seconds, "requests": stats["chat_requests"], "max_in_flight": stats["max_in_flight"],
+            "failed": failed}
 
 
 # --------------------------------------------------------------------------------------------------- delphi
@@ -182,8 +187,9 @@ def delphi_run(python: Path, stub: Path, server: ScriptedLLMServerProcess, root:
 
 
 def _line(label: str, run: dict[str, Any], n: int) -> str:
+    failed = f"  {run['failed']} failed stages" if run.get("failed") else ""
     return (f"{label:<44} {run['seconds']:7.2f} s  {n / run['seconds']:6.2f} latents/s  "
-            f"{run['requests']:4d} requests  max in flight {run['max_in_flight']}")
+            f"{run['requests']:4d} requests  max in flight {run['max_in_flight']}{failed}")
 
 
 def main() -> None:
@@ -201,7 +207,9 @@ def main() -> None:
           f"4 train / 7 test / 6 non-activating examples, 5 per scorer prompt", flush=True)
     with ScriptedLLMServerProcess(BenchHandler, args.delay) as server, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        records(1)  # import saelab and torch before timing
+        # warm-up (not timed): imports saelab, torch and openai, and builds the prompt templates, so that the
+        # first timed run does not pay one-off start-up costs the later ones do not
+        saelab_run(server, root / "warm-up", 2, c)
         print("\nsaelab, explain + detection + fuzz", flush=True)
         fast = saelab_run(server, root / "fast", n, c)
         print(_line(f"  concurrency {c}", fast, n), flush=True)

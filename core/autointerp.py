@@ -66,6 +66,12 @@ async def call_llm(provider: Provider, messages: Messages, **params: Any) -> Cal
         return CallResult(None, str(exc))
 
 
+def accepts_answer_format(provider: Provider | None) -> bool:
+    """True when ``provider.generate`` takes ``answer_format`` (every :class:`saelab.llm.LLMProvider`
+    does: it enforces the format where it can and ignores it elsewhere)."""
+    return provider is not None and hasattr(provider, "answer_formats")
+
+
 def provider_names(provider: Provider | None) -> tuple[str, str]:
     """``(provider name, model)`` of a provider (empty strings when None)."""
     if provider is None:
@@ -250,8 +256,16 @@ class ExplainerOptions(Options):
     """Send the prompt file's few-shot examples before the question."""
     temperature: float = Field(default=0.0, ge=0.0)
     """Sampling temperature."""
-    max_tokens: int = Field(default=400, ge=1)
-    """Longest answer, in tokens."""
+    max_tokens: int = Field(default=100, ge=1)
+    """Longest answer, in tokens (an explanation is one short line; a small local model that loops is cut
+    here)."""
+    constrain_answer: bool = True
+    """Ask for one line starting with ``[EXPLANATION]:`` (``answer_format`` ``prefixed_line``): the local
+    ``transformers`` provider enforces it by constrained decoding, API providers ignore it."""
+
+
+EXPLANATION_PREFIX = "[EXPLANATION]:"
+"""The marker an explanation answer carries before the explanation."""
 
 
 class LLMExplainer(Explainer):
@@ -295,13 +309,27 @@ class LLMExplainer(Explainer):
         """Per-call provider parameters."""
         return {"temperature": self.options.temperature, "max_tokens": self.options.max_tokens}
 
+    def answer_format(self) -> dict[str, Any] | None:
+        """The ``answer_format`` requested (one ``[EXPLANATION]:`` line), None when ``constrain_answer`` is off."""
+        if not getattr(self.options, "constrain_answer", False):
+            return None
+        return {"type": "prefixed_line", "prefix": EXPLANATION_PREFIX}
+
+    def provider_params(self, provider: Provider) -> dict[str, Any]:
+        """:meth:`call_params` plus the answer format where the provider takes one."""
+        params = self.call_params()
+        answer_format = self.answer_format()
+        if answer_format is not None and accepts_answer_format(provider):
+            params["answer_format"] = answer_format
+        return params
+
     async def explain(self, record: LatentRecord, provider: Provider) -> Explanation:
         """Ask the LLM and parse its answer; a failed request gives an explanation with ``error`` set."""
         usage = Usage()
         raw: list[str] = []
         text, parsed, error = "", False, None
         for messages in self.messages(record):
-            result = await call_llm(provider, messages, **self.call_params())
+            result = await call_llm(provider, messages, **self.provider_params(provider))
             if result.completion is None:
                 error = result.error
                 continue
@@ -339,6 +367,9 @@ class ScorerOptions(Options):
     """Sampling temperature."""
     max_tokens: int = Field(default=200, ge=1)
     """Longest answer, in tokens."""
+    constrain_answer: bool = True
+    """Ask for the answer's exact shape (``answer_format``, e.g. a list of as many 0/1 as examples): the local
+    ``transformers`` provider enforces it by constrained decoding, API providers ignore it."""
 
 
 def explanation_text(explanation: Explanation | str | None) -> str:
@@ -414,6 +445,19 @@ class PromptScorer(Scorer):
             params.update(logprobs=True, top_logprobs=self.options.top_logprobs)
         return params
 
+    def answer_format(self, batch: Sequence[ScoringItem]) -> dict[str, Any] | None:
+        """The ``answer_format`` of the prompt for ``batch`` (None: free text, the default)."""
+        return None
+
+    def batch_params(self, batch: Sequence[ScoringItem], provider: Provider) -> dict[str, Any]:
+        """:meth:`call_params` plus the batch's answer format where ``constrain_answer`` is on and the
+        provider takes one."""
+        params = self.call_params()
+        answer_format = self.answer_format(batch) if getattr(self.options, "constrain_answer", False) else None
+        if answer_format is not None and accepts_answer_format(provider):
+            params["answer_format"] = answer_format
+        return params
+
     # -- parsing and metrics
 
     def parse_batch(self, batch: Sequence[ScoringItem], result: CallResult) -> list[Prediction]:
@@ -440,8 +484,8 @@ class PromptScorer(Scorer):
             raise UsageError(f"scorer {self.name!r} needs an LLM provider")
         text = explanation_text(explanation)
         batches = self.batches(record)
-        params = self.call_params()
-        results = await asyncio.gather(*(call_llm(provider, self.prompt(text, b), **params) for b in batches))
+        results = await asyncio.gather(*(call_llm(provider, self.prompt(text, b), **self.batch_params(b, provider))
+                                         for b in batches))
         usage, failures = Usage(), Failures()
         predictions: list[Prediction] = []
         raw: list[str] = []
@@ -475,6 +519,10 @@ class PromptScorer(Scorer):
 class BinaryPromptScorer(PromptScorer):
     """A prompt scorer whose answer is a list of 0/1, one per example (detection, fuzz)."""
 
+    def answer_format(self, batch: Sequence[ScoringItem]) -> dict[str, Any] | None:
+        """A list of ``len(batch)`` 0/1 values."""
+        return {"type": "binary_list", "length": len(batch)}
+
     def parse_batch(self, batch: Sequence[ScoringItem], result: CallResult) -> list[Prediction]:
         """Parse the 0/1 list; with logprobs, attach P(1) per example."""
         values = parse_binary_list(result.text, len(batch))
@@ -505,6 +553,7 @@ def random_highlight(example: Example, n_tokens: int, rng: random.Random) -> str
 
 
 __all__ = [
+    "EXPLANATION_PREFIX",
     "BinaryPromptScorer",
     "CallResult",
     "ExplainerOptions",
@@ -512,6 +561,7 @@ __all__ = [
     "PromptScorer",
     "ScorerOptions",
     "ScoringItem",
+    "accepts_answer_format",
     "activation_line",
     "batched",
     "binary_probabilities",

@@ -525,8 +525,8 @@ class TranscoderOptions(TopKOptions):
     activation: Literal["topk", "relu"] = "topk"
     """``topk`` (k latents per token, AuxK, unit-norm decoder) or ``relu`` (ReLU with a
     decoder-norm-weighted L1 penalty, free decoder norms)."""
-    l1_coefficient: float = Field(default=5.0, ge=0)
-    """Coefficient of the decoder-norm-weighted L1 penalty (``relu`` activation only)."""
+    l1_coefficient: float = Field(default=1.0, ge=0)
+    """Coefficient of the decoder-norm-weighted L1 penalty (``relu`` activation only; see ``relu``)."""
 
 
 class TranscoderDictionary(TopKDictionary):

@@ -6,6 +6,7 @@ Call convention (every provider plugin, used by explainers and scorers)::
     completion = await provider.generate(
         [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
         temperature=0.0, max_tokens=64, logprobs=True, top_logprobs=5,   # optional per-call overrides
+        answer_format={"type": "binary_list", "length": 5},              # optional: see check_answer_format
     )
     completion.text, completion.logprobs, completion.cost, completion.cached
 
@@ -58,7 +59,9 @@ __all__ = [
     "TokenLogprob",
     "TransientError",
     "UsageTotals",
+    "answer_format_bound",
     "cache_key",
+    "check_answer_format",
     "litellm_prices",
     "make_provider",
     "parse_retry_after",
@@ -417,8 +420,56 @@ class ProviderOptions(Options):
     """USD per 1k completion tokens (default: litellm's cost map when the model is in it)."""
 
 
-CALL_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs")
+CALL_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs", "answer_format")
 """Per-call overrides every provider accepts in ``generate(**params)``."""
+
+ANSWER_FORMAT_TYPES = ("binary_list", "choice", "prefixed_line")
+"""Kinds of ``answer_format`` (see :func:`check_answer_format`)."""
+
+
+def check_answer_format(value: Any) -> dict[str, Any]:
+    """A validated, normalised ``answer_format`` (the shape an answer must take); a bad one raises
+    :class:`UsageError`. Kinds:
+
+    - ``{"type": "binary_list", "length": N}``: a list of N 0/1 values, written ``[1, 0, 1]``
+      (``", "`` or ``","`` between values, an optional space before ``[``);
+    - ``{"type": "choice", "options": ["1", "2", ...]}``: exactly one of the option strings;
+    - ``{"type": "prefixed_line", "prefix": "[EXPLANATION]:"}``: one line of text that starts with
+      ``prefix`` (the answer ends at its first newline).
+
+    Providers that can enforce a format (``LLMProvider.answer_formats``; the local ``transformers``
+    provider constrains decoding) do; the others receive the prompt alone and ignore it.
+    """
+    if not isinstance(value, Mapping) or value.get("type") not in ANSWER_FORMAT_TYPES:
+        raise UsageError(f"bad answer_format {value!r:.80}; accepted: a dict with 'type' one of "
+                         f"{', '.join(ANSWER_FORMAT_TYPES)}")
+    kind = value["type"]
+    if kind == "binary_list":
+        length = value.get("length")
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1 or set(value) != {"type", "length"}:
+            raise UsageError(f"bad answer_format {value!r:.80}; binary_list takes 'length', an integer >= 1")
+        return {"type": kind, "length": length}
+    if kind == "choice":
+        options = value.get("options")
+        if (not isinstance(options, (list, tuple)) or not options or set(value) != {"type", "options"}
+                or not all(isinstance(o, str) and o and "\n" not in o for o in options)):
+            raise UsageError(f"bad answer_format {value!r:.80}; choice takes 'options', a list of non-empty "
+                             f"one-line strings")
+        return {"type": kind, "options": list(dict.fromkeys(options))}
+    prefix = value.get("prefix")
+    if not isinstance(prefix, str) or not prefix or "\n" in prefix or set(value) != {"type", "prefix"}:
+        raise UsageError(f"bad answer_format {value!r:.80}; prefixed_line takes 'prefix', a non-empty one-line "
+                         f"string")
+    return {"type": kind, "prefix": prefix}
+
+
+def answer_format_bound(answer_format: Mapping[str, Any]) -> int | None:
+    """Most characters an answer of this (checked) format can have; None when unbounded."""
+    if answer_format["type"] == "binary_list":
+        return 3 * int(answer_format["length"]) + 1  # " [" + N digits + (N - 1) ", " + "]"
+    if answer_format["type"] == "choice":
+        return 1 + max(len(o) for o in answer_format["options"])
+    return None
 
 
 class LLMProvider(Provider):
@@ -433,6 +484,10 @@ class LLMProvider(Provider):
     """``max_concurrency`` when unset."""
     extra_params: ClassVar[tuple[str, ...] | None] = ("stop", "seed")
     """Per-call params accepted besides :data:`CALL_PARAMS`; None accepts any (passed to the backend)."""
+    answer_formats: ClassVar[frozenset[str]] = frozenset()
+    """``answer_format`` kinds this provider enforces; for other kinds (and by default) the parameter is
+    accepted, kept in the response-cache key and not passed to ``_complete`` (nothing non-standard is
+    sent to an API)."""
     default_api_key_env: ClassVar[str | None] = None
 
     def __init__(self, options: ProviderOptions | Mapping[str, Any] | None = None, **kwargs: Any):
@@ -500,6 +555,8 @@ class LLMProvider(Provider):
             "top_logprobs": self.options.top_logprobs,
         }
         resolved.update({k: v for k, v in params.items()})
+        if resolved.get("answer_format") is not None:
+            resolved["answer_format"] = check_answer_format(resolved["answer_format"])
         if not resolved["logprobs"]:
             resolved["top_logprobs"] = None
         return {k: v for k, v in resolved.items() if v is not None}
@@ -518,8 +575,16 @@ class LLMProvider(Provider):
         return out
 
     def cache_key(self, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
-        """Response-cache key of one call."""
+        """Response-cache key of one call (``params`` as resolved, ``answer_format`` included)."""
         return cache_key(self.name, self.model, messages, params)
+
+    def backend_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The resolved params passed to ``_complete``: ``answer_format`` only when enforced here."""
+        out = dict(params)
+        fmt = out.get("answer_format")
+        if fmt is not None and fmt["type"] not in self.answer_formats:
+            del out["answer_format"]
+        return out
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -533,6 +598,7 @@ class LLMProvider(Provider):
         messages = self.check_messages(messages)
         resolved = self.resolve_params(params)
         key = self.cache_key(messages, resolved)
+        backend = self.backend_params(resolved)
         if self.response_cache is not None:
             hit = self.response_cache.get(key)
             if hit is not None:
@@ -546,7 +612,7 @@ class LLMProvider(Provider):
                 if wait > 0:
                     await asyncio.sleep(wait)
                 try:
-                    return await self._complete(messages, resolved)
+                    return await self._complete(messages, backend)
                 except TransientError as exc:
                     exc.reason = self.scrub(exc.reason)
                     if exc.retry_after:

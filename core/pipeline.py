@@ -311,9 +311,11 @@ class AutoInterp:
         self.overwrite = set(overwrite)
         if "explanations" in self.overwrite:
             self.overwrite.add("scores")
-        default = getattr(provider, "max_concurrency", None) or 4
+        # Twice the provider's limit: while some latents wait for their explanation, others' scoring prompts
+        # keep every request slot busy (with exactly the limit, slots idle at each explain -> score step).
+        default = 2 * (getattr(provider, "max_concurrency", None) or 2)
         self.latent_concurrency = max(1, int(latent_concurrency or default))
-        """Latents in flight at once (default: the provider's ``max_concurrency``)."""
+        """Latents in flight at once (default: twice the provider's ``max_concurrency``)."""
         self.explainer_max_len = explainer_max_len
         self.cpu_workers = cpu_workers
         """Threads for CPU-side work (local scorers run in ``asyncio.to_thread``); None: Python's default."""

@@ -15,8 +15,10 @@ from saelab.dictionary import DictionaryOptions, LinearDictionary, decoder_weigh
 class ReLUOptions(DictionaryOptions):
     """Options of the ``relu`` architecture."""
 
-    l1_coefficient: float = Field(default=5.0, ge=0)
-    """Weight of the decoder-norm-weighted L1 penalty (Anthropic used 5 with E||x||^2 = d_in)."""
+    l1_coefficient: float = Field(default=1.0, ge=0)
+    """Weight of the decoder-norm-weighted L1 penalty, in the trainer's normalised units (E|x|^2 = d_in).
+    Anthropic used 5 on their data; on the synthetic benchmark (tests/test_synthetic_recovery.py) 1 gives
+    MMCS 0.96, 2 gives 0.91 with a lower L0, 5 shrinks too much (FVU 0.89)."""
     l1_warmup_steps: int = Field(default=0, ge=0)
     """Optimizer steps over which the penalty grows linearly from 0 (0: full from the start)."""
     decoder_init_norm: float = Field(default=0.1, gt=0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import Field
 from saelab import hookimpl
 from saelab.autointerp import (
     ExplainerOptions,
@@ -21,7 +24,10 @@ class DefaultExplainerOptions(ExplainerOptions):
     show_activations: bool = False
     """Follow each example with ``Activations: ("tok", 7), ...`` (0-10 scale, the latent's max = 10)."""
     cot: bool = False
-    """Ask for step-by-step reasoning before the ``[EXPLANATION]:`` line."""
+    """Ask for step-by-step reasoning before the ``[EXPLANATION]:`` line (the answer is then not constrained
+    to one line)."""
+    cot_max_tokens: int = Field(default=500, ge=1)
+    """Longest answer with ``cot`` (reasoning needs more than ``max_tokens``)."""
     max_activation_tokens: int | None = 10
     """At most this many tokens per ``Activations:`` line (None: all highlighted tokens)."""
 
@@ -47,6 +53,15 @@ class DefaultExplainer(LLMExplainer):
         user_key = "user_activations" if self.options.show_activations else "user"
         answer_keys = ("assistant_cot", "assistant") if self.options.cot else ("assistant",)
         return self.prompts.few_shot(self.prompt_prefix, user_key, answer_keys)
+
+    def call_params(self) -> dict[str, Any]:
+        params = super().call_params()
+        if self.options.cot:
+            params["max_tokens"] = self.options.cot_max_tokens
+        return params
+
+    def answer_format(self) -> dict[str, Any] | None:
+        return None if self.options.cot else super().answer_format()
 
     def user_message(self, record: LatentRecord) -> str:
         top = record_max_activation(record)

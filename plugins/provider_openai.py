@@ -1,6 +1,7 @@
 """The ``openai`` provider: any OpenAI-compatible chat-completions API (OpenAI, vLLM, OpenRouter, llama.cpp...).
 
-Uses ``openai.AsyncOpenAI`` with the client's own retries off (``max_retries=0``): saelab's retry loop
+Uses ``openai.AsyncOpenAI`` (one client per event loop, posting the request body as JSON through its
+low-level ``post``) with the client's own retries off (``max_retries=0``): saelab's retry loop
 (:func:`saelab.llm.with_retries`) handles 429/5xx with ``Retry-After``, timeouts and connection errors.
 """
 
@@ -62,12 +63,16 @@ class OpenAIProvider(LLMProvider):
             if key == "top_logprobs" and not params.get("logprobs"):
                 continue
             request[key] = value
+        import httpx
+
         try:
-            # The raw response: we parse the JSON ourselves, so a malformed body is a clean retryable error.
-            response = await self._client().chat.completions.with_raw_response.create(
-                **request, timeout=self.options.timeout_s)
-            body = await response.http_response.aread() if hasattr(response.http_response, "aread") else (
-                response.http_response.content)
+            # The client's low-level POST, not ``chat.completions.create``: same headers, auth, timeout and
+            # error classes, without the SDK's per-request typed-dict transform of the messages (the bulk of
+            # its client-side cost). The raw response: we parse the JSON ourselves, so a malformed body is a
+            # clean retryable error.
+            response = await self._client().post("/chat/completions", body=request, cast_to=httpx.Response,
+                                                 options={"timeout": self.options.timeout_s})
+            body = response.content
         except Exception as exc:
             mapped = classify_openai_error(exc, self.options.timeout_s)
             if mapped is None:

@@ -98,7 +98,7 @@ def provider_options() -> Any:
         click.option("--max_concurrency", type=click.IntRange(min=1), default=None,
                      help="LLM requests in flight at once (the throughput knob) [default: the provider's, 8 for APIs]."),
         click.option("--latent_concurrency", type=click.IntRange(min=1), default=None,
-                     help="Latents processed at once [default: --max_concurrency]."),
+                     help="Latents processed at once [default: twice --max_concurrency]."),
         click.option("--api_key_env", default=None,
                      help="Environment variable holding the API key [default: OPENAI_API_KEY; OPENROUTER_API_KEY "
                           "for openrouter]. Keys are never written or logged."),

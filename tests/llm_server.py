@@ -33,7 +33,7 @@ malformed answers), ``prompt_tokens`` / ``completion_tokens`` (usage; default: w
 
 :class:`ScriptedLLMServerProcess` runs the same server in a child process (its own interpreter and GIL), for
 benchmarks where the server must not compete with the client for CPU: ``ScriptedLLMServerProcess(factory,
-*args)`` builds the handler as ``factory(*args)`` in the child (``factory`` must be importable there: a
+*args, **kwargs)`` builds the handler as ``factory(*args, **kwargs)`` in the child (``factory`` must be importable there: a
 module-level class or function); it exposes ``base_url``, ``reset()`` and ``stats()`` (request counts,
 ``max_in_flight``, ``errors``), not the recorded requests themselves.
 
@@ -165,6 +165,8 @@ class ScriptedLLMServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body are two writes: with Nagle on, the body waits for the client's delayed ACK (~40 ms)
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr logging
                 pass
@@ -175,7 +177,10 @@ class ScriptedLLMServer:
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 server._handle(self, "POST")
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the default listen backlog (5) drops bursts of concurrent connections
+
+        httpd = Server(("127.0.0.1", 0), Handler)
         httpd.daemon_threads = True
         httpd.block_on_close = False
         self._httpd = httpd
@@ -329,9 +334,9 @@ class ScriptedLLMServer:
             pass  # the client gave up (timeout tests)
 
 
-def _serve_in_child(factory: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
+def _serve_in_child(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], conn: Any) -> None:
     """Child-process side of :class:`ScriptedLLMServerProcess`: serve and answer commands on ``conn``."""
-    with ScriptedLLMServer(factory(*args)) as server:
+    with ScriptedLLMServer(factory(*args, **kwargs)) as server:
         conn.send(server.base_url)
         while True:
             try:
@@ -353,13 +358,14 @@ def _serve_in_child(factory: Callable[..., Any], args: tuple[Any, ...], conn: An
 class ScriptedLLMServerProcess:
     """A :class:`ScriptedLLMServer` in a child process (spawned), so that it has its own GIL; a context manager.
 
-    ``factory(*args)`` builds the handler in the child; ``factory`` is pickled by reference, so it must
+    ``factory(*args, **kwargs)`` builds the handler in the child; ``factory`` is pickled by reference, so it must
     be a module-level callable importable in a fresh interpreter (``sys.path`` is passed on).
     """
 
-    def __init__(self, factory: Callable[..., Any], *args: Any, start_timeout_s: float = 120.0):
+    def __init__(self, factory: Callable[..., Any], *args: Any, start_timeout_s: float = 120.0, **kwargs: Any):
         self._factory = factory
         self._args = args
+        self._kwargs = kwargs
         self._start_timeout_s = start_timeout_s
         self._process: Any = None
         self._conn: Any = None
@@ -370,14 +376,21 @@ class ScriptedLLMServerProcess:
         """Spawn the child and wait until it serves."""
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self._process = context.Process(target=_serve_in_child, args=(self._factory, self._args, child), daemon=True)
+        self._process = context.Process(target=_serve_in_child, args=(self._factory, self._args, self._kwargs, child), daemon=True)
         self._process.start()
         child.close()
         self._conn = parent
         if not parent.poll(self._start_timeout_s):
             self.stop()
             raise RuntimeError(f"scripted server process did not start within {self._start_timeout_s:g} s")
-        self.base_url = parent.recv()
+        try:
+            self.base_url = parent.recv()
+        except EOFError:
+            self._process.join(5)
+            code = self._process.exitcode
+            self._conn = None
+            self._process = None
+            raise RuntimeError(f"scripted server process exited (code {code}) before serving") from None
         return self
 
     def _ask(self, command: str) -> Any:

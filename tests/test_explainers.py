@@ -29,7 +29,7 @@ def test_default_explainer_prompt_and_parse(monkeypatch):
     assert result.raw_responses == ["The tokens are all cats.\n[EXPLANATION]: the word \"cat\"\n"]
     body = server.chat_requests[0].body
     assert body["messages"][0]["role"] == "system" and "[EXPLANATION]:" in body["messages"][0]["content"]
-    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]  # one few-shot pair
+    assert [m["role"] for m in body["messages"]] == ["system", *["user", "assistant"] * 3, "user"]  # 3 few-shot pairs
     lines = user_examples(body)
     assert lines == ["the wtr0 <<cat>>", "the wtr1 <<cat>> sat", "the wtr2 <<cat>> sat on"]
     assert "Activations:" not in body["messages"][-1]["content"]

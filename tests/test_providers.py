@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -427,7 +428,8 @@ def test_transformers_batches_concurrent_prompts_into_one_generate() -> None:
 def test_transformers_logprobs_match_a_forward_pass() -> None:
     import torch
 
-    provider = tiny_provider(max_tokens=4, top_logprobs=2)
+    # repetition controls off: the greedy check below compares with the raw distribution
+    provider = tiny_provider(max_tokens=4, top_logprobs=2, repetition_penalty=1.0, no_repeat_ngram_size=0)
     completion = provider.generate_sync(MESSAGES)
     model, tokenizer = provider.load()
     prompt_ids = tokenizer(completion.raw["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -449,6 +451,104 @@ def test_transformers_stop_strings_and_no_logprobs() -> None:
     stop = next(c for c in first.text if c.strip())
     cut = provider.generate_sync(MESSAGES, stop=[stop])
     assert cut.text == first.text[: first.text.index(stop)] and cut.finish_reason == "stop"
+
+
+def forward_logprobs(provider, completion):
+    """Unconstrained log-softmax over the vocabulary at each generated step, from one forward pass."""
+    import torch
+
+    model, tokenizer = provider.load()
+    prompt_ids = tokenizer(completion.raw["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    generated = torch.tensor([completion.raw["generated_ids"]])
+    with torch.no_grad():
+        logits = model(torch.cat([prompt_ids, generated], dim=1)).logits[0].log_softmax(-1)
+    start = prompt_ids.shape[1] - 1
+    return logits[start:start + generated.shape[1]]
+
+
+def test_transformers_answer_format_binary_list_in_one_batch() -> None:
+    from saelab.autointerp import binary_probabilities, parse_binary_list
+
+    provider = tiny_provider(max_tokens=60, top_logprobs=2)
+    lengths = [1, 2, 3, 5, 8]
+    prompts = [[{"role": "user", "content": f"Classify {n} examples: " + "word " * (i + 1)}]
+               for i, n in enumerate(lengths)]
+
+    async def together() -> list[Completion]:
+        constrained = [provider.generate(p, answer_format={"type": "binary_list", "length": n})
+                       for p, n in zip(prompts, lengths, strict=True)]
+        return await asyncio.gather(*constrained, provider.generate(prompts[2]))  # + one free row
+
+    *answers, free = run(together())
+    assert provider.generate_calls == 1 and provider.batch_sizes == [6]  # per-row formats, one generate
+    assert parse_binary_list(free.text, 3) is None  # random weights never write a list unconstrained
+    _, tokenizer = provider.load()
+    for answer, n in zip(answers, lengths, strict=True):
+        values = parse_binary_list(answer.text, n)
+        assert values is not None and len(values) == n and set(values) <= {0, 1}, answer.text
+        assert answer.text.strip().startswith("[") and answer.text.strip().endswith("]")
+        assert answer.finish_reason == "stop" and answer.raw["generated_ids"][-1] == tokenizer.eos_token_id
+        # logprobs come from the unconstrained distribution, and each digit position offers both classes
+        lp = forward_logprobs(provider, answer)
+        ids = answer.raw["generated_ids"]
+        assert [t.logprob for t in answer.logprobs] == pytest.approx([float(lp[j, t]) for j, t in
+                                                                      enumerate(ids[:len(answer.logprobs)])], abs=1e-4)
+        probs = binary_probabilities(answer, n)
+        assert probs is not None and len(probs) == n and all(0.0 < p < 1.0 for p in probs)
+        digit_steps = [j for j, t in enumerate(answer.logprobs) if t.token.strip(" [],") in ("0", "1")]
+        assert len(digit_steps) == n
+        for j, p in zip(digit_steps, probs, strict=True):
+            alternatives = {tok.strip(" [],"): v for tok, v in answer.logprobs[j].top_logprobs.items()}
+            assert {"0", "1"} <= set(alternatives)
+            p1, p0 = (math.exp(alternatives[d]) for d in ("1", "0"))
+            assert p == pytest.approx(p1 / (p0 + p1))
+            chosen = answer.logprobs[j].token.strip(" [],")
+            assert alternatives[chosen] == pytest.approx(answer.logprobs[j].logprob)
+
+
+def test_transformers_answer_format_choice_and_prefixed_line() -> None:
+    provider = tiny_provider(max_tokens=12, logprobs=False)
+    options = ["1", "2", "3", "12"]
+    choices = [provider.generate_sync([{"role": "user", "content": "Pick one " * k}],
+                                      answer_format={"type": "choice", "options": options}) for k in range(1, 4)]
+    assert all(c.text.strip() in options and c.finish_reason == "stop" for c in choices)
+    line = provider.generate_sync(MESSAGES, answer_format={"type": "prefixed_line", "prefix": "[EXPLANATION]:"})
+    assert line.text.startswith("[EXPLANATION]:") and "\n" not in line.text
+    free = provider.generate_sync(MESSAGES)
+    assert not free.text.lstrip().startswith("[EXPLANATION]:")
+
+
+def test_generated_repetition_guard_ignores_the_prompt() -> None:
+    import torch
+    from saelab.plugins.provider_transformers import GeneratedRepetitionGuard
+
+    ids = torch.tensor([[7, 8, 9, 7, 8, 5, 7, 8]])  # prompt: 7 8 9 7 8; generated: 5 7 8
+    scores = torch.zeros(1, 10) + 1.0
+    out = GeneratedRepetitionGuard(start=5, rows=[0], penalty=2.0, ngram=2)(ids, scores)
+    assert scores.eq(1.0).all()  # not modified in place (generate keeps it as the raw logits)
+    assert torch.isinf(out[0, 7]) is not None and float(out[0, 7]) == 0.5  # penalised, 8 -> 7 never generated
+    assert float(out[0, 5]) == 0.5 and float(out[0, 9]) == 1.0  # 9 only in the prompt: untouched
+    banned = GeneratedRepetitionGuard(start=5, rows=[0], penalty=1.0, ngram=2)(torch.tensor([[1, 2, 3, 5, 3]]), scores)
+    assert torch.isinf(banned[0, 5]) and not torch.isinf(banned[0]).sum() > 1  # "3 5" was generated: 5 after 3 banned
+
+
+def test_answer_format_is_in_the_cache_key_and_not_sent_to_apis(cache_root: Path) -> None:
+    binary3 = {"type": "binary_list", "length": 3}
+    assert cache_key("openai", "m", MESSAGES, {"answer_format": binary3}) != cache_key("openai", "m", MESSAGES, {})
+    assert cache_key("openai", "m", MESSAGES, {"answer_format": binary3}) != cache_key(
+        "openai", "m", MESSAGES, {"answer_format": {"type": "binary_list", "length": 4}})
+    with ScriptedLLMServer(lambda req: Reply(text="[1, 0, 1]")) as server:
+        provider = openai_provider(server, cache_root)
+        provider.generate_sync(MESSAGES, answer_format=binary3)
+        assert "answer_format" not in server.chat_requests[0].body  # nothing non-standard sent to the API
+        provider.generate_sync(MESSAGES)  # same messages without a format: another entry
+        provider.generate_sync(MESSAGES, answer_format={"type": "binary_list", "length": 4})
+        assert len(server.chat_requests) == 3
+        assert provider.generate_sync(MESSAGES, answer_format=dict(binary3)).cached
+        assert len(server.chat_requests) == 3 and len(ResponseCache(cache_root)) == 3
+        for bad in ({"type": "binary_list", "length": 0}, {"type": "json"}, {"type": "choice", "options": []}):
+            with pytest.raises(UsageError, match="bad answer_format"):
+                provider.generate_sync(MESSAGES, answer_format=bad)
 
 
 @pytest.mark.slow
