@@ -158,6 +158,7 @@ class AnswerFormatProcessor:
         scores = scores.clone()  # generate keeps the tensor it passes as the raw logits (for logprobs)
         for row, constraint in enumerate(self.constraints):
             if constraint is None:
+                self.allowed_log[row].append(None)
                 continue
             ids = input_ids[row, self.start:].tolist()
             if self.eos in ids:  # finished row: its tokens are padding from now on

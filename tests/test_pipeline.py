@@ -173,7 +173,8 @@ def test_dry_run_plan_makes_no_requests_and_counts_prompts(tmp_path, monkeypatch
         expected = sum(estimate_tokens(m) for r in records(5) for m in explainer.messages(r))
         assert rows["default"].prompt_tokens == expected
         assert rows["default"].cost_prompt == pytest.approx(expected / 1000.0)
-        assert rows["default"].cost_max == pytest.approx(expected / 1000.0 + 5 * 400 * 2 / 1000.0)
+        answer = explainer.options.max_tokens  # the explainer's longest answer, priced at 2 USD per 1k
+        assert rows["default"].cost_max == pytest.approx(expected / 1000.0 + 5 * answer * 2 / 1000.0)
         engine.run(records(2))  # two latents done: the plan shrinks to the rest
         server.reset()
         plan = AutoInterp(layout, explainer, scorers, provider, progress=False).plan(records(5))
