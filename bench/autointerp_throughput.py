@@ -233,6 +233,8 @@ def main() -> None:
         try:
             as_cli = delphi_run(python, stub, server, root / "delphi1", n, 1)
             print(_line("  delphi 0.1.3 as its CLI runs it (1 latent)", as_cli, n), flush=True)
+            print(f"    (delphi parsed {as_cli['predictions']} of {as_cli['samples']} detection predictions: it "
+                  f"rejects the answer to each latent's final partial batch)", flush=True)
             wide = delphi_run(python, stub, server, root / "delphi16", n, c)
             print(_line(f"  delphi 0.1.3 Pipeline, {c} latents at once", wide, n), flush=True)
         except (RuntimeError, ValueError, subprocess.SubprocessError) as exc:

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from .errors import UsageError, format_choices
-from .interfaces import DictionaryOutput, SiteSpec, SparseDictionary
+from .interfaces import DictionaryOutput, SiteSpec, SparseDictionary, SparseLatents
 from .options import Options
 
 FORMAT_NAME = "saelab"
@@ -133,48 +133,101 @@ def mmcs(learned: torch.Tensor, truth: torch.Tensor, chunk: int = 4096) -> float
     return float(best.mean())
 
 
-class _SelectedPreacts(torch.autograd.Function):
-    """Pre-activations at selected (row, latent) pairs with a sparse backward.
+class LatentGroups:
+    """The entries of a sparse code grouped by latent: one stable sort shared by every backward.
 
-    Forward reads them from the dense ``pre`` computed without autograd. Backward never builds a dense
-    ``[batch, d_sae]`` gradient: the ``W_enc`` gradient is one sparse-dense product.
+    ``perm`` orders the entries by latent (stable, so rows stay increasing within a latent),
+    ``rows`` are the entries' batch rows in that order and ``offsets [d_sae]`` where each latent's
+    entries start. Gradients with respect to ``W_enc`` and ``W_dec`` are then one ``F.embedding_bag``
+    each (a gather-sum of batch rows per latent), with no sparse-tensor coalescing sort and no
+    ``[nnz, width]`` temporary.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, d_sae: int):
+        order = torch.sort(cols, stable=True).indices
+        counts = torch.bincount(cols, minlength=d_sae)
+        self.perm = order
+        self.rows = rows.index_select(0, order)
+        self.offsets = torch.cumsum(counts, 0) - counts
+
+    def scatter_rows(self, weights: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+        """``out[j] = sum over entries e of latent j of weights[e] * data[rows[e]]`` as ``[d_sae, width]``."""
+        return F.embedding_bag(self.rows, data, self.offsets, mode="sum",
+                               per_sample_weights=weights.index_select(0, self.perm))
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    """Pre-activations at selected (row, latent) entries, with a sparse backward.
+
+    Forward returns the selected values computed without autograd from the dense pre-activations.
+    Backward never builds a dense ``[batch, d_sae]`` gradient: the ``W_enc`` gradient is a per-latent
+    gather-sum of input rows (:class:`LatentGroups`), the bias gradients are index-adds.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                rows: torch.Tensor, cols: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, b_pre, W_enc, rows, cols)
+    def forward(ctx: Any, selected: torch.Tensor, x: torch.Tensor, b_pre: torch.Tensor | None,
+                W_enc: torch.Tensor, b_enc: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+        ctx.save_for_backward(x, b_pre, W_enc)
+        ctx.codes = codes
         ctx.has_b_pre = b_pre is not None
-        return pre[rows, cols]
+        return selected.detach().clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, b_pre, W_enc, rows, cols = ctx.saved_tensors
+        x, b_pre, W_enc = ctx.saved_tensors
+        codes: SparseCodes = ctx.codes
+        grad = grad.contiguous()
         d_sae = W_enc.shape[1]
         grad_x = grad_b_pre = grad_W = grad_b_enc = None
-        grad_b = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        if ctx.needs_input_grad[3]:
+        needs_b = ctx.needs_input_grad[4] or (ctx.has_b_pre and ctx.needs_input_grad[2])
+        grad_b = grad.new_zeros(d_sae).index_add_(0, codes.cols, grad) if needs_b else None
+        if ctx.needs_input_grad[4]:
             grad_b_enc = grad_b
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             x_in = x if b_pre is None else x - b_pre
-            # grad_W_enc.T = G.T @ x_in with G [batch, d_sae] holding the grads at the selected pairs;
-            # a sparse product avoids both a dense G and a [nnz, d_in] copy of the inputs.
-            G_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), grad, (d_sae, x.shape[0]),
-                                          check_invariants=False)
-            grad_W = torch.sparse.mm(G_t, x_in).T
-        if ctx.has_b_pre and ctx.needs_input_grad[1]:
+            # [d_sae, d_in] per latent, then W_enc's [d_in, d_sae] layout (a contiguous gradient keeps
+            # the optimizer step fast).
+            grad_W = codes.groups().scatter_rows(grad, x_in).T.contiguous()
+        if ctx.has_b_pre and ctx.needs_input_grad[2]:
             grad_b_pre = -(W_enc @ grad_b)
+        if ctx.needs_input_grad[1]:
+            contrib = W_enc.T.index_select(0, codes.cols) * grad[:, None]
+            grad_x = torch.zeros_like(x).index_add_(0, codes.rows, contrib)
+        return None, grad_x, grad_b_pre, grad_W, grad_b_enc, None
+
+
+def selected_preacts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, codes: SparseCodes,
+                     selected: torch.Tensor, b_pre: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable ``((x - b_pre) @ W_enc + b_enc)[codes.rows, codes.cols]`` given those values
+    ``selected`` (read without autograd from the dense product): gradients reach ``x``, ``b_pre``,
+    ``W_enc`` and ``b_enc`` sparsely."""
+    return _SelectedPreacts.apply(selected, x, b_pre, W_enc, b_enc, codes)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``sum_e values[e] * W_dec[cols[e]]`` per batch row, with a sparse backward (see :func:`sparse_decode`)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, W_dec: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+        ctx.save_for_backward(values, W_dec)
+        ctx.codes = codes
+        indices, offsets = codes.bags()
+        weights = values if codes.k is None else values.view(codes.batch, codes.k)
+        return F.embedding_bag(indices, W_dec, offsets, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        values, W_dec = ctx.saved_tensors
+        codes: SparseCodes = ctx.codes
+        grad = grad.contiguous()
+        grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            contrib = W_enc.T[cols] * grad[:, None]
-            grad_x = torch.zeros_like(x).index_add_(0, rows, contrib)
-        return grad_x, grad_b_pre, grad_W, grad_b_enc, None, None, None
-
-
-def selected_preacts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, rows: torch.Tensor,
-                     cols: torch.Tensor, pre: torch.Tensor, b_pre: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable ``((x - b_pre) @ W_enc + b_enc)[rows, cols]`` given that product ``pre``
-    (computed without autograd): gradients reach ``x``, ``b_pre``, ``W_enc`` and ``b_enc`` sparsely."""
-    return _SelectedPreacts.apply(x, b_pre, W_enc, b_enc, rows, cols, pre)
+            # d/dvalues[e] = grad[rows[e]] . W_dec[cols[e]] (what embedding_bag's own backward computes).
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, W_dec, codes.cols, codes.row_offsets(), codes.rows, 0, -1)
+        if ctx.needs_input_grad[1]:
+            grad_W = codes.groups().scatter_rows(values, grad)
+        return grad_values, grad_W, None
 
 
 def offsets_from_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -188,9 +241,21 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
     """``sum_j values[b, j] * W_dec[indices[b, j]]`` without a dense latent matrix.
 
     ``indices``/``values`` are ``[batch, k]``, or flat ``[nnz]`` with ``offsets [batch]`` giving where
-    each row's entries start (rows in order). Returns ``[batch, W_dec.shape[1]]`` (no bias).
+    each row's entries start (rows in order). Returns ``[batch, W_dec.shape[1]]`` (no bias). The
+    backward is sparse: ``W_dec``'s gradient is a per-latent gather-sum (:class:`LatentGroups`)
+    instead of ``embedding_bag``'s sorting dense backward.
     """
-    return F.embedding_bag(indices, W_dec, offsets, mode="sum", per_sample_weights=values)
+    if indices.dim() == 2:
+        batch, k = indices.shape
+        rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+        codes = SparseCodes(rows, indices.reshape(-1), values.reshape(-1), batch, W_dec.shape[0], k)
+    else:
+        if offsets is None:
+            raise ValueError("flat indices need offsets (where each row's entries start)")
+        counts = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
+        rows = torch.arange(offsets.numel(), device=indices.device).repeat_interleave(counts)
+        codes = SparseCodes(rows, indices, values, offsets.numel(), W_dec.shape[0])
+    return codes.decode(W_dec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,6 +406,42 @@ class LinearDictionary(SparseDictionary):
 # TopK family
 
 
+class _AuxKDecode(torch.autograd.Function):
+    """AuxK's reconstruction ``z_dead @ W_dec[dead]`` from the dead latents' already computed
+    pre-activations ``pre_dead [batch, n_dead]``: ``z_dead`` holds ReLU'd values at ``idx``
+    (``[batch, k_aux]`` positions in ``dead``; None: every dead latent). No encoder matmul is repeated;
+    backward is three ``[batch, n_dead]``-sized matmuls. Gradients reach ``W_enc``, ``b_enc``,
+    ``W_dec`` and ``b_pre``, not the input (data, in training)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre_dead: torch.Tensor, idx: torch.Tensor | None, x: torch.Tensor,
+                b_pre: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                dead: torch.Tensor) -> torch.Tensor:
+        if idx is None:
+            z = F.relu(pre_dead)
+        else:
+            z = torch.zeros_like(pre_dead).scatter_(1, idx, F.relu(pre_dead.gather(1, idx)))
+        ctx.save_for_backward(z, x, b_pre, W_enc, W_dec, dead)
+        return z @ W_dec.index_select(0, dead)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, x, b_pre, W_enc, W_dec, dead = ctx.saved_tensors
+        grad_W_enc = grad_b_pre = grad_b_enc = grad_W_dec = None
+        G = (grad @ W_dec.index_select(0, dead).T).mul_(z > 0)
+        grad_b = G.sum(0)
+        if ctx.needs_input_grad[6]:
+            grad_W_dec = torch.zeros_like(W_dec).index_copy_(0, dead, z.T @ grad)
+        if ctx.needs_input_grad[4]:
+            x_in = x if b_pre is None else x - b_pre
+            grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead, x_in.T @ G)
+        if ctx.needs_input_grad[5]:
+            grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead, grad_b)
+        if b_pre is not None and ctx.needs_input_grad[3]:
+            grad_b_pre = -(W_enc.index_select(1, dead) @ grad_b)
+        return None, None, None, grad_b_pre, grad_W_enc, grad_b_enc, grad_W_dec, None
+
+
 def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor,
               residual: torch.Tensor, target_var: torch.Tensor, k_aux: int, alpha: float,
               b_pre: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,21 +450,19 @@ def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Ten
     normalised by the residual's variance, multiplied by the target variance so that it stands to
     ``"mse"`` as OpenAI's normalised AuxK term stands to their normalised MSE, scaled by
     ``min(n_dead / k_aux, 1)`` and by ``alpha``. ``pre`` are the detached pre-activations of
-    ``(x_flat - b_pre) @ W_enc + b_enc``."""
+    ``(x_flat - b_pre) @ W_enc + b_enc``; they are reused (columns of dead latents, top-k_aux per row),
+    so AuxK costs a few ``[batch, n_dead]`` products and nothing when no latent is dead."""
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = int(dead.numel())
     if n_dead == 0 or alpha == 0:
         return pre.new_zeros(())
     k = min(k_aux, n_dead)
     scale = min(n_dead / k_aux, 1.0)
-    # Dense over the dead columns only: four [batch, n_dead, d] matmuls beat gathering k_aux rows
-    # per token (k_aux is large: half the width) unless nearly every latent is dead.
     with torch.no_grad():
-        _, idx = pre.index_select(1, dead).topk(k, dim=1, sorted=False)
-    x_in = x_flat if b_pre is None else x_flat - b_pre
-    pre_dead = torch.addmm(dictionary.b_enc.index_select(0, dead), x_in, dictionary.W_enc.index_select(1, dead))
-    z = torch.zeros_like(pre_dead).scatter(1, idx, F.relu(pre_dead.gather(1, idx)))
-    e_hat = z @ dictionary.W_dec.index_select(0, dead)
+        pre_dead = pre.index_select(1, dead)
+        idx = None if k == n_dead else pre_dead.topk(k, dim=1, sorted=False).indices
+    e_hat = _AuxKDecode.apply(pre_dead, idx, x_flat, b_pre, dictionary.W_enc, dictionary.b_enc,
+                              dictionary.W_dec, dead)
     residual = residual.detach()
     aux_mse = (e_hat - residual).pow(2).sum(-1).mean()
     resid_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
@@ -372,31 +471,63 @@ def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Ten
 
 class SparseCodes:
     """Selected latents of a batch in row-major COO form: ``rows``, ``cols`` (latent ids) and
-    ``values`` (differentiable); ``k`` is set when every row holds exactly ``k`` entries."""
+    ``values`` (differentiable); ``k`` is set when every row holds exactly ``k`` entries.
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, batch: int,
-                 k: int | None = None):
-        self.rows, self.cols, self.values, self.batch, self.k = rows, cols, values, batch, k
+    Decoding (:meth:`decode`) and the encoder's :func:`selected_preacts` share one grouping of the
+    entries by latent (:meth:`groups`, computed once, on the first backward that needs it).
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | None, batch: int,
+                 d_sae: int, k: int | None = None):
+        self.rows, self.cols, self.batch, self.d_sae, self.k = rows, cols, batch, d_sae, k
+        self.values = values if values is not None else cols.new_zeros(0, dtype=torch.float32)
+        self._groups: LatentGroups | None = None
+        self._row_offsets: torch.Tensor | None = None
+
+    def groups(self) -> LatentGroups:
+        """The entries grouped by latent (cached)."""
+        if self._groups is None:
+            self._groups = LatentGroups(self.rows, self.cols, self.d_sae)
+        return self._groups
+
+    def row_offsets(self) -> torch.Tensor:
+        """Where each batch row's entries start (cached)."""
+        if self._row_offsets is None:
+            if self.k is not None:
+                self._row_offsets = torch.arange(0, self.batch * self.k, self.k, device=self.cols.device)
+            else:
+                self._row_offsets = offsets_from_rows(self.rows, self.batch)
+        return self._row_offsets
+
+    def bags(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(indices, offsets)`` for ``F.embedding_bag``: ``[batch, k]`` indices, or flat ones with offsets."""
+        if self.k is not None:
+            return self.cols.view(self.batch, self.k), None
+        return self.cols, self.row_offsets()
 
     def decode(self, W_dec: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch, width]`` reconstruction without bias (``values`` overrides, e.g. masked ones)."""
-        vals = self.values if values is None else values
-        if self.k is not None:
-            return sparse_decode(self.cols.view(self.batch, self.k), vals.view(self.batch, self.k), W_dec)
-        return sparse_decode(self.cols, vals, W_dec, offsets_from_rows(self.rows, self.batch))
+        return _SparseDecode.apply(self.values if values is None else values, W_dec, self)
 
-    def dense(self, d_sae: int) -> torch.Tensor:
+    def dense(self, d_sae: int | None = None) -> torch.Tensor:
         """Dense latents ``[batch, d_sae]`` (differentiable in ``values``)."""
-        out = self.values.new_zeros(self.batch, d_sae)
+        out = self.values.new_zeros(self.batch, d_sae or self.d_sae)
         return out.index_put((self.rows, self.cols), self.values)
+
+    def latents(self) -> SparseLatents:
+        """The detached codes as :class:`saelab.interfaces.SparseLatents` (for ``DictionaryOutput``)."""
+        return SparseLatents(self.rows, self.cols, self.values.detach(), self.batch, self.d_sae)
 
 
 class TopKDictionary(LinearDictionary):
     """TopK SAE (Gao et al. 2024): keep the ``k`` largest pre-activations per token (ReLU'd).
 
     ``forward`` is sparse: one dense encoder matmul without autograd, then only the selected entries
-    carry gradients, and decoding goes through ``F.embedding_bag``. With ``dead_mask`` it adds the
-    AuxK loss.
+    carry gradients (:func:`selected_preacts`), decoding goes through ``F.embedding_bag``
+    (:func:`sparse_decode`), and the latents are returned in COO form (no dense ``[batch, d_sae]``
+    tensor unless asked for). With ``dead_mask`` it adds the AuxK loss (:func:`auxk_loss`).
+    Without a target, a dictionary whose outputs differ from its inputs (a transcoder) only infers:
+    the output has no losses.
     """
 
     Options: ClassVar[type[TopKOptions]] = TopKOptions
@@ -404,17 +535,25 @@ class TopKDictionary(LinearDictionary):
     def __init__(self, sites: SiteSpec, options: TopKOptions):
         super().__init__(sites, options)
         check_k(options.k, self.d_sae)
+        self._rows_cache: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
         """Latents kept per token."""
         return self.options.k
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        """Choose the active ``(rows, cols)`` from detached pre-activations; returns ``k`` when fixed."""
-        _, idx = pre.topk(self.k, dim=1, sorted=False)
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(self.k)
-        return rows, idx.reshape(-1), self.k
+    def _rows(self, batch: int, device: torch.device) -> torch.Tensor:
+        rows = self._rows_cache
+        if rows is None or rows.numel() != batch * self.k or rows.device != device:
+            rows = torch.arange(batch, device=device).repeat_interleave(self.k)
+            self._rows_cache = rows
+        return rows
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+        """Choose the active entries from detached pre-activations: ``(rows, cols, pre[rows, cols], k)``,
+        row-major, ``k`` set when every row holds exactly ``k`` entries."""
+        vals, idx = pre.topk(self.k, dim=1, sorted=False)
+        return self._rows(pre.shape[0], pre.device), idx.reshape(-1), vals.reshape(-1), self.k
 
     def observe(self, codes: SparseCodes) -> None:
         """Training-time hook on each batch's codes (BatchTopK updates its threshold here)."""
@@ -424,14 +563,15 @@ class TopKDictionary(LinearDictionary):
         b_pre = self.b_dec if self.uses_pre_encoder_bias else None
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_flat if b_pre is None else x_flat - b_pre, self.W_enc)
-        rows, cols, k = self.select(pre)
-        vals = F.relu(selected_preacts(x_flat, self.W_enc, self.b_enc, rows, cols, pre, b_pre))
-        return SparseCodes(rows, cols, vals, x_flat.shape[0], k), pre
+        rows, cols, selected, k = self.select(pre)
+        codes = SparseCodes(rows, cols, None, x_flat.shape[0], self.d_sae, k)
+        codes.values = F.relu(selected_preacts(x_flat, self.W_enc, self.b_enc, codes, selected, b_pre))
+        return codes, pre
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents ``[batch, d_sae]``."""
         codes, _ = self.sparse_encode(self.flat_input(x))
-        return codes.dense(self.d_sae)
+        return codes.dense()
 
     def decode_codes(self, codes: SparseCodes, x_flat: torch.Tensor) -> torch.Tensor:
         """Flat reconstruction ``[batch, width]`` from codes (bias and skip path included)."""
@@ -447,15 +587,17 @@ class TopKDictionary(LinearDictionary):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
                 dead_mask: torch.Tensor | None = None) -> DictionaryOutput:
-        """Sparse encode/decode; losses ``mse`` (+ ``auxk`` when ``dead_mask`` is given)."""
+        """Sparse encode/decode; losses ``mse`` (+ ``auxk`` when ``dead_mask`` is given). A transcoder
+        without ``target`` returns the reconstruction and latents with no losses (inference)."""
         x_flat = self.flat_input(x)
-        if target is None and not self.sites.is_autoencoder:
-            raise ValueError(f"a {self.name} needs the target (output-site) activations")
-        y = x_flat if target is None else self.flat_target(target)
         codes, pre = self.sparse_encode(x_flat)
         if self.training:
             self.observe(codes)
         recon = self.decode_codes(codes, x_flat)
+        out = DictionaryOutput(self.unflatten_output(recon), sparse_latents=codes.latents())
+        if target is None and not self.sites.is_autoencoder:
+            return out
+        y = x_flat if target is None else self.flat_target(target)
         losses = {"mse": self.mse(recon, y)}
         need_var = dead_mask is not None or type(self).extra_losses is not TopKDictionary.extra_losses
         target_var = (y - y.mean(0)).pow(2).sum(-1).mean().detach() if need_var else y.new_zeros(())
@@ -465,8 +607,8 @@ class TopKDictionary(LinearDictionary):
             b_pre = self.b_dec if self.uses_pre_encoder_bias else None
             losses["auxk"] = auxk_loss(self, x_flat, pre, dead_mask.to(pre.device, torch.bool), y - recon,
                                        target_var, k_aux, self.options.auxk_alpha, b_pre)
-        latents = codes.dense(self.d_sae).detach()
-        return DictionaryOutput(self.unflatten_output(recon), latents, losses)
+        out.losses = losses
+        return out
 
 
 class BatchTopKDictionary(TopKDictionary):
@@ -484,16 +626,18 @@ class BatchTopKDictionary(TopKDictionary):
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
 
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        """Batch top-k in training (or before a threshold exists), the threshold in eval mode."""
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+        """Batch top-k (positive values) in training or before a threshold exists, the threshold in eval
+        mode; entries row-major."""
         if self.training or float(self.threshold) < 0:
             n = min(pre.numel(), self.k * pre.shape[0])
-            kth = pre.reshape(-1).topk(n, sorted=False).values.min()
-            mask = (pre >= kth) & (pre > 0)
-        else:
-            mask = pre > self.threshold
-        rows, cols = mask.nonzero(as_tuple=True)
-        return rows, cols, None
+            vals, flat = pre.reshape(-1).topk(n, sorted=False)
+            keep = vals > 0
+            flat, order = flat[keep].sort()
+            vals = vals[keep][order]
+            return flat // pre.shape[1], flat % pre.shape[1], vals, None
+        rows, cols = (pre > self.threshold).nonzero(as_tuple=True)
+        return rows, cols, pre[rows, cols], None
 
     @torch.no_grad()
     def observe(self, codes: SparseCodes) -> None:
@@ -553,14 +697,16 @@ class TranscoderDictionary(TopKDictionary):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None,
                 dead_mask: torch.Tensor | None = None) -> DictionaryOutput:
-        """TopK path, or for ``relu``: dense encode/decode with losses ``mse`` and ``l1``."""
+        """TopK path, or for ``relu``: dense encode/decode with losses ``mse`` and ``l1``. Without
+        ``target`` (inference) the output has no losses."""
         if self.options.activation == "topk":
             return super().forward(x, target, dead_mask)
-        if target is None:
-            raise ValueError(f"a {self.name} needs the target (output-site) activations")
-        x_flat, y = self.flat_input(x), self.flat_target(target)
+        x_flat = self.flat_input(x)
         z = F.relu(self.preacts(x_flat))
         recon = torch.addmm(self.b_dec, z, self.W_dec) + self.skip(x_flat)
+        if target is None:  # inference
+            return DictionaryOutput(self.unflatten_output(recon), z.detach())
+        y = self.flat_target(target)
         losses = {"mse": self.mse(recon, y), "l1": self.options.l1_coefficient * decoder_weighted_l1(z, self.W_dec)}
         return DictionaryOutput(self.unflatten_output(recon), z.detach(), losses)
 
@@ -642,6 +788,7 @@ __all__ = [
     "BatchTopKDictionary",
     "BatchTopKOptions",
     "DictionaryOptions",
+    "LatentGroups",
     "LinearDictionary",
     "SparseCodes",
     "TopKDictionary",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -160,15 +160,85 @@ class SiteSpec:
 
 
 @dataclass
-class DictionaryOutput:
-    """Result of a dictionary's forward pass."""
+class SparseLatents:
+    """Active latents of a batch in COO form, without a dense ``[batch, d_sae]`` tensor.
 
-    reconstruction: torch.Tensor
-    """``[batch, n_outputs, d_out]``."""
-    latents: torch.Tensor
-    """Latent activations ``[batch, d_sae]`` (dense; zeros where a latent is off)."""
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Named loss terms; the trainer minimises their sum."""
+    Entry ``i`` says that latent ``cols[i]`` of batch row ``rows[i]`` has activation ``values[i]``
+    (entries in row-major order; an entry may hold 0, e.g. a TopK pick whose ReLU is 0).
+    """
+
+    rows: torch.Tensor
+    """``[nnz]`` int64 batch row of each entry (non-decreasing)."""
+    cols: torch.Tensor
+    """``[nnz]`` int64 latent index of each entry."""
+    values: torch.Tensor
+    """``[nnz]`` activations (detached)."""
+    batch: int
+    """Rows in the batch."""
+    d_sae: int
+    """Number of latents."""
+
+    def dense(self) -> torch.Tensor:
+        """Dense latents ``[batch, d_sae]`` (zeros where off)."""
+        out = self.values.new_zeros(self.batch, self.d_sae)
+        return out.index_put_((self.rows, self.cols), self.values)
+
+    def fired(self) -> torch.Tensor:
+        """``[d_sae]`` bool: latents with a nonzero activation somewhere in the batch."""
+        out = torch.zeros(self.d_sae, dtype=torch.bool, device=self.cols.device)
+        return out.index_fill_(0, self.cols[self.values != 0], True)
+
+    def l0(self) -> torch.Tensor:
+        """Mean number of nonzero latents per row (a 0-dim float tensor)."""
+        return (self.values != 0).sum().float() / max(1, self.batch)
+
+
+class DictionaryOutput:
+    """Result of a dictionary's forward pass: reconstruction, latents and named loss terms.
+
+    Latents come dense (``latents``) or sparse (``sparse_latents``, what the TopK family produces so
+    that training never builds a dense ``[batch, d_sae]`` tensor). ``latents`` densifies sparse ones
+    on first access; :meth:`fired` and :meth:`l0` (what the trainer logs) read the sparse form when there
+    is one.
+    """
+
+    def __init__(self, reconstruction: torch.Tensor, latents: torch.Tensor | None = None,
+                 losses: dict[str, torch.Tensor] | None = None, *,
+                 sparse_latents: SparseLatents | None = None):
+        if latents is None and sparse_latents is None:
+            raise ValueError("a DictionaryOutput needs dense latents or sparse_latents")
+        self.reconstruction = reconstruction
+        """``[batch, n_outputs, d_out]``."""
+        self.losses: dict[str, torch.Tensor] = dict(losses or {})
+        """Named loss terms; the trainer minimises their sum. Empty when there is nothing to compare
+        with (a transcoder run without its target, i.e. inference)."""
+        self.sparse_latents = sparse_latents
+        """The active latents in COO form, when the architecture produces them (else None)."""
+        self._latents = latents
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Latent activations ``[batch, d_sae]`` (dense; zeros where a latent is off)."""
+        if self._latents is None:
+            assert self.sparse_latents is not None
+            self._latents = self.sparse_latents.dense()
+        return self._latents
+
+    def fired(self) -> torch.Tensor:
+        """``[d_sae]`` bool: latents active on at least one row of the batch."""
+        if self.sparse_latents is not None:
+            return self.sparse_latents.fired()
+        return (self.latents != 0).any(0)
+
+    def l0(self) -> torch.Tensor:
+        """Mean number of active latents per row (0-dim float tensor)."""
+        if self.sparse_latents is not None:
+            return self.sparse_latents.l0()
+        return (self.latents != 0).sum(-1).float().mean()
+
+    def __repr__(self) -> str:
+        shape = tuple(self.reconstruction.shape)
+        return f"DictionaryOutput(reconstruction={shape}, losses={sorted(self.losses)})"
 
 
 class SparseDictionary(nn.Module, Plugin):

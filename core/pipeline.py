@@ -330,7 +330,7 @@ class AutoInterp:
     # -- fingerprints and reuse
 
     def _answer_reserve(self) -> int:
-        return int(getattr(getattr(self.explainer, "options", None), "max_tokens", 0) or 0)
+        return _max_tokens(self.explainer)
 
     def prepared(self, record: LatentRecord) -> tuple[LatentRecord, int]:
         """The record as the explainer sees it (train examples trimmed to the context length)."""
@@ -480,7 +480,7 @@ class AutoInterp:
                 if not scorer.uses_provider:
                     row.latents += 1
                     continue
-                max_tokens = int(getattr(getattr(scorer, "options", None), "max_tokens", 0) or 0)
+                max_tokens = _max_tokens(scorer)
                 row.add(scorer.messages(record, shown), max_tokens)
         prices = self.provider.prices() if self.provider is not None and hasattr(self.provider, "prices") else None
         for row in rows.values():
@@ -983,3 +983,11 @@ __all__ = [
     "summarize",
     "write_summary",
 ]
+
+
+def _max_tokens(component: Any) -> int:
+    """The answer budget an explainer or scorer asks for (its per-call params, e.g. chain of thought)."""
+    call_params = getattr(component, "call_params", None)
+    if callable(call_params):
+        return int(call_params().get("max_tokens") or 0)
+    return int(getattr(getattr(component, "options", None), "max_tokens", 0) or 0)

@@ -520,8 +520,10 @@ class _JobState:
         self.lr = job.lr if job.lr is not None else (config.lr if config.lr is not None
                                                      else auto_lr(job.module.d_sae))
         params = [p for p in self.module.parameters() if p.requires_grad]
+        # The fused kernel (CPU and CUDA) updates 10M-parameter tensors ~10x faster than the default loop.
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                          eps=config.adam_eps)
+                                          eps=config.adam_eps, fused=fused or None)
         warmup = config.warmup_steps if config.warmup_steps is not None else min(1000, total_steps // 20)
         self.warmup = warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -702,8 +704,7 @@ class Trainer:
             st.module.synchronize(self.dist.all_reduce_mean)
         with torch.no_grad():
             target = x if y is None else y
-            active = out.latents != 0
-            fired = active.any(0)
+            fired = out.fired()  # from the sparse codes when there are some: no dense [batch, d_sae]
             if self.dist.active:
                 fired = self.dist.all_reduce(fired.to(torch.uint8), "max").bool()
             st.tokens_since_fired.add_(self.config.batch_size).masked_fill_(fired, 0)
@@ -712,7 +713,7 @@ class Trainer:
             var = (target - target.mean(0)).pow(2).sum()
             values = {"loss": loss.detach(), **{k: v.detach() for k, v in out.losses.items()},
                       "fvu": err / var.clamp_min(1e-12),
-                      "l0": active.sum(-1).float().mean(),
+                      "l0": out.l0(),
                       "dead_frac": dead_mask.float().mean()}
             for k, v in values.items():
                 v = v.float()

@@ -127,3 +127,17 @@ def test_explainers_are_registered_with_options():
     assert {"default", "contrastive", "single-token", "np_max_act"} <= names
     with pytest.raises(saelab.UsageError, match="unknown option"):
         explainer("default", activations=True)
+
+
+def test_explainers_ask_for_one_explanation_line(monkeypatch):
+    with ScriptedLLMServer("[EXPLANATION]: x") as server:
+        provider = openai_provider(server, monkeypatch)
+        line = {"type": "prefixed_line", "prefix": "[EXPLANATION]:"}
+        for name in ("default", "contrastive", "single-token", "np_max_act"):
+            assert explainer(name).provider_params(provider)["answer_format"] == line
+            assert "answer_format" not in explainer(name, constrain_answer=False).provider_params(provider)
+        cot = explainer("default", cot=True).provider_params(provider)
+        assert "answer_format" not in cot and cot["max_tokens"] == 500  # reasoning spans lines
+        assert explainer("default").provider_params(provider)["max_tokens"] == 100
+        result = explain("default", make_record(), server, monkeypatch)
+    assert result.text == "x" and "answer_format" not in server.chat_requests[0].body  # not sent to APIs

@@ -14,7 +14,7 @@ import pytest
 import saelab
 from interp_helpers import WORD, filler, make_example, make_record, openai_provider, user_examples
 from llm_server import Reply, ScriptedLLMServer
-from saelab.records import ScoreResult
+from saelab.records import Example, ScoreResult
 
 
 def scorer(name: str, **options):
@@ -418,3 +418,79 @@ def test_surprisal_matches_an_independent_loss_computation():
     neg = [gains[e.id] for e in record.non_activating]
     assert result.metrics["auc"] == pytest.approx(brute_auc(pos, neg))
     assert result.metrics["mean_gain_activating"] == pytest.approx(statistics.mean(pos), abs=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- answer format
+
+
+def test_binary_scorers_ask_for_a_list_of_each_batch_length(monkeypatch):
+    record = make_record(n_test=7, n_non=6)  # 13 examples, 5 per prompt: 5, 5, 3
+    with ScriptedLLMServer(Reply(text="[1]")) as server:
+        provider = openai_provider(server, monkeypatch)
+        for name in ("detection", "fuzz"):
+            batches = scorer(name).batches(record)
+            formats = [scorer(name).batch_params(b, provider)["answer_format"] for b in batches]
+            assert formats == [{"type": "binary_list", "length": n} for n in (5, 5, 3)]
+            assert "answer_format" not in scorer(name, constrain_answer=False).batch_params(batches[0], provider)
+
+            class Bare:  # a provider that is not an LLMProvider gets no answer_format
+                name = "bare"
+
+            assert "answer_format" not in scorer(name).batch_params(batches[0], Bare())
+    assert scorer("simulation").answer_format(batches[0]) is None
+
+
+def sentence_example(eid: str, text: str, hot: set[str], activating: bool) -> Example:
+    """An example of real words; activating ones fire on the words in ``hot``."""
+    words = text.split(" ")
+    acts = [5.0 if activating and w.strip(".,").lower() in hot else 0.0 for w in words]
+    return make_example(eid, words, acts, activating=activating, quantile=1 if activating else None)
+
+
+WATER = ["They walked along the river until sunset.", "The lake was frozen all winter.",
+         "Ships crossed the sea in the storm.", "She swam in the ocean every morning.",
+         "A small stream ran past the farm.", "Fish live in the river near town.", "The ocean was calm and blue.",
+         "We camped by the lake last summer.", "The sea air smelled of salt.", "Water from the stream was cold."]
+OTHER = ["The committee approved the budget on Monday.", "He wrote a letter to his mother.",
+         "The price of bread went up again.", "She plays the violin in an orchestra.",
+         "Our train was delayed by an hour.", "The software update fixed several bugs.",
+         "They elected a new mayor in May.", "My cat sleeps on the sofa.", "The museum opens at nine.",
+         "He bought a red bicycle."]
+
+
+@pytest.mark.slow
+def test_offline_smollm2_explains_and_scores_with_parseable_answers():
+    """The offline pipeline on the embedded SmolLM2: one explanation (one line, no degenerate repetition)
+    and detection + fuzz with constrained 0/1 lists: non-null metrics and zero parse failures."""
+    from saelab.llm import make_provider
+    from saelab.records import LatentRecord, LatentStats
+
+    hot = {"river", "lake", "sea", "ocean", "stream"}
+    record = LatentRecord(
+        hookpoint="layers.15", latent=3,
+        train=[sentence_example(f"tr{i}", t, hot, True) for i, t in enumerate(WATER)],
+        test=[sentence_example(f"te{i}", t, hot, True) for i, t in enumerate(WATER)],
+        non_activating=[sentence_example(f"na{i}", t, hot, False) for i, t in enumerate(OTHER)],
+        stats=LatentStats(frequency=0.01, max_activation=5.0, firing_count=10, n_tokens=1000))
+    provider = make_provider("offline", cache=False, device="cpu")
+
+    async def pipeline():
+        explanation = await saelab.resolve("explainer", "default")({}).explain(record, provider)
+        scores = await asyncio.gather(*(scorer(name, log_probs=True).score(record, explanation, provider)
+                                        for name in ("detection", "fuzz")))
+        return explanation, scores
+
+    explanation, scores = run(pipeline())
+    assert explanation.error is None and not explanation.parse_failed and explanation.text
+    assert explanation.raw_responses[0].lstrip().startswith("[EXPLANATION]:")
+    assert "\n" not in explanation.raw_responses[0]
+    words = re.findall(r"\w+", explanation.text.lower())
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    assert 0 < len(words) <= 60 and len(set(trigrams)) == len(trigrams), explanation.text  # no loop
+    for result in scores:
+        assert result.failures.examples == 0 and result.failures.prompts == 0 and result.failures.requests == 0
+        assert len(result.predictions) == 20 and all(p.prediction in (0, 1) for p in result.predictions)
+        for key in ("balanced_accuracy", "accuracy", "recall", "specificity", "auc"):  # defined with both classes
+            assert result.metrics[key] is not None, (result.scorer, key, result.metrics)
+        assert all(p.probability is not None and 0.0 <= p.probability <= 1.0 for p in result.predictions)
+        assert all(re.fullmatch(r" ?\[[01](, ?[01]){4}\]", raw) for raw in result.raw_responses)
