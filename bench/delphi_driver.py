@@ -1,12 +1,13 @@
 """delphi side of ``bench/autointerp_throughput.py``: runs under the side venv's Python (eai-delphi 0.1.3), never
-imported by saelab. Builds the same hand-made latents as the bench (4 train, 7 test, 6 non-activating
-examples; the latent fires on ``cat``), wires delphi's own pieces as its ``__main__`` does (``OpenRouter``
-client, ``DefaultExplainer`` with threshold 0.3, ``DetectionScorer`` with 5 examples per prompt, a
-``Pipeline`` of an explainer ``Pipe`` and a scorer ``Pipe``, explanations and scores written as files) and
-times ``Pipeline.run(max_concurrent)``. Prints one JSON line: ``{"seconds", "latents", "explained", "predictions", "samples"}`` (samples with a
-parsed prediction, out of all; delphi rejects the answer to a final partial batch, which is its bug).
+imported by saelab. Builds the same hand-made latents as the bench (by default delphi's own example counts:
+40 train, 50 test, 50 non-activating; the latent fires on ``cat``), wires delphi's own pieces as its
+``__main__`` does (``OpenRouter`` client, ``DefaultExplainer`` with threshold 0.3, ``DetectionScorer`` with
+5 examples per prompt, a ``Pipeline`` of an explainer ``Pipe`` and a scorer ``Pipe``, explanations and
+scores written as files) and times ``Pipeline.run(max_concurrent)`` (delphi's CLI passes 1 with OpenRouter).
+Prints one JSON line: ``{"seconds", "latents", "explained", "predictions", "samples"}`` (``predictions``:
+samples with a parsed prediction, out of ``samples``; delphi rejects the answer to a final partial batch).
 
-    python delphi_driver.py BASE_URL --latents 20 --concurrency 1 --out DIR
+    python delphi_driver.py BASE_URL --latents 20 --concurrency 1 --train 40 --test 50 --non 50 --out DIR
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def _non_activating(i: int) -> NonActivatingExample:
                                 str_tokens=_tokens(words), distance=-1.0)
 
 
-def record(latent: int, n_train: int = 4, n_test: int = 7, n_non: int = 6) -> LatentRecord:
-    """One hand-made latent record with the bench's example counts."""
+def record(latent: int, n_train: int = 40, n_test: int = 50, n_non: int = 50) -> LatentRecord:
+    """One hand-made latent record (default counts: delphi's defaults)."""
     train = [_activating(i, "tr") for i in range(n_train)]
     test = [_activating(i, "te") for i in range(n_test)]
     return LatentRecord(latent=Latent("layers.1", latent), examples=train + test, train=train, test=test,
@@ -60,6 +61,10 @@ def main() -> None:
     parser.add_argument("base_url", help="OpenAI-style base URL, e.g. http://127.0.0.1:PORT/v1")
     parser.add_argument("--latents", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=1, help="Pipeline.run(max_concurrent=...)")
+    parser.add_argument("--train", type=int, default=40, help="train examples (delphi's n_examples_train)")
+    parser.add_argument("--test", type=int, default=50, help="activating test examples (n_examples_test)")
+    parser.add_argument("--non", type=int, default=50, help="non-activating examples (n_non_activating)")
+    parser.add_argument("--per-prompt", type=int, default=5, help="num_examples_per_scorer_prompt")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.getLogger("delphi").setLevel(logging.ERROR)  # "no logprobs for OpenRouter" warning
@@ -93,8 +98,8 @@ def main() -> None:
         counts["predictions"] += sum(s.prediction is not None for s in result.score)
 
     explainer = DefaultExplainer(client, threshold=0.3, verbose=False)
-    scorer = DetectionScorer(client, n_examples_shown=5, verbose=False, log_prob=False)
-    records = [record(i) for i in range(args.latents)]
+    scorer = DetectionScorer(client, n_examples_shown=args.per_prompt, verbose=False, log_prob=False)
+    records = [record(i, args.train, args.test, args.non) for i in range(args.latents)]
     pipeline = Pipeline(
         lambda: iter(records),
         Pipe(process_wrapper(explainer, postprocess=explainer_postprocess)),

@@ -21,13 +21,9 @@ cache is byte-identical to an uninterrupted one with the same batch size.
 
 from __future__ import annotations
 
-import datetime as _dt
-import fcntl
 import hashlib
 import itertools
-import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -36,11 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import ProgressColumn
+from rich.text import Text
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .data import WindowSpec, iter_windows, n_windows_for, tokenizer_identity, warn_data_exhausted
 from .errors import CorruptCacheError, UsageError
+from .fileio import (
+    DirectoryLock,
+    file_sha256,
+    json_sha256,
+    now_iso,
+    read_manifest,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from .interfaces import ActivationSource, Dataset
 
 FORMAT = "saelab-activation-cache"
@@ -86,29 +92,7 @@ def fingerprint_inputs(
 
 def fingerprint(inputs: dict[str, Any]) -> str:
     """Short stable hash of fingerprint inputs (canonical JSON, sha256, 20 hex digits)."""
-    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=False, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return json_sha256(inputs, 20, ensure_ascii=True, default=str)
 
 
 def _shard_name(index: int) -> str:
@@ -117,7 +101,7 @@ def _shard_name(index: int) -> str:
 
 def _file_entry(root: Path, rel: str) -> dict[str, Any]:
     path = root / rel
-    return {"path": rel, "size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"path": rel, "size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _shard_files(shard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -134,7 +118,7 @@ def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> None:
             f"activation cache shard {path} is truncated or altered ({size} bytes, manifest says "
             f"{entry['size']}); rebuild with --overwrite cache"
         )
-    if checksums and _sha256(path) != entry["sha256"]:
+    if checksums and file_sha256(path) != entry["sha256"]:
         raise CorruptCacheError(
             f"activation cache shard {path} is corrupted (sha256 differs from the manifest); "
             f"rebuild with --overwrite cache"
@@ -142,19 +126,7 @@ def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> None:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCacheError(f"activation cache manifest {path} cannot be read: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptCacheError(f"{path} is not a saelab activation cache manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptCacheError(
-            f"activation cache {directory} has format version {manifest.get('format_version')}; "
-            f"this saelab reads version {FORMAT_VERSION}; rebuild with --overwrite cache"
-        )
-    return manifest
+    return read_manifest(directory, fmt=FORMAT, version=FORMAT_VERSION, what="activation cache", name=MANIFEST)
 
 
 def _seed(*parts: Any) -> int:
@@ -566,30 +538,6 @@ def default_shard_size_tokens(dims: Sequence[int], dtype: str, ctx_len: int) -> 
     return max(ctx_len, (SHARD_TARGET_BYTES // bytes_per_token) // ctx_len * ctx_len)
 
 
-class _Lock:
-    """An exclusive ``flock`` on ``<dir>/.lock`` (released by the OS if the process dies)."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / ".lock"
-        self.fh: Any = None
-
-    def __enter__(self) -> _Lock:
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.close()
-            raise UsageError(
-                f"activation cache {self.path.parent} is being written by another process; wait for it "
-                f"or stop it"
-            ) from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-        self.fh.close()
-
-
 def build_activation_cache(
     source: ActivationSource,
     dataset: Dataset,
@@ -622,7 +570,7 @@ def build_activation_cache(
     inputs = fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=dtype)
     directory = cache_dir_for(store, inputs)
     if overwrite and directory.exists():
-        with _Lock(directory):
+        with DirectoryLock(directory, "activation cache"):
             pass  # refuse to delete a cache another process is writing
         shutil.rmtree(directory)
     started = time.perf_counter()
@@ -633,7 +581,7 @@ def build_activation_cache(
             cache.build_info = {"status": "reused", "seconds": time.perf_counter() - started, "tokens_written": 0}
             return cache
     directory.mkdir(parents=True, exist_ok=True)
-    with _Lock(directory):
+    with DirectoryLock(directory, "activation cache"):
         writer = _Writer(source, dataset, hookpoints, spec, target, inputs, directory, dtype, batch_size,
                          shard_size_tokens, n_tokens)
         resumed_from = int(writer.manifest["n_sequences"])
@@ -686,7 +634,7 @@ class _Writer:
                 "data_exhausted": False,
                 "fp16_clamped": {},
                 "shards": [],
-                "created": _now(),
+                "created": now_iso(),
             }
         self.shard_seqs = int(self.manifest["shard_size_sequences"])
         self.clamped: dict[str, int] = dict(self.manifest.get("fp16_clamped", {}))
@@ -712,8 +660,8 @@ class _Writer:
                     path.unlink()
 
     def _save_manifest(self) -> None:
-        self.manifest["updated"] = _now()
-        _write_json_atomic(self.directory / MANIFEST, self.manifest)
+        self.manifest["updated"] = now_iso()
+        write_json_atomic(self.directory / MANIFEST, self.manifest, default=str, fsync=True)
 
     def _write_shard(self, index: int, tokens: torch.Tensor, buffers: dict[str, torch.Tensor], n: int) -> None:
         name = _shard_name(index)
@@ -730,11 +678,7 @@ class _Writer:
         self.manifest["n_tokens"] = self.manifest["n_sequences"] * self.spec.ctx_len
 
     def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
-        path = self.directory / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, path)
+        save_safetensors_atomic(self.directory / rel, tensors, metadata={"format": FORMAT})
 
     def _store(self, hp: str, acts: torch.Tensor, out: torch.Tensor) -> None:
         acts = acts.detach()
@@ -817,16 +761,10 @@ class _Writer:
         return str(self.dataset.identity().get("repo", getattr(self.dataset, "repo", "?")))
 
 
-try:
-    from rich.progress import ProgressColumn
-    from rich.text import Text
+class TokensPerSecondColumn(ProgressColumn):
+    """Rich progress column: ``1234 tok/s``."""
 
-    class TokensPerSecondColumn(ProgressColumn):
-        """Rich progress column: ``1234 tok/s``."""
-
-        def render(self, task: Any) -> Text:
-            """Render the task's speed in tokens per second."""
-            speed = task.finished_speed or task.speed
-            return Text("? tok/s" if speed is None else f"{speed:,.0f} tok/s", style="progress.data.speed")
-except ImportError:  # pragma: no cover - rich is a dependency
-    pass
+    def render(self, task: Any) -> Text:
+        """Render the task's speed in tokens per second."""
+        speed = task.finished_speed or task.speed
+        return Text("? tok/s" if speed is None else f"{speed:,.0f} tok/s", style="progress.data.speed")

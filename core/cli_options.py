@@ -133,13 +133,15 @@ class CacheCommandOptions(DataOptions):
 # Decorators
 
 
-def _bool_option(*decls: str, default: bool, help: str) -> F:
+def bool_option(*decls: str, default: bool, help: str) -> F:
     """A boolean option typed like delphi's: ``--flag``, ``--flag True`` or ``--flag false``."""
     return click.option(*decls, type=click.BOOL, is_flag=False, flag_value=True, default=default,
                         show_default=True, metavar="[BOOL]", help=help)
 
 
-def _stack(*decorators: F) -> F:
+def stack_options(*decorators: F) -> F:
+    """One decorator applying ``decorators`` in the order written (the first is the outermost)."""
+
     def apply(f: F) -> F:
         for decorator in reversed(decorators):
             f = decorator(f)
@@ -150,7 +152,7 @@ def _stack(*decorators: F) -> F:
 
 def model_argument(required: bool = False) -> F:
     """``MODEL`` positional argument plus ``--model`` (the same value, delphi style)."""
-    return _stack(
+    return stack_options(
         click.argument("model", required=required, default=None, metavar="MODEL" if required else "[MODEL]"),
         click.option("--model", "model_flag", default=None, metavar="MODEL",
                      help=f"Base LM (same as the MODEL argument): embedded name (smollm2), hub id or local "
@@ -160,13 +162,13 @@ def model_argument(required: bool = False) -> F:
 
 def model_options() -> F:
     """How the LM is loaded: ``--device``, ``--model_dtype``, ``--revision``, ``--load_in_8bit``."""
-    return _stack(
+    return stack_options(
         click.option("--device", default="auto", show_default=True,
                      help="Device of the LM: auto (cuda if available), cpu, cuda, cuda:N, mps."),
         click.option("--model_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
                      show_default=True, help="Weights/compute dtype of the LM (float32 is fastest on CPU)."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub model."),
-        _bool_option("--load_in_8bit", default=False, help="8-bit model loading (CUDA GPU only)."),
+        bool_option("--load_in_8bit", default=False, help="8-bit model loading (CUDA GPU only)."),
     )
 
 
@@ -178,7 +180,7 @@ def hookpoints_option(required: bool = False) -> F:
 
 def dataset_options() -> F:
     """``--dataset_repo``, ``--dataset_split``, ``--dataset_name``, ``--dataset_column``."""
-    return _stack(
+    return stack_options(
         click.option("--dataset_repo", default=DEFAULT_DATASET, show_default=True,
                      help="Embedded name (wikipedia-sample, news-sample), hub id, dataset directory or "
                           ".txt/.jsonl/.json/.parquet/.csv file. Default with smollm2: wikipedia-sample."),
@@ -191,28 +193,59 @@ def dataset_options() -> F:
 
 def cache_options() -> F:
     """``--n_tokens``, ``--batch_size``, ``--cache_ctx_len``, ``--filter_bos``."""
-    return _stack(
+    return stack_options(
         click.option("--n_tokens", type=click.IntRange(min=1), default=DEFAULT_N_TOKENS, show_default=True,
                      help="Tokens to cache (whole sequences). Default with smollm2: 200000."),
         click.option("--batch_size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Sequences per forward pass."),
         click.option("--cache_ctx_len", type=click.IntRange(min=2), default=256, show_default=True,
                      help="Tokens per cached sequence (BOS first when the tokenizer has one)."),
-        _bool_option("--filter_bos", default=False,
+        bool_option("--filter_bos", default=False,
                      help="Drop BOS tokens from training rows, examples and statistics (cached values unchanged)."),
     )
 
 
 def store_options() -> F:
     """``--store``, ``--dtype``, ``--shard_size_tokens``, ``--verify`` (where and how caches are written)."""
-    return _stack(
+    return stack_options(
         click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Activation cache store shared by runs [default: results/.activations]."),
         click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
                      help="Storage dtype of cached activations (float16 clamps values beyond +-65504, with a warning)."),
         click.option("--shard_size_tokens", type=click.IntRange(min=1), default=None,
                      help="Tokens per shard [default: about 128 MiB per hookpoint file]."),
-        _bool_option("--verify", default=False, help="Check every shard's sha256 when reusing a cache."),
+        bool_option("--verify", default=False, help="Check every shard's sha256 when reusing a cache."),
+    )
+
+
+def example_options() -> F:
+    """delphi's latent-cache and example options: ``--n_splits``, ``--min_examples``, ``--n_examples_*``,
+    ``--n_non_activating``, ``--example_ctx_len``, ``--center_examples``, ``--non_activating_source``,
+    ``--neighbours_type``, ``--n_quantiles``, ``--train_type``, ``--test_type``, ``--ratio_top``."""
+    return stack_options(
+        click.option("--n_splits", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Shards of the latent cache (latent ranges; reading a latent loads one split)."),
+        click.option("--min_examples", type=click.IntRange(min=1), default=200, show_default=True,
+                     help="Minimum activating examples for a latent to qualify (fewer: skipped, counted)."),
+        click.option("--n_examples_train", type=click.IntRange(min=0), default=40, show_default=True,
+                     help="Examples shown to the explainer."),
+        click.option("--n_examples_test", type=click.IntRange(min=0), default=50, show_default=True,
+                     help="Activating examples for scoring (disjoint from the train examples)."),
+        click.option("--n_non_activating", type=click.IntRange(min=0), default=50, show_default=True,
+                     help="Non-activating examples for scoring."),
+        click.option("--example_ctx_len", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Tokens per example window."),
+        bool_option("--center_examples", default=True, help="Centre windows on the max-activating token."),
+        click.option("--non_activating_source", default="random", show_default=True,
+                     help="random, neighbours, FAISS (any non-activating-source plugin)."),
+        click.option("--neighbours_type", default="co-occurrence", show_default=True,
+                     help="co-occurrence, decoder_similarity, encoder_similarity."),
+        click.option("--n_quantiles", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Activation quantiles (statistics and quantile sampling)."),
+        click.option("--train_type", default="quantiles", show_default=True, help="top, random, quantiles, mix."),
+        click.option("--test_type", default="quantiles", show_default=True, help="Sampler of the test examples."),
+        click.option("--ratio_top", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+                     help="Share of top examples in mix."),
     )
 
 
@@ -248,7 +281,7 @@ def seed_option() -> F:
 
 def verbose_option() -> F:
     """``--verbose`` (default True): progress bars and summary tables."""
-    return _bool_option("--verbose", default=True, help="Progress bars and detailed output.")
+    return bool_option("--verbose", default=True, help="Progress bars and detailed output.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +299,14 @@ def apply_embedded_defaults(values: dict[str, Any], explicit: set[str]) -> dict[
     return values
 
 
+def argument_or_flag(positional: Any, flag: Any, *, what: str, argument: str, option: str) -> Any:
+    """The value given as the positional ``argument`` or as ``option`` (None when neither); both with
+    different values is a one-line error (``two models given: MODEL 'a' and --model 'b'; give one``)."""
+    if positional and flag and positional != flag:
+        raise UsageError(f"two {what} given: {argument} {positional!r} and {option} {flag!r}; give one")
+    return positional or flag
+
+
 def resolve_params(ctx: click.Context, params: Mapping[str, Any] | None = None,
                    model: type[Options] | None = None) -> Any:
     """Merge ``--config`` (when the command has it) with the flags, pick MODEL from the argument or
@@ -278,9 +319,8 @@ def resolve_params(ctx: click.Context, params: Mapping[str, Any] | None = None,
     explicit = explicit_params(ctx)
     if "model_flag" in values:
         flag, positional = values.pop("model_flag", None), values.get("model")
-        if positional and flag and positional != flag:
-            raise UsageError(f"two models given: MODEL {positional!r} and --model {flag!r}; give one")
-        values["model"] = positional or flag or DEFAULT_MODEL
+        given = argument_or_flag(positional, flag, what="models", argument="MODEL", option="--model")
+        values["model"] = given or DEFAULT_MODEL
         if positional or flag:
             explicit.add("model")
         explicit.discard("model_flag")

@@ -34,6 +34,7 @@ import click
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from .errors import UsageError, format_choices
+from .fileio import atomic_write, now_iso
 from .options import Options, load_config_file
 
 RUN_CONFIG = "run_config.json"
@@ -217,7 +218,7 @@ def write_run_config(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = read_run_config(run_dir)
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = now_iso()
     resolved = redact(config, secrets=secrets)
     extra_clean = redact(extra, secrets=secrets)
     args = redact_argv(list(sys.argv[1:] if argv is None else argv), secrets=secrets)
@@ -238,9 +239,8 @@ def write_run_config(
         "commands": commands,
     }
     path = run_dir / RUN_CONFIG
-    tmp = path.with_name(f".{RUN_CONFIG}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,18 @@ def from_external_name(name: str) -> str:
     return translate(name) or name
 
 
+def has_files(path: str | Path, *names: str) -> bool:
+    """Whether directory ``path`` holds a file of each of ``names`` (the usual ``detect`` of a format)."""
+    return all((Path(path) / name).is_file() for name in names)
+
+
+def require_format_dir(detected: bool, path: Path, label: str, expected: str) -> None:
+    """The one-line error of a format's ``load`` given a directory it does not recognise:
+    ``'<path>' is not a <label> dictionary directory (expected <expected>)``."""
+    if not detected:
+        raise UsageError(f"{str(path)!r} is not a {label} dictionary directory (expected {expected})")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path`` (one-line error when unreadable)."""
     try:
@@ -61,6 +73,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
     except Exception as exc:  # corrupt or truncated files raise several exception types
         raise UsageError(f"cannot read weights {str(path)!r}: {type(exc).__name__}: {exc}") from None
+
+
+def require_weights(tensors: Mapping[str, torch.Tensor], keys: Sequence[str], where: str, note: str = "") -> None:
+    """Raise a one-line error naming ``where`` (e.g. ``"SAELens dictionary 'x': sae_weights.safetensors"``),
+    the first of ``keys`` missing from ``tensors`` and the keys it has, followed by ``note`` if given."""
+    for key in keys:
+        if key not in tensors:
+            raise UsageError(f"{where} has no {key!r} (has {', '.join(sorted(tensors))})" + (f"; {note}" if note else ""))
+
+
+def fold_pre_encoder_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, source_subtracts: bool,
+                          module: SparseDictionary) -> torch.Tensor:
+    """The encoder bias that makes ``module`` compute the same pre-activations as a source that does
+    (``source_subtracts``) or does not encode ``x - b_dec``: ``b_dec @ W_enc`` folded in where the two differ."""
+    target_subtracts = bool(getattr(module, "uses_pre_encoder_bias", False))
+    if source_subtracts == target_subtracts:
+        return b_enc
+    shift = b_dec @ W_enc
+    return b_enc - shift if source_subtracts else b_enc + shift
 
 
 @torch.no_grad()
@@ -99,8 +130,8 @@ def module_threshold(module: SparseDictionary) -> torch.Tensor | None:
     return None
 
 
-__all__ = ["assign_weights", "find_dictionaries", "from_external_name", "module_threshold", "read_json", "read_safetensors",
-           "threshold_weights", "to_external_name"]
+__all__ = ["assign_weights", "find_dictionaries", "fold_pre_encoder_bias", "from_external_name", "has_files",
+           "module_threshold", "read_json", "read_safetensors", "require_format_dir", "require_weights", "threshold_weights", "to_external_name"]
 
 
 def find_dictionaries(path: str | Path) -> list[Path]:

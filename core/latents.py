@@ -38,11 +38,8 @@ output sites that add into the residual stream (``embed``, ``layers.N``, ``layer
 
 from __future__ import annotations
 
-import datetime as _dt
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import OrderedDict
@@ -53,9 +50,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import CorruptCacheError, UsageError
+from .fileio import (
+    DirectoryLock,
+    json_sha256,
+    now_iso,
+    read_manifest,
+    save_safetensors_atomic,
+    write_json_atomic,
+)
 from .interfaces import ActivationSource, Dataset, SparseDictionary
 
 FORMAT = "saelab-latent-cache"
@@ -78,24 +82,12 @@ MAX_TOKENS = 2**31 - 1
 # Small helpers
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, default=str, ensure_ascii=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=str, fsync=True)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, path)
+    save_safetensors_atomic(path, tensors, metadata={"format": FORMAT})
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -108,8 +100,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _hash(data: Any) -> str:
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return json_sha256(data, 20, ensure_ascii=True, default=str)
 
 
 def split_bounds(d_sae: int, n_splits: int) -> list[tuple[int, int]]:
@@ -137,28 +128,6 @@ def dictionary_identity(dictionary: SparseDictionary) -> dict[str, Any]:
 def residual_output_sites(sites: Sequence[str]) -> list[int]:
     """Indices of output sites whose values add into the residual stream (DLA applies to them)."""
     return [i for i, s in enumerate(sites) if not s.endswith(".input")]
-
-
-class _Lock:
-    """An exclusive ``flock`` on ``<dir>/.lock`` (released by the OS if the process dies)."""
-
-    def __init__(self, directory: Path):
-        self.path = directory / ".lock"
-        self.fh: Any = None
-
-    def __enter__(self) -> _Lock:
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.close()
-            raise UsageError(f"latent cache {self.path.parent} is being written by another process; "
-                             f"wait for it or stop it") from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-        self.fh.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,17 +357,7 @@ class LatentCache:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCacheError(f"latent cache manifest {path} cannot be read: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptCacheError(f"{path} is not a saelab latent cache manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptCacheError(f"latent cache {directory} has format version {manifest.get('format_version')}; "
-                                f"this saelab reads version {FORMAT_VERSION}; rebuild with --overwrite cache")
-    return manifest
+    return read_manifest(directory, fmt=FORMAT, version=FORMAT_VERSION, what="latent cache", name=MANIFEST)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,12 +466,12 @@ def build_latent_cache(
         except CorruptCacheError:
             pass
         if overwrite or old is None or old.get("fingerprint") != fp:
-            with _Lock(out):
+            with DirectoryLock(out, "latent cache"):
                 pass  # refuse to delete a cache another process is writing
             shutil.rmtree(out)
             status = "rebuilt"
         elif old.get("complete"):
-            with _Lock(out):
+            with DirectoryLock(out, "latent cache"):
                 if _stored_quantiles(out) != n_quantiles:
                     _write_stats(out, old, n_quantiles, source, dictionary, top_logits)
             cache = LatentCache.open(out)
@@ -521,7 +480,7 @@ def build_latent_cache(
         else:
             status = "resumed"
     out.mkdir(parents=True, exist_ok=True)
-    with _Lock(out):
+    with DirectoryLock(out, "latent cache"):
         writer = _Writer(source, dictionary, out, hookpoint, inputs, splits, ctx_len, target, bos, filter_bos,
                          positions, fp, inputs_fp, activation_cache, dataset, batch_size, flush_nonzeros,
                          encode_rows)
@@ -565,7 +524,7 @@ class _Writer:
                 "d_sae": int(dictionary.d_sae), "ctx_len": ctx_len, "n_sequences_target": target,
                 "bos_token_id": bos, "filter_bos": bool(filter_bos), "exclude_positions": positions,
                 "splits": [list(s) for s in splits], "tokens": tokens, "n_sequences": 0, "n_analysed": 0,
-                "n_nonzeros": 0, "data_exhausted": False, "chunks": [], "created": _now(),
+                "n_nonzeros": 0, "data_exhausted": False, "chunks": [], "created": now_iso(),
             }
         self.done = int(self.manifest["n_sequences"])
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -585,7 +544,7 @@ class _Writer:
 
     def save_manifest(self) -> None:
         """Write the manifest atomically."""
-        self.manifest["updated"] = _now()
+        self.manifest["updated"] = now_iso()
         _write_json_atomic(self.out / MANIFEST, self.manifest)
 
     # ---- data

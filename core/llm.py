@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import Field
 
 from .errors import SaelabError, UsageError
+from .fileio import canonical_json, json_sha256, write_json_atomic
 from .interfaces import Provider
 from .options import Options
 
@@ -257,13 +257,13 @@ def _scrub_message(text: str, secrets: Iterable[str]) -> str:
 
 
 def _canonical(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return canonical_json(data, default=str)
 
 
 def cache_key(provider: str, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
     """sha256 of (provider, model, messages, params) in canonical JSON."""
     material = {"provider": provider, "model": model, "messages": list(messages), "params": dict(params)}
-    return hashlib.sha256(_canonical(material).encode()).hexdigest()
+    return json_sha256(material, default=str)
 
 
 class ResponseCache:
@@ -290,12 +290,8 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion, request: Mapping[str, Any] | None = None) -> None:
         """Store ``completion`` (and the request it answers, for inspection)."""
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"key": key, "request": dict(request or {}), "completion": completion.to_json()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(payload)}.tmp")
-        tmp.write_text(json.dumps(payload, ensure_ascii=False, default=str))
-        os.replace(tmp, path)
+        write_json_atomic(self.path(key), payload, indent=None, default=str)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

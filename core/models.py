@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import UsageError
+from .fileio import atomic_write
+from .fileio import file_sha256 as _file_sha256
 
 Site = Literal["embed", "resid", "self_attn", "mlp"]
 IO = Literal["output", "input"]
@@ -200,14 +202,6 @@ _hash_lock = threading.Lock()
 _memo: dict[tuple[str, int, int], str] = {}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_store() -> Path:
     from .paths import cache_dir
 
@@ -232,12 +226,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         if digest is None:
             digest = _file_sha256(path)
             known[store_key] = digest
-            tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
             try:
-                tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
-                tmp.replace(store)
+                with atomic_write(store) as fh:
+                    fh.write(json.dumps(known, indent=0, sort_keys=True))
             except OSError:  # a read-only cache dir only costs re-hashing next time
-                tmp.unlink(missing_ok=True)
+                pass
         _memo[key] = digest
         return digest
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from .autointerp import explanation_fingerprint, provider_names, score_fingerprint
 from .errors import UsageError
+from .fileio import atomic_write
 from .interfaces import Explainer, Provider, Scorer
 from .records import Explanation, LatentRecord, ScoreResult, content_hash, now_iso, write_json_atomic
 
@@ -684,13 +685,11 @@ def write_summary(layout: RunLayout, summary: Mapping[str, Any]) -> tuple[Path, 
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = layout.summary_csv.with_name(f".{SUMMARY_CSV}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(layout.summary_csv, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    os.replace(tmp, layout.summary_csv)
     return layout.summary_json, layout.summary_csv
 
 

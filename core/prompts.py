@@ -10,8 +10,6 @@ explanation and score stores it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -22,6 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError, format_choices
+from .fileio import json_sha256
 
 ENV_VAR = "PROMPT_CONFIG_FILE"
 """Environment variable naming a prompt override file."""
@@ -100,8 +99,7 @@ class Prompts(Mapping[str, PromptValue]):
 
 def prompt_version(prompts_subset: Mapping[str, Any]) -> str:
     """sha256 (first 12 hex chars) of a set of prompts, in canonical JSON: changes whenever a prompt does."""
-    text = json.dumps(dict(prompts_subset), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return json_sha256(dict(prompts_subset), 12, default=None)
 
 
 def find_override_file(override_file: str | os.PathLike[str] | None, cwd: str | os.PathLike[str] | None = None) -> Path | None:

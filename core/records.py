@@ -12,18 +12,17 @@ reject files with another type and accept older versions of the same type.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UsageError
+from .fileio import json_default as _json_default
+from .fileio import json_sha256, now_iso, write_json_atomic
 
 EXAMPLE_SCHEMA = "saelab.example/1"
 LATENT_RECORD_SCHEMA = "saelab.latent_record/1"
@@ -35,18 +34,7 @@ T = TypeVar("T", bound="_Record")
 
 def content_hash(value: Any, length: int = 16) -> str:
     """sha256 (hex, first ``length`` chars) of ``value`` serialised as canonical JSON."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+    return json_sha256(value, length)
 
 
 def _finite(value: float | None) -> float | None:
@@ -55,25 +43,6 @@ def _finite(value: float | None) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def now_iso() -> str:
-    """The current UTC time as an ISO 8601 string (``created_at`` fields)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temp file and a rename (no half-written files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=1, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Record:

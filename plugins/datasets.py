@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from saelab import Dataset, UsageError, hookimpl
 from saelab.data import DatasetOptions, check_column, clean_text, split_rows
+from saelab.fileio import file_sha256 as sha256_of_file
 
 WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_FILE = "lee_background.cor"
@@ -35,11 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @functools.lru_cache(maxsize=64)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of_file(path)
 
 
 def file_sha256(path: Path) -> str:

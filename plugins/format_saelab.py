@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import FORMAT_NAME, build_dictionary
+from saelab.fileio import save_safetensors_atomic
+from saelab.formats import has_files, require_format_dir
 from saelab.manager import saelab_version
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "dictionary.safetensors"
@@ -32,11 +34,10 @@ class SaelabFormat(DictionaryFormat):
     def detect(cls, path: Path) -> bool:
         """A directory whose cfg.json says ``"format": "saelab"`` next to dictionary.safetensors."""
         path = Path(path)
-        cfg_path = path / CFG_FILE
-        if not (cfg_path.is_file() and (path / WEIGHTS_FILE).is_file()):
+        if not has_files(path, CFG_FILE, WEIGHTS_FILE):
             return False
         try:
-            cfg = json.loads(cfg_path.read_text())
+            cfg = json.loads((path / CFG_FILE).read_text())
         except (OSError, ValueError):
             return False
         return isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME
@@ -48,17 +49,14 @@ class SaelabFormat(DictionaryFormat):
         cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "saelab_version": saelab_version()}
         cfg.update(dictionary.config())
         state = {k: v.detach().contiguous().cpu() for k, v in dictionary.state_dict().items()}
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": FORMAT_NAME})
-        tmp.replace(path / WEIGHTS_FILE)
+        save_safetensors_atomic(path / WEIGHTS_FILE, state, metadata={"format": FORMAT_NAME})
         (path / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
     def load(self, path: Path, device: str | torch.device = "cpu") -> SparseDictionary:
         """Rebuild the architecture from cfg.json and load its weights."""
         path = Path(path)
-        if not self.detect(path):
-            raise UsageError(f"{str(path)!r} is not a saelab dictionary directory "
-                             f"(expected {CFG_FILE} with \"format\": \"saelab\" and {WEIGHTS_FILE})")
+        require_format_dir(self.detect(path), path, "saelab",
+                           f"{CFG_FILE} with \"format\": \"saelab\" and {WEIGHTS_FILE}")
         cfg = json.loads((path / CFG_FILE).read_text())
         module = build_dictionary(cfg["architecture"], cfg["sites"], cfg.get("options", {}))
         state = load_file(str(path / WEIGHTS_FILE), device="cpu")

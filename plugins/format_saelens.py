@@ -41,10 +41,14 @@ from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import build_dictionary
 from saelab.formats import (
     assign_weights,
+    fold_pre_encoder_bias,
     from_external_name,
+    has_files,
     module_threshold,
     read_json,
     read_safetensors,
+    require_format_dir,
+    require_weights,
     threshold_weights,
     to_external_name,
 )
@@ -89,17 +93,14 @@ class SaeLensFormat(DictionaryFormat):
     @classmethod
     def detect(cls, path: Path) -> bool:
         """A directory holding ``cfg.json`` and ``sae_weights.safetensors``."""
-        path = Path(path)
-        return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+        return has_files(path, CFG_FILE, WEIGHTS_FILE)
 
     # -- reading -------------------------------------------------------------------------------------
 
     def load(self, path: Path, device: str | torch.device = "cpu") -> SparseDictionary:
         """Load a SAELens directory into the matching saelab architecture."""
         path = Path(path)
-        if not self.detect(path):
-            raise UsageError(f"{str(path)!r} is not a SAELens dictionary directory "
-                             f"(expected {CFG_FILE} and {WEIGHTS_FILE})")
+        require_format_dir(self.detect(path), path, "SAELens", f"{CFG_FILE} and {WEIGHTS_FILE}")
         cfg = _normalise_cfg(read_json(path / CFG_FILE))
         where = f"SAELens dictionary {str(path)!r}"
         arch = str(cfg["architecture"])
@@ -114,9 +115,7 @@ class SaeLensFormat(DictionaryFormat):
             raise UsageError(f"{where}: reshape_activations {cfg['reshape_activations']!r} (attention hook_z "
                              f"SAEs) is not supported; supported: none")
         w = read_safetensors(path / WEIGHTS_FILE)
-        for key in ("W_enc", "W_dec", "b_dec"):
-            if key not in w:
-                raise UsageError(f"{where}: {WEIGHTS_FILE} has no {key!r} (has {', '.join(sorted(w))})")
+        require_weights(w, ("W_enc", "W_dec", "b_dec"), f"{where}: {WEIGHTS_FILE}")
         d_in, d_sae = w["W_enc"].shape
         d_out = w["W_dec"].shape[1]
         b_enc = w.get("b_enc", torch.zeros(d_sae))
@@ -186,17 +185,6 @@ class SaeLensFormat(DictionaryFormat):
             for name in (CFG_FILE, WEIGHTS_FILE):
                 (path / name).unlink(missing_ok=True)
             raise
-
-
-def fold_pre_encoder_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, source_subtracts: bool,
-                          module: SparseDictionary) -> torch.Tensor:
-    """The encoder bias that makes ``module`` compute the same pre-activations as a source that does
-    (``source_subtracts``) or does not encode ``x - b_dec``."""
-    target_subtracts = bool(getattr(module, "uses_pre_encoder_bias", False))
-    if source_subtracts == target_subtracts:
-        return b_enc
-    shift = b_dec @ W_enc
-    return b_enc - shift if source_subtracts else b_enc + shift
 
 
 def _activation_kind(module: SparseDictionary) -> str:

@@ -24,7 +24,16 @@ from typing import Any
 import torch
 from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import build_dictionary
-from saelab.formats import assign_weights, from_external_name, read_json, read_safetensors
+from saelab.formats import (
+    assign_weights,
+    fold_pre_encoder_bias,
+    from_external_name,
+    has_files,
+    read_json,
+    read_safetensors,
+    require_format_dir,
+    require_weights,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -48,25 +57,20 @@ class SparsifyFormat(DictionaryFormat):
     @classmethod
     def detect(cls, path: Path) -> bool:
         """A directory holding ``cfg.json`` and ``sae.safetensors``."""
-        path = Path(path)
-        return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+        return has_files(path, CFG_FILE, WEIGHTS_FILE)
 
     def load(self, path: Path, device: str | torch.device = "cpu") -> SparseDictionary:
         """Load one sparsify hookpoint directory (the directory name is the hookpoint)."""
         path = Path(path)
-        if not self.detect(path):
-            raise UsageError(f"{str(path)!r} is not a sparsify dictionary directory "
-                             f"(expected {CFG_FILE} and {WEIGHTS_FILE})")
+        require_format_dir(self.detect(path), path, "sparsify", f"{CFG_FILE} and {WEIGHTS_FILE}")
         where = f"sparsify dictionary {str(path)!r}"
         cfg = read_json(path / CFG_FILE)
         activation = cfg.get("activation", "topk")
         if activation != "topk":
             raise UsageError(f"{where}: activation {activation!r} is not supported; supported: topk")
         w = read_safetensors(path / WEIGHTS_FILE)
-        for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-            if key not in w:
-                raise UsageError(f"{where}: {WEIGHTS_FILE} has no {key!r} (has {', '.join(sorted(w))}); "
-                                 f"a decoder-less (encoder-only) file cannot be used")
+        require_weights(w, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), f"{where}: {WEIGHTS_FILE}",
+                        note="a decoder-less (encoder-only) file cannot be used")
         d_sae, d_in = w["encoder.weight"].shape
         d_out = w["W_dec"].shape[1]
         k = int(cfg.get("k", 32))
@@ -79,11 +83,9 @@ class SparsifyFormat(DictionaryFormat):
         architecture = "skip-transcoder" if skip else ("transcoder" if transcode else "topk")
         sites = {"inputs": inputs, "outputs": [hookpoint], "d_in": int(d_in), "d_out": int(d_out)}
         module = build_dictionary(architecture, sites, {"d_sae": int(d_sae), "k": k})
-        W_enc, b_enc = w["encoder.weight"].T, w["encoder.bias"]
-        if bool(getattr(module, "uses_pre_encoder_bias", False)) != (not transcode):
-            # sparsify encodes x - b_dec exactly when it autoencodes; fold the difference into b_enc
-            shift = w["b_dec"] @ W_enc
-            b_enc = b_enc - shift if not transcode else b_enc + shift
+        W_enc = w["encoder.weight"].T
+        # sparsify encodes x - b_dec exactly when it autoencodes
+        b_enc = fold_pre_encoder_bias(w["encoder.bias"], w["b_dec"], W_enc, not transcode, module)
         tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
         if skip:
             tensors["W_skip"] = w["W_skip"].T

@@ -12,8 +12,10 @@ from saelab.cli import MultiValueOption
 from saelab.cli_options import (
     EMBEDDED_NOTE,
     CacheCommandOptions,
+    argument_or_flag,
     cache_options,
     dataset_options,
+    example_options,
     hf_token_option,
     hookpoints_option,
     model_argument,
@@ -90,30 +92,13 @@ def register_commands(cli: click.Group) -> None:
     @hookpoints_option()
     @dataset_options()
     @cache_options()
-    @click.option("--n_splits", type=click.IntRange(min=1), default=5, show_default=True,
-                  help="Shards of the latent cache (latent ranges; reading a latent loads one split).")
-    @click.option("--n_quantiles", type=click.IntRange(min=1), default=10, show_default=True,
-                  help="Activation quantiles (statistics and quantile sampling).")
+    @example_options()
     @click.option("--exclude_positions", cls=MultiValueOption, type=int, metavar="POS ...",
                   help="Absolute positions left out of the latent cache (e.g. 1 2 3 on SmolLM2).")
     @click.option("--max_latents", type=click.IntRange(min=1), default=None,
                   help="Write records (examples) of the first N latents that qualify.")
     @click.option("--feature_num", cls=MultiValueOption, type=int, metavar="LATENT ...",
                   help="Write records of these latent indices.")
-    @click.option("--min_examples", type=click.IntRange(min=1), default=200, show_default=True,
-                  help="Minimum activating windows for a latent to qualify.")
-    @click.option("--n_examples_train", type=click.IntRange(min=0), default=40, show_default=True)
-    @click.option("--n_examples_test", type=click.IntRange(min=0), default=50, show_default=True)
-    @click.option("--n_non_activating", type=click.IntRange(min=0), default=50, show_default=True)
-    @click.option("--example_ctx_len", type=click.IntRange(min=1), default=32, show_default=True)
-    @click.option("--center_examples", type=click.BOOL, is_flag=False, flag_value=True, default=True,
-                  show_default=True, metavar="[BOOL]", help="Centre windows on the max-activating token.")
-    @click.option("--train_type", default="quantiles", show_default=True, help="top, random, quantiles, mix.")
-    @click.option("--test_type", default="quantiles", show_default=True, help="Sampler of the test examples.")
-    @click.option("--ratio_top", type=click.FloatRange(0, 1), default=0.2, show_default=True)
-    @click.option("--non_activating_source", default="random", show_default=True, help="random, neighbours, FAISS.")
-    @click.option("--neighbours_type", default="co-occurrence", show_default=True,
-                  help="co-occurrence, decoder_similarity, encoder_similarity.")
     @click.option("--store", default=None, help="Activation cache store to reuse activations from "
                                                 "[default: results/.activations].")
     @name_option()
@@ -132,10 +117,9 @@ def register_commands(cli: click.Group) -> None:
         Reuses activations from an activation cache of the dictionary's input sites over the same
         data when one exists; a killed run resumes from its last chunk.
         """
-        flag = params.pop("sparse_model_flag", None)
-        if flag and params.get("sparse_model") and flag != params["sparse_model"]:
-            raise UsageError(f"two dictionaries given: SPARSE_MODEL {params['sparse_model']!r} and --sparse_model {flag!r}")
-        params["sparse_model"] = params.get("sparse_model") or flag
+        params["sparse_model"] = argument_or_flag(params.get("sparse_model"), params.pop("sparse_model_flag", None),
+                                                  what="dictionaries", argument="SPARSE_MODEL",
+                                                  option="--sparse_model")
         params["feature_num"] = _int_list(params.get("feature_num"))
         params["exclude_positions"] = list(params.get("exclude_positions") or [])
         options: LatentsCommandOptions = resolve_params(ctx, params, model=LatentsCommandOptions)
@@ -149,6 +133,7 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     from saelab.examples import build_records
     from saelab.latents import latent_cache_for_run, select_dictionaries
     from saelab.models import load_activation_source
+    from saelab.pipeline import example_options as example_values
 
     directory = run_dir(options.name)
     chosen = select_dictionaries(options.sparse_model, options.hookpoints)  # type: ignore[arg-type]
@@ -163,13 +148,8 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
                    "alive": summary["alive"], "dead": summary["dead"], "mean L0": round(summary["mean_l0"], 2),
                    "seconds": round(cache.build_info.get("seconds", 0.0), 1)}
             if options.max_latents or options.feature_num:
-                example_opts = {k: getattr(options, k) for k in (
-                    "min_examples", "n_examples_train", "n_examples_test", "n_non_activating", "example_ctx_len",
-                    "center_examples", "n_quantiles", "train_type", "test_type", "ratio_top", "non_activating_source",
-                    "neighbours_type", "filter_bos", "max_latents", "feature_num", "seed")}
-                example_opts["overwrite_neighbours"] = "neighbours" in options.overwrite
-                _, rec = build_records(cache, example_opts, tokenizer=source.tokenizer, dictionary=dictionary,
-                                       out_dir=cache.path / "records")
+                _, rec = build_records(cache, example_values(options.model_dump()), tokenizer=source.tokenizer,
+                                       dictionary=dictionary, out_dir=cache.path / "records")
                 row.update({"records": rec.built, "skipped (< min_examples)": len(rec.skipped)})
             rows.append(row)
     directory.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ from saelab.models import (
     hookpoint_names,
     load_activation_source,
     parse_hookpoint,
-    validate_hookpoints,
     weights_hash,
 )
 from saelab.paths import cache_dir
@@ -289,10 +288,6 @@ class TransformersSource(ActivationSource):
         """Width of the activations at ``hookpoint`` (the residual width for every standard site)."""
         self.check_hookpoints([hookpoint])
         return self.d_model
-
-    def check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
-        """Validate names (deduplicated); an unknown one is one line saying why and listing valid names."""
-        return validate_hookpoints(hookpoints, self.hookpoints(), self.model_id)
 
     # ------------------------------------------------------------------ identity
 

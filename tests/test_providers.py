@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import importlib.util
 import logging
 import math
+import socket
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -36,9 +40,22 @@ def cache_root(tmp_path: Path) -> Path:
     return tmp_path / "llm_cache"
 
 
+HTTP_CLIENT = "auto"
+"""The ``openai`` provider's transport in :func:`openai_provider` (set per test by the ``transport`` fixture)."""
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs an ``openai`` provider test on each HTTP transport (aiohttp only where httpx-aiohttp is installed)."""
+    if request.param == "aiohttp" and importlib.util.find_spec("httpx_aiohttp") is None:
+        pytest.skip("httpx-aiohttp is not installed")
+    monkeypatch.setattr(sys.modules[__name__], "HTTP_CLIENT", request.param)
+    return request.param
+
+
 def openai_provider(server: ScriptedLLMServer, cache_root: Path, **options):
     defaults = {"model": "test-model", "base_url": server.base_url, "cache_dir": str(cache_root),
-                "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
+                "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0, "http_client": HTTP_CLIENT}
     defaults.update(options)
     return make_provider("openai", **defaults)
 
@@ -50,7 +67,7 @@ def run(coro):
 # ------------------------------------------------------------------------------------------ basics
 
 
-def test_completion_text_usage_and_request_body(cache_root: Path) -> None:
+def test_completion_text_usage_and_request_body(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer(Reply(text="[EXPLANATION]: numbers", prompt_tokens=11, completion_tokens=3)) as server:
         provider = openai_provider(server, cache_root, cache=False, temperature=0.5, max_tokens=40)
         completion = provider.generate_sync(MESSAGES)
@@ -68,7 +85,7 @@ def test_completion_text_usage_and_request_body(cache_root: Path) -> None:
         assert provider.usage.calls == 2 and provider.usage.prompt_tokens == 22
 
 
-def test_logprobs_requested_and_parsed(cache_root: Path) -> None:
+def test_logprobs_requested_and_parsed(transport: str, cache_root: Path) -> None:
     scripted = [{"token": "1", "logprob": -0.25, "top_logprobs": {"1": -0.25, "0": -1.5}},
                 {"token": "]", "logprob": -0.01, "top_logprobs": [{"token": "]", "logprob": -0.01}]}]
     with ScriptedLLMServer(Reply(text="1]", logprobs=scripted)) as server:
@@ -83,7 +100,7 @@ def test_logprobs_requested_and_parsed(cache_root: Path) -> None:
         assert "top_logprobs" not in server.chat_requests[1].body
 
 
-def test_cost_from_given_prices_and_litellm_map(cache_root: Path) -> None:
+def test_cost_from_given_prices_and_litellm_map(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer(Reply(text="ok", prompt_tokens=1000, completion_tokens=500)) as server:
         priced = openai_provider(server, cache_root, cache=False, input_price_per_1k=0.5, output_price_per_1k=2.0)
         assert priced.generate_sync(MESSAGES).cost == pytest.approx(0.5 + 1.0)
@@ -98,7 +115,7 @@ def test_cost_from_given_prices_and_litellm_map(cache_root: Path) -> None:
 # ------------------------------------------------------------------------------------------ failures
 
 
-def test_malformed_answers_are_retried_then_succeed(cache_root: Path) -> None:
+def test_malformed_answers_are_retried_then_succeed(transport: str, cache_root: Path) -> None:
     script = [Reply(body="this is not json"), Reply(body={"choices": []}),
               Reply(body={"choices": [{"message": {"role": "assistant"}}]}), Reply(text="fine")]
     with ScriptedLLMServer(script) as server:
@@ -107,7 +124,7 @@ def test_malformed_answers_are_retried_then_succeed(cache_root: Path) -> None:
         assert len(server.chat_requests) == 4 and provider.usage.retries == 3
 
 
-def test_malformed_answers_give_up_with_one_clear_error(cache_root: Path) -> None:
+def test_malformed_answers_give_up_with_one_clear_error(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer(Reply(body="<html>bad gateway</html>")) as server:
         provider = openai_provider(server, cache_root, cache=False, max_retries=2)
         with pytest.raises(ProviderError) as info:
@@ -118,7 +135,7 @@ def test_malformed_answers_give_up_with_one_clear_error(cache_root: Path) -> Non
         assert len(server.chat_requests) == 3 and provider.usage.failed_calls == 1
 
 
-def test_429_waits_at_least_retry_after(cache_root: Path) -> None:
+def test_429_waits_at_least_retry_after(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer([Reply(status=429, headers={"Retry-After": "1"}), Reply(text="ok")]) as server:
         provider = openai_provider(server, cache_root, cache=False)
         assert provider.generate_sync(MESSAGES).text == "ok"
@@ -127,7 +144,7 @@ def test_429_waits_at_least_retry_after(cache_root: Path) -> None:
         assert provider.usage.retries == 1
 
 
-def test_429_with_http_date_retry_after(cache_root: Path) -> None:
+def test_429_with_http_date_retry_after(transport: str, cache_root: Path) -> None:
     when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2), usegmt=True)
     with ScriptedLLMServer([Reply(status=429, headers={"Retry-After": when}), Reply(text="ok")]) as server:
         provider = openai_provider(server, cache_root, cache=False)
@@ -137,7 +154,7 @@ def test_429_with_http_date_retry_after(cache_root: Path) -> None:
         assert second.started - first.finished >= 1.0
 
 
-def test_500s_then_success_and_client_retries_off(cache_root: Path) -> None:
+def test_500s_then_success_and_client_retries_off(transport: str, cache_root: Path) -> None:
     script = [Reply(status=500), Reply(status=503), Reply(text="recovered")]
     with ScriptedLLMServer(script) as server:
         provider = openai_provider(server, cache_root, cache=False, max_retries=2)
@@ -150,7 +167,7 @@ def test_500s_then_success_and_client_retries_off(cache_root: Path) -> None:
         assert len(server.chat_requests) == 1  # the SDK's own retries are off
 
 
-def test_400_is_not_retried(cache_root: Path) -> None:
+def test_400_is_not_retried(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer([Reply(status=400), Reply(text="never")]) as server:
         provider = openai_provider(server, cache_root, cache=False, max_retries=5)
         with pytest.raises(ProviderError, match="HTTP 400"):
@@ -158,7 +175,7 @@ def test_400_is_not_retried(cache_root: Path) -> None:
         assert len(server.chat_requests) == 1
 
 
-def test_timeouts_are_retried_then_give_up(cache_root: Path) -> None:
+def test_timeouts_are_retried_then_give_up(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer([Reply(text="slow", delay_s=3.0), Reply(text="fast")]) as server:
         provider = openai_provider(server, cache_root, cache=False, timeout_s=0.3)
         start = time.monotonic()
@@ -171,18 +188,69 @@ def test_timeouts_are_retried_then_give_up(cache_root: Path) -> None:
             provider.generate_sync(MESSAGES)
 
 
-def test_connection_errors_are_retried(cache_root: Path) -> None:
+def test_connection_errors_are_retried(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer([Reply(drop=True), Reply(text="back")]) as server:
         provider = openai_provider(server, cache_root, cache=False)
         assert provider.generate_sync(MESSAGES).text == "back"
         assert len(server.chat_requests) == 2
+    # a dropped connection and a refused one read as connection errors (not timeouts) on both transports
+    with ScriptedLLMServer(Reply(drop=True)) as server:
+        provider = openai_provider(server, cache_root, cache=False, max_retries=0)
+        with pytest.raises(ProviderError, match="after 1 attempts: connection error"):
+            provider.generate_sync(MESSAGES)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    provider = make_provider("openai", model="m", base_url=f"http://127.0.0.1:{port}/v1", cache=False,
+                             max_retries=1, backoff_base_s=0.01, http_client=transport)
+    with pytest.raises(ProviderError, match="after 2 attempts: connection error"):
+        provider.generate_sync(MESSAGES)
+
+
+def test_http_client_option_picks_the_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {"model": "m", "base_url": "http://127.0.0.1:1/v1", "cache": False}
+    installed = importlib.util.find_spec("httpx_aiohttp") is not None
+    assert make_provider("openai", **base).http_client == ("aiohttp" if installed else "httpx")
+    assert make_provider("openai", **base, http_client="httpx").http_client == "httpx"
+    with pytest.raises(UsageError, match="http_client") as info:
+        make_provider("openai", **base, http_client="requests")
+    assert "\n" not in str(info.value) and "aiohttp" in str(info.value)
+    monkeypatch.setitem(sys.modules, "httpx_aiohttp", None)  # as if the package were not installed
+    assert make_provider("openai", **base).http_client == "httpx"
+    with pytest.raises(UsageError, match="needs the httpx-aiohttp package") as info:
+        make_provider("openai", **base, http_client="aiohttp")
+    assert "\n" not in str(info.value)
+
+
+def test_client_is_closed_when_its_loop_ends(transport: str, cache_root: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    with ScriptedLLMServer(Reply(text="ok")) as server:
+        provider = openai_provider(server, cache_root, cache=False)
+        clients = []
+
+        async def call() -> str:
+            text = (await provider.generate(MESSAGES)).text
+            clients.append(await provider._client())
+            return text
+
+        assert run(call()) == "ok"  # no aclose(): asyncio.run's shutdown closes the client
+        client = clients[0]
+        assert client.is_closed()
+        expected = "HttpxAiohttpClient" if transport == "aiohttp" else "AsyncClient"
+        assert expected in [cls.__name__ for cls in type(client._client).__mro__]
+        del client
+        clients.clear()
+        caplog.set_level(logging.ERROR, logger="asyncio")
+        gc.collect()
+        assert "Unclosed" not in caplog.text
+        assert run(call()) == "ok"  # a fresh loop: a fresh client
 
 
 # ------------------------------------------------------------------------------------------ concurrency
 
 
 @pytest.mark.parametrize("limit", [1, 4])
-def test_concurrency_limit_is_reached_and_not_exceeded(cache_root: Path, limit: int) -> None:
+def test_concurrency_limit_is_reached_and_not_exceeded(transport: str, cache_root: Path, limit: int) -> None:
     n, delay = 8, 0.2
     with ScriptedLLMServer(Reply(text="slow ok", delay_s=delay)) as server:
         provider = openai_provider(server, cache_root, cache=False, max_concurrency=limit)
@@ -199,7 +267,7 @@ def test_concurrency_limit_is_reached_and_not_exceeded(cache_root: Path, limit: 
         assert elapsed >= delay * n / limit - 0.05
 
 
-def test_provider_works_across_event_loops(cache_root: Path) -> None:
+def test_provider_works_across_event_loops(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer(Reply(text="ok")) as server:
         provider = openai_provider(server, cache_root, cache=False, max_concurrency=2)
         assert run(provider.generate(MESSAGES)).text == "ok"
@@ -209,7 +277,7 @@ def test_provider_works_across_event_loops(cache_root: Path) -> None:
 # ------------------------------------------------------------------------------------------ cache
 
 
-def test_response_cache_hit_makes_no_request(cache_root: Path) -> None:
+def test_response_cache_hit_makes_no_request(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer(lambda req: Reply(text=f"answer to {req['messages'][-1]['content']}")) as server:
         provider = openai_provider(server, cache_root)
         first = provider.generate_sync(MESSAGES)
@@ -224,7 +292,7 @@ def test_response_cache_hit_makes_no_request(cache_root: Path) -> None:
         assert provider.usage.cached_calls == 0 and provider.usage.calls == 3
 
 
-def test_cache_off_makes_requests(cache_root: Path) -> None:
+def test_cache_off_makes_requests(transport: str, cache_root: Path) -> None:
     with ScriptedLLMServer(Reply(text="same")) as server:
         provider = openai_provider(server, cache_root, cache=False)
         provider.generate_sync(MESSAGES)
@@ -253,7 +321,7 @@ def test_corrupt_cache_entry_is_a_miss(cache_root: Path) -> None:
 # ------------------------------------------------------------------------------------------ secrets
 
 
-def test_api_key_never_written_or_logged(tmp_path: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch,
+def test_api_key_never_written_or_logged(transport: str, tmp_path: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("MY_LLM_KEY", SECRET)
 
@@ -426,18 +494,11 @@ def test_transformers_batches_concurrent_prompts_into_one_generate() -> None:
 
 
 def test_transformers_logprobs_match_a_forward_pass() -> None:
-    import torch
-
     # repetition controls off: the greedy check below compares with the raw distribution
     provider = tiny_provider(max_tokens=4, top_logprobs=2, repetition_penalty=1.0, no_repeat_ngram_size=0)
     completion = provider.generate_sync(MESSAGES)
-    model, tokenizer = provider.load()
-    prompt_ids = tokenizer(completion.raw["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    generated = torch.tensor([completion.raw["generated_ids"]])
-    with torch.no_grad():
-        logits = model(torch.cat([prompt_ids, generated], dim=1)).logits[0].log_softmax(-1)
-    start = prompt_ids.shape[1] - 1
-    expected = [float(logits[start + j, tok]) for j, tok in enumerate(completion.raw["generated_ids"])]
+    logits = forward_logprobs(provider, completion)
+    expected = [float(logits[j, tok]) for j, tok in enumerate(completion.raw["generated_ids"])]
     got = [t.logprob for t in completion.logprobs]
     assert got == pytest.approx(expected[: len(got)], abs=1e-4)
     # greedy: each generated token is the most likely one
@@ -536,7 +597,7 @@ def test_generated_repetition_guard_ignores_the_prompt() -> None:
     assert not torch.isinf(prompt_only).any()
 
 
-def test_answer_format_is_in_the_cache_key_and_not_sent_to_apis(cache_root: Path) -> None:
+def test_answer_format_is_in_the_cache_key_and_not_sent_to_apis(transport: str, cache_root: Path) -> None:
     binary3 = {"type": "binary_list", "length": 3}
     assert cache_key("openai", "m", MESSAGES, {"answer_format": binary3}) != cache_key("openai", "m", MESSAGES, {})
     assert cache_key("openai", "m", MESSAGES, {"answer_format": binary3}) != cache_key(
