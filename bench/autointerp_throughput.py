@@ -9,8 +9,10 @@
    with OpenRouter (``__main__`` forces ``pipeline_num_proc = 1``: one latent at a time) and with its
    ``Pipeline`` at ``max_concurrent`` 16 and = the number of latents (all latents at once: its best; each
    latent's prompts still go one at a time, so it never has more requests in flight than latents); saelab
-   runs at request concurrency 16 and at a higher one (default 64) that the server takes. Each run prints
-   latents/s, the most requests the server saw in flight, and failed / parsed predictions.
+   runs at request concurrency 16 and at a higher one that the server takes (default 128: half vLLM's
+   default ``max_num_seqs`` of 256, and the test server's listen backlog; past it that threaded server, not
+   the client, is the limit on a small machine). Each run prints latents/s, the most requests the server saw
+   in flight, and failed / parsed predictions.
    Headline (target >= 3x): saelab at the higher concurrency against delphi's best variant -- same server,
    latents and example counts, each tool at its best setting for a server that accepts many concurrent
    requests (like vLLM). The equal-cap ratio (both at most 16 in flight) is printed too.
@@ -19,7 +21,7 @@ The server runs in a child process (its own GIL), so it does not take CPU from t
 it answers each request on its own thread (any number in flight).
 
     .venv/bin/python bench/autointerp_throughput.py [--latents 20] [--delay 0.2] [--concurrency 16]
-        [--high-concurrency 64] [--delphi-venv /tmp/delphivenv] [--no-delphi] [--no-delphi-cli]
+        [--high-concurrency 128] [--delphi-venv /tmp/delphivenv] [--no-delphi] [--no-delphi-cli]
 
 The side venv is created when missing (``python3 -m venv``, ``pip install torch==2.13.0``, ``pip install
 --no-deps eai-delphi==0.1.3``, then each module delphi fails to import, until it imports); delphi imports
@@ -225,7 +227,7 @@ def main() -> None:
     parser.add_argument("--latents", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.2, help="server wait per request (s)")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--high-concurrency", type=int, default=64,
+    parser.add_argument("--high-concurrency", type=int, default=128,
                         help="saelab's second request concurrency in the side by side")
     parser.add_argument("--delphi-venv", type=Path, default=Path(tempfile.gettempdir()) / "delphivenv",
                         help="side venv for eai-delphi (created when missing)")

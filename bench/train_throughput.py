@@ -43,6 +43,12 @@ import torch
 VENV = Path("/tmp/refvenv")
 SPARSIFY_PINS = ["torch==2.13.0", "eai-sparsify==1.3.3"]
 EVAL_ROWS = 16384
+QUIET_FRACTION = 0.1
+"""``quiet``: fraction of latents that did not fire during the last tenth of the training tokens (the
+trainer's default AuxK dead criterion); ``dead``: never fired during the run."""
+MIN_EVAL_ROWS = 8192
+"""Held-out rows: up to EVAL_ROWS, fewer (not under MIN_EVAL_ROWS) when the cache is short, so that a
+~400k-token cache still gives the issue's 94 training steps."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,8 +144,9 @@ def run_saelab(train: torch.Tensor, held: torch.Tensor, args: argparse.Namespace
     module.eval()
     with torch.no_grad():
         recon = torch.cat([module(held[i:i + 4096, None]).reconstruction[:, 0] for i in range(0, len(held), 4096)])
+    quiet = float((result.tokens_since_fired >= QUIET_FRACTION * args.steps * args.batch).float().mean())
     return {"tokens_per_s": args.steps * args.batch / seconds, "seconds": seconds, "fvu": fvu(held, recon),
-            "dead": result.dead_final_epoch, "mmcs": mmcs(module.W_dec.detach(), truth)}
+            "dead": result.dead_final_epoch, "quiet": quiet, "mmcs": mmcs(module.W_dec.detach(), truth)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,6 +167,7 @@ def run_dense(train: torch.Tensor, held: torch.Tensor, args: argparse.Namespace,
     b_dec = torch.nn.Parameter((train[:65536] * scale).mean(0))
     opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=auto_lr(n_lat))
     fired = torch.zeros(n_lat, dtype=torch.bool)
+    since_fired = torch.zeros(n_lat, dtype=torch.long)
     t0 = time.perf_counter()
     for step in range(args.steps):
         x = train[step * args.batch:(step + 1) * args.batch] * scale
@@ -172,6 +180,8 @@ def run_dense(train: torch.Tensor, held: torch.Tensor, args: argparse.Namespace,
         loss.backward()
         opt.step()
         fired[idx.flatten()] = True
+        since_fired += args.batch
+        since_fired[idx.flatten()] = 0
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         recon = []
@@ -182,7 +192,67 @@ def run_dense(train: torch.Tensor, held: torch.Tensor, args: argparse.Namespace,
             recon.append((torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals)) @ W_dec + b_dec) / scale)
     return {"tokens_per_s": args.steps * args.batch / seconds, "seconds": seconds,
             "fvu": fvu(held, torch.cat(recon)), "dead": float((~fired).float().mean()),
+            "quiet": float((since_fired >= QUIET_FRACTION * args.steps * args.batch).float().mean()),
             "mmcs": mmcs(W_dec.detach(), truth)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step timing: saelab's step with and without AuxK against the dense reference's step
+
+
+def step_timing(train: torch.Tensor, args: argparse.Namespace, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, Adam) on the same batch: saelab's TopK
+    step with no dead latent, the same with ``--dead_fraction`` of the latents dead (AuxK active), and
+    the dense reference step. Isolates the step from the run's dynamics (how many latents die)."""
+    from saelab.dictionary import build_dictionary
+
+    d, n_lat, k = train.shape[1], args.d_sae, args.k
+    x = train[:args.batch].clone()
+    x = x * math.sqrt(d / float(x.pow(2).sum(-1).mean()))
+    torch.manual_seed(0)
+    module = build_dictionary("topk", {"inputs": ["h"], "outputs": ["h"], "d_in": d, "d_out": d},
+                              {"d_sae": n_lat, "k": k})
+    module.train()
+    opt = torch.optim.Adam(module.parameters(), lr=1e-4, fused=True)
+    dead = torch.zeros(n_lat, dtype=torch.bool)
+    dead[torch.randperm(n_lat)[:int(args.dead_fraction * n_lat)]] = True
+
+    def saelab_step(mask: torch.Tensor | None) -> None:
+        out = module(x[:, None], dead_mask=mask)
+        loss = sum(out.losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        module.before_optimizer_step()
+        opt.step()
+        module.after_optimizer_step()
+        out.fired(), out.l0()  # what the trainer reads for its dead-latent counters and log
+
+    W_dec = torch.nn.Parameter(module.W_dec.detach().clone())
+    W_enc = torch.nn.Parameter(module.W_enc.detach().clone())
+    b_enc = torch.nn.Parameter(torch.zeros(n_lat))
+    b_dec = torch.nn.Parameter(x.mean(0))
+    dense_opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4)
+
+    def dense_step() -> None:
+        pre = (x - b_dec) @ W_enc + b_enc
+        vals, idx = pre.topk(k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        loss = ((z @ W_dec + b_dec) - x).pow(2).sum(-1).mean()
+        dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dense_opt.step()
+
+    def median(fn: object, *a: object) -> float:
+        fn(*a)  # type: ignore[operator]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*a)  # type: ignore[operator]
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    return {"saelab": median(saelab_step, None), "saelab_auxk": median(saelab_step, dead),
+            "dense": median(dense_step)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +309,8 @@ with torch.no_grad():
     recon = torch.cat([sae(held[i:i + 4096]).sae_out for i in range(0, len(held), 4096)])
 err = (held - recon).double().pow(2).sum() / (held - held.mean(0)).double().pow(2).sum()
 json.dump({"tokens_per_s": cfg["steps"] * B / seconds, "seconds": seconds, "fvu": float(err),
-           "dead": float((~fired).float().mean())}, sys.stdout)
+           "dead": float((~fired).float().mean()),
+           "quiet": float((since_fired >= cfg["quiet"] * cfg["steps"] * B).float().mean())}, sys.stdout)
 from safetensors.torch import save_file
 save_file({"W_dec": sae.W_dec.detach().contiguous()}, sys.argv[3])
 '''
@@ -262,7 +333,7 @@ def run_sparsify(data_file: Path, args: argparse.Namespace, optimizer: str,
 
     python = ensure_sparsify_venv(Path(args.venv))
     cfg = {"d_sae": args.d_sae, "k": args.k, "batch": args.batch, "steps": args.steps, "optimizer": optimizer,
-           "auxk_alpha": 0.0, "warmup": min(1000, args.steps // 20)}
+           "auxk_alpha": 0.0, "warmup": min(1000, args.steps // 20), "quiet": QUIET_FRACTION}
     w_file = data_file.with_name(f"sparsify_{optimizer}_W_dec.safetensors")
     proc = subprocess.run([str(python), "-c", SPARSIFY_SCRIPT, str(data_file), json.dumps(cfg), str(w_file)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
@@ -290,6 +361,9 @@ def main() -> None:
     parser.add_argument("--sparsify_adam", action="store_true", help="also run sparsify with Adam")
     parser.add_argument("--venv", default=str(VENV))
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--dead_fraction", type=float, default=0.12,
+                        help="latents marked dead in the per-step AuxK timing")
+    parser.add_argument("--skip_step_timing", action="store_true")
     args = parser.parse_args()
 
     n_rows = args.steps * args.batch + EVAL_ROWS
@@ -301,11 +375,20 @@ def main() -> None:
     else:
         rows, truth = synthetic_rows(n_rows, args.d_in)
         data_desc = f"synthetic (d={args.d_in}, 8192 true directions, ~32 active, noise 0.01)"
-    train, held = rows[:-EVAL_ROWS].contiguous(), rows[-EVAL_ROWS:].contiguous()
+    n_held = min(EVAL_ROWS, max(MIN_EVAL_ROWS, rows.shape[0] - args.steps * args.batch))
+    train, held = rows[:-n_held].contiguous(), rows[-n_held:].contiguous()
     steps = min(args.steps, train.shape[0] // args.batch)
     args.steps = steps
     print(f"data: {data_desc}; {steps} steps x {args.batch} rows = {steps * args.batch} tokens; "
           f"held-out {held.shape[0]} rows; d_sae {args.d_sae}, k {args.k}, threads {torch.get_num_threads()}")
+
+    timing = None
+    if not args.skip_step_timing:
+        timing = step_timing(train, args)
+        print(f"step seconds (median of 5, one batch of {args.batch}): saelab {timing['saelab']:.3f}, "
+              f"saelab with AuxK ({args.dead_fraction:.0%} dead) {timing['saelab_auxk']:.3f}, "
+              f"dense reference {timing['dense']:.3f} -> {timing['dense'] / timing['saelab']:.2f}x and "
+              f"{timing['dense'] / timing['saelab_auxk']:.2f}x", flush=True)
 
     results: dict[str, dict[str, float | None]] = {}
     results["saelab"] = run_saelab(train, held, args, truth)
@@ -326,16 +409,18 @@ def main() -> None:
                 print("sparsify adam", results["sparsify adam"], flush=True)
 
     print()
-    print(f"{'trainer':<18} {'tokens/s':>9} {'seconds':>8} {'FVU':>7} {'dead':>7} {'MMCS':>6}")
+    print(f"{'trainer':<18} {'tokens/s':>9} {'seconds':>8} {'FVU':>7} {'dead':>7} {'quiet':>7} {'MMCS':>6}")
     for name, r in results.items():
         m = "" if r.get("mmcs") is None else f"{r['mmcs']:.3f}"
-        print(f"{name:<18} {r['tokens_per_s']:>9.0f} {r['seconds']:>8.1f} {r['fvu']:>7.3f} {r['dead']:>7.1%} {m:>6}")
+        print(f"{name:<18} {r['tokens_per_s']:>9.0f} {r['seconds']:>8.1f} {r['fvu']:>7.3f} {r['dead']:>7.1%} "
+              f"{r['quiet']:>7.1%} {m:>6}")
     base = results["saelab"]["tokens_per_s"]
     for name, r in results.items():
         if name != "saelab":
             print(f"saelab / {name}: {base / r['tokens_per_s']:.2f}x tokens/s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"data": data_desc, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"data": data_desc, "results": results, "step_seconds": timing},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -296,7 +296,7 @@ class LinearDictionary(SparseDictionary):
         W_dec = torch.randn(self._d_sae, out_width)
         unit_norm_decoder_(W_dec)
         if in_width == out_width:
-            W_enc = W_dec.T.clone()
+            W_enc = W_dec.T.contiguous()  # row-major, like its gradients (a fused optimizer needs that)
         else:
             W_enc = F.normalize(torch.randn(in_width, self._d_sae), dim=0)
         self.W_enc = nn.Parameter(W_enc)
@@ -442,6 +442,12 @@ class _AuxKDecode(torch.autograd.Function):
         return None, None, None, grad_b_pre, grad_W_enc, grad_b_enc, grad_W_dec, None
 
 
+AUXK_DENSE_MAX_RATIO = 4.0
+"""AuxK works densely over the dead latents' columns (three ``[batch, n_dead]`` products) while
+``n_dead <= AUXK_DENSE_MAX_RATIO * k_aux``, and on the ``k_aux`` picks per row (sparse gathers, a cost
+independent of ``n_dead``) beyond."""
+
+
 def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor,
               residual: torch.Tensor, target_var: torch.Tensor, k_aux: int, alpha: float,
               b_pre: torch.Tensor | None = None) -> torch.Tensor:
@@ -460,9 +466,18 @@ def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Ten
     scale = min(n_dead / k_aux, 1.0)
     with torch.no_grad():
         pre_dead = pre.index_select(1, dead)
-        idx = None if k == n_dead else pre_dead.topk(k, dim=1, sorted=False).indices
-    e_hat = _AuxKDecode.apply(pre_dead, idx, x_flat, b_pre, dictionary.W_enc, dictionary.b_enc,
-                              dictionary.W_dec, dead)
+        vals, idx = (None, None) if k == n_dead else pre_dead.topk(k, dim=1, sorted=False)
+    if idx is not None and vals is not None and n_dead > AUXK_DENSE_MAX_RATIO * k:
+        # Many dead latents: the k_aux picks per row through the sparse machinery of the main path.
+        batch = x_flat.shape[0]
+        rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
+        codes = SparseCodes(rows, dead[idx].reshape(-1), None, batch, dictionary.d_sae, k)
+        codes.values = F.relu(selected_preacts(x_flat, dictionary.W_enc, dictionary.b_enc, codes,
+                                               vals.reshape(-1), b_pre))
+        e_hat = codes.decode(dictionary.W_dec)
+    else:
+        e_hat = _AuxKDecode.apply(pre_dead, idx, x_flat, b_pre, dictionary.W_enc, dictionary.b_enc,
+                                  dictionary.W_dec, dead)
     residual = residual.detach()
     aux_mse = (e_hat - residual).pow(2).sum(-1).mean()
     resid_var = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,26 +26,27 @@ stdout_console = Console()
 
 
 def progress(*extra_columns: Any, unit: str = "") -> Progress:
-    """A progress display with bar, count, rate/ETA; ``extra_columns`` are added before the timers."""
+    """A progress display with bar, count (``unit`` after it), rate/ETA; ``extra_columns`` come before
+    the timers. ``SAELAB_PROGRESS=0`` turns progress displays off."""
+    count = MofNCompleteColumn() if not unit else TextColumn(
+        "{task.completed:,.0f}/{task.total:,.0f} " + unit.replace("[", r"\[")
+    )
     columns: list[Any] = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        count,
         TaskProgressColumn(),
         *extra_columns,
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
-    return Progress(*columns, console=console, transient=False, disable=not _interactive_or_forced())
+    return Progress(*columns, console=console, transient=False, disable=not progress_enabled())
 
 
-def _interactive_or_forced() -> bool:
-    import os
-
-    if os.environ.get("SAELAB_PROGRESS", "").lower() in ("0", "false", "off"):
-        return False
-    return True
+def progress_enabled() -> bool:
+    """False when ``SAELAB_PROGRESS`` is ``0``, ``false`` or ``off``."""
+    return os.environ.get("SAELAB_PROGRESS", "").lower() not in ("0", "false", "off")
 
 
 def summary_table(title: str, rows: Sequence[Mapping[str, Any]] | Iterable[tuple[str, Any]]) -> Table:

@@ -11,9 +11,9 @@ Every architecture (:class:`~saelab.SparseDictionary`) trains through this modul
   The scales are folded back into the saved weights (``SparseDictionary.fold_scaling``): a saved
   dictionary takes and returns **raw** activations, and ``cfg.json`` records the scales;
 * initialises the dictionary from data (``initialize_from_data``: e.g. ``b_dec`` at the geometric median);
-* minimises ``sum(output.losses.values())`` with Adam, linear warm-up and a linear or cosine decay to 0
-  over the last ``decay_fraction`` of the run; the default learning rate scales with width like sparsify's
-  (``2e-4 / sqrt(d_sae / 16384)``);
+* minimises ``sum(output.losses.values())`` with Adam (fused kernel), linear warm-up and a linear or
+  cosine decay to 0 over the last ``decay_fraction`` of the run; the default learning rate is 4e-3,
+  scaled down as ``1 / sqrt(d_sae / 16384)`` above 16384 latents (measurements in ``TrainerConfig.lr``);
 * tracks, per latent, the tokens since it last fired; latents silent for ``dead_tokens`` tokens form the
   ``dead_mask`` passed to ``forward`` (AuxK for the TopK family);
 * logs loss terms, FVU, L0 and dead fraction to a JSONL file per dictionary, to a rich progress display
@@ -66,7 +66,13 @@ class TrainerConfig(Options):
     batch_size: int = 4096
     """Tokens (activation rows) per optimisation step, across all data-parallel ranks."""
     lr: float | None = None
-    """Adam learning rate; None scales it with width: 2e-4 / sqrt(d_sae / 16384) (as sparsify)."""
+    """Adam learning rate; None: ``min(4e-3, 4e-3 / sqrt(d_sae / 16384))`` (see ``auto_lr``). Chosen on
+    real smollm2 layers.15 activations (positions 0-3 dropped, 94 steps of 4096 = 385k tokens, k 32,
+    d_sae 16384, held-out FVU): lr 2e-4 (OpenAI/sparsify's Adam rule, made for runs of 100M+ tokens)
+    FVU 0.567; 2e-3 0.301; 4e-3 0.270 (no latent that never fired, 6.8% silent over the last tenth);
+    8e-3 0.261 but 74% silent over the last tenth. At d_sae 4096, 4e-3 gives 0.278 (1.4% silent) and
+    8e-3 0.266 (22% silent), hence no increase below 16384 latents. sparsify (SignSGD, lr 5e-3) on the
+    same data: see bench/train_throughput.py."""
     epochs: int = 1
     """Passes over the data (a cache or in-memory tensors; the LM on the fly is re-run per epoch)."""
     max_steps: int | None = None
@@ -123,8 +129,9 @@ def _fingerprint_fields(config: TrainerConfig) -> dict[str, Any]:
 
 
 def auto_lr(d_sae: int) -> float:
-    """Default learning rate for ``d_sae`` latents: ``2e-4 / sqrt(d_sae / 16384)``."""
-    return 2e-4 / math.sqrt(d_sae / 16384)
+    """Default learning rate for ``d_sae`` latents: ``4e-3``, scaled by ``1 / sqrt(d_sae / 16384)`` above
+    16384 latents (the width rule of OpenAI/sparsify); measurements in ``TrainerConfig.lr``."""
+    return 4e-3 / math.sqrt(max(1.0, d_sae / 16384))
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, decay: str, decay_fraction: float) -> float:
@@ -507,6 +514,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     """Every JSONL log entry of this run (since the start or the resumed checkpoint)."""
     out_dir: Path | None = None
+    tokens_since_fired: torch.Tensor | None = None
+    """``[d_sae]`` tokens since each latent last fired, at the end of the run (the AuxK counters)."""
 
 
 class _JobState:
@@ -520,8 +529,12 @@ class _JobState:
         self.lr = job.lr if job.lr is not None else (config.lr if config.lr is not None
                                                      else auto_lr(job.module.d_sae))
         params = [p for p in self.module.parameters() if p.requires_grad]
-        # The fused kernel (CPU and CUDA) updates 10M-parameter tensors ~10x faster than the default loop.
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        # The fused kernel (CPU and CUDA) updates 10M-parameter tensors ~10x faster than the default loop;
+        # it reads parameters, gradients and moments as flat memory, so only for contiguous parameters
+        # (gradients are made contiguous in _train_step).
+        fused = all(p.is_floating_point() and p.is_contiguous() and p.device.type in ("cpu", "cuda")
+                    for p in params)
+        self.fused = fused
         self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=(config.adam_beta1, config.adam_beta2),
                                           eps=config.adam_eps, fused=fused or None)
         warmup = config.warmup_steps if config.warmup_steps is not None else min(1000, total_steps // 20)
@@ -696,6 +709,10 @@ class Trainer:
         loss.backward()
         if self.dist.active:
             _all_reduce_grads(st.module, self.dist)
+        if st.fused:
+            for p in st.module.parameters():
+                if p.grad is not None and not p.grad.is_contiguous():
+                    p.grad = p.grad.contiguous()
         st.module.before_optimizer_step()
         st.optimizer.step()
         st.scheduler.step()
@@ -810,7 +827,7 @@ class Trainer:
             name=st.job.name, module=module, steps=step, tokens=step * self.config.batch_size,
             metrics=dict(st.last), dead_final_epoch=float(1.0 - st.fired_epoch.float().mean().item()),
             input_scale=st.input_scale, output_scale=st.output_scale, folded=True, lr=st.lr, history=st.history,
-            out_dir=st.job.out_dir)
+            out_dir=st.job.out_dir, tokens_since_fired=st.tokens_since_fired.detach().cpu())
         if self.dist.is_main and st.job.out_dir is not None:
             save_trained(result, self.config, st, extra_cfg=st.job.extra_cfg, dead_tokens=self.dead_tokens)
         self.dist.barrier()

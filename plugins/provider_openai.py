@@ -34,8 +34,13 @@ HTTP_CLIENTS = ("auto", "aiohttp", "httpx")
 
 
 def aiohttp_available() -> bool:
-    """True when the SDK's aiohttp transport can be used (the ``httpx-aiohttp`` package is installed)."""
-    return importlib.util.find_spec("httpx_aiohttp") is not None
+    """True when the SDK's aiohttp transport can be used (``httpx-aiohttp`` installed, an ``openai`` that has
+    ``DefaultAioHttpClient``)."""
+    if importlib.util.find_spec("httpx_aiohttp") is None:
+        return False
+    import openai
+
+    return hasattr(openai, "DefaultAioHttpClient")
 
 
 class OpenAIOptions(ProviderOptions):
@@ -66,7 +71,7 @@ class OpenAIProvider(LLMProvider):
         if choice == "aiohttp" and not aiohttp_available():
             raise UsageError(f"provider {self.name!r}: http_client 'aiohttp' needs the httpx-aiohttp package "
                              f"(pip install httpx-aiohttp); accepted: {', '.join(HTTP_CLIENTS)}")
-        self.http_client: str = "httpx" if choice == "httpx" or not aiohttp_available() else "aiohttp"
+        self.http_client: str = "aiohttp" if choice != "httpx" and aiohttp_available() else "httpx"
         """The transport in use: ``aiohttp`` or ``httpx``."""
         # per loop: the client and an async generator that closes it when the loop shuts down
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, AsyncIterator[None]]] = (

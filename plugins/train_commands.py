@@ -254,6 +254,8 @@ def train_command(values: dict[str, Any]) -> None:
         dims = {hp: cache.dim(hp) for hp in needed}
         data_ref = str(cache.path)
 
+    provenance = data_provenance(values, cache)
+
     import torch
 
     jobs, skipped = [], []
@@ -271,7 +273,8 @@ def train_command(values: dict[str, Any]) -> None:
             spec = SiteSpec(inputs=[site[0]], outputs=[site[1]], d_in=dims[site[0]], d_out=dims[site[1]])
             module = build_dictionary(cfg.architecture, spec, cfg.options)
             extra = {"model": values.get("model"), "run": values["name"], "dictionary_name": name,
-                     "hookpoints": {"inputs": [site[0]], "outputs": [site[1]]}, "activation_cache": data_ref}
+                     "hookpoints": {"inputs": [site[0]], "outputs": [site[1]]}, "activation_cache": data_ref,
+                     "data": provenance}
             jobs.append(DictionaryJob(name=name, module=module, lr=cfg.lr, out_dir=out, extra_cfg=extra))
     dist.barrier()
     results = []
@@ -304,6 +307,28 @@ def train_command(values: dict[str, Any]) -> None:
         stdout_console.print(f"data: {data_ref}")
         stdout_console.print(f"dictionaries: {directory / 'dictionaries'}")
     _shutdown(dist)
+
+
+def data_provenance(values: dict[str, Any], cache: Any | None) -> dict[str, Any]:
+    """Where the training tokens came from, for ``cfg.json`` ``metadata.data`` (``saelab evaluate``
+    reads it through ``saelab.evaluation.training_data`` to evaluate on held-out tokens): model,
+    dataset_repo/split/name/column, n_tokens and ctx_len. From the activation cache's manifest when
+    training read a cache (its own record, whatever the command line says), else from the options
+    (``--on_the_fly``)."""
+    if cache is not None:
+        manifest = cache.manifest
+        inputs = manifest.get("fingerprint_inputs") or {}
+        dataset = manifest.get("dataset") or inputs.get("dataset") or {}
+        model = manifest.get("model") or inputs.get("model") or {}
+        return {"model": model.get("model") if isinstance(model, dict) else model,
+                "dataset_repo": dataset.get("repo"), "dataset_split": dataset.get("split"),
+                "dataset_name": dataset.get("name"), "dataset_column": dataset.get("column"),
+                "n_tokens": manifest.get("n_tokens"), "ctx_len": manifest.get("ctx_len"),
+                "activation_cache": str(cache.path)}
+    return {"model": values.get("model"), "dataset_repo": values.get("dataset_repo"),
+            "dataset_split": values.get("dataset_split"), "dataset_name": values.get("dataset_name") or None,
+            "dataset_column": values.get("dataset_column"), "n_tokens": values.get("n_tokens"),
+            "ctx_len": values.get("cache_ctx_len"), "activation_cache": None}
 
 
 def _shutdown(dist: Any) -> None:

@@ -339,3 +339,107 @@ def test_geometric_median_and_mmcs() -> None:
     truth = torch.eye(4)
     assert mmcs(truth * 3, truth) == pytest.approx(1.0)
     assert mmcs(torch.ones(1, 4), truth) == pytest.approx(0.5)
+
+
+def _dense_autograd_losses(module, out, x: torch.Tensor, y: torch.Tensor | None,
+                           dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The module's loss terms recomputed densely with plain autograd, on the entries it selected."""
+    xf = x.reshape(len(x), -1)
+    yf = xf if y is None else y.reshape(len(y), -1)
+    x_in = xf - module.b_dec if module.uses_pre_encoder_bias else xf
+    pre = x_in @ module.W_enc + module.b_enc
+    chosen = torch.zeros_like(pre, dtype=torch.bool)
+    chosen[out.sparse_latents.rows, out.sparse_latents.cols] = True
+    z = torch.where(chosen, pre.relu(), torch.zeros_like(pre))
+    recon = z @ module.W_dec + module.b_dec + (xf @ module.W_skip if module.skip_connection else 0)
+    ref = {"mse": (recon - yf).pow(2).sum(-1).mean()}
+    if "matryoshka" in out.losses:
+        partial, total, start = module.b_dec.expand_as(yf), 0, 0
+        for width in module.prefixes[:-1]:
+            band = torch.zeros(module.d_sae, dtype=torch.bool)
+            band[start:width] = True
+            partial = partial + (z * band) @ module.W_dec
+            total, start = total + (partial - yf).pow(2).sum(-1).mean(), width
+        ref["matryoshka"] = total
+    if dead is not None:
+        cols = dead.nonzero().squeeze(1)
+        k_aux = min(module.options.auxk_k, len(cols))
+        idx = pre[:, cols].detach().topk(k_aux, dim=1).indices
+        z_dead = torch.zeros(len(xf), len(cols), dtype=pre.dtype).scatter(1, idx, pre[:, cols].gather(1, idx).relu())
+        resid = (yf - recon).detach()
+        var_t = (yf - yf.mean(0)).pow(2).sum(-1).mean()
+        var_e = (resid - resid.mean(0)).pow(2).sum(-1).mean()
+        scale = min(len(cols) / module.options.auxk_k, 1.0)
+        ref["auxk"] = module.options.auxk_alpha * scale * (z_dead @ module.W_dec[cols] - resid).pow(2).sum(-1).mean() \
+            * var_t / var_e
+    return ref
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "transcoder", "skip-transcoder"])
+@pytest.mark.parametrize("dead_every", [0, 3, 1], ids=["no-dead", "third-dead", "all-dead"])
+def test_sparse_backward_matches_dense_autograd(name: str, dead_every: int) -> None:
+    """The TopK family's custom sparse backward (encoder, decoder and AuxK) gives plain autograd's
+    gradients, in float64, for every parameter, with some, all or no latents dead."""
+    torch.manual_seed(11)
+    module = make(name, auxk_k=6, prefixes=[8, 16, 32]) if name == "matryoshka" else make(name, auxk_k=6)
+    module = module.double()
+    with torch.no_grad():
+        module.b_enc.normal_()
+        module.b_dec.normal_()
+        if module.skip_connection:
+            module.W_skip.normal_()
+    x, y = data(module)
+    x, y = x.double(), None if y is None else y.double()
+    dead = (torch.arange(D_SAE) % dead_every == 0) if dead_every else None
+    out = module(x, target=y, dead_mask=dead)
+    assert set(out.losses) == {"mse"} | ({"matryoshka"} if name == "matryoshka" else set()) | (
+        {"auxk"} if dead is not None else set())
+    params = dict(module.named_parameters())
+    got = torch.autograd.grad(sum(out.losses.values()), list(params.values()))
+    ref = _dense_autograd_losses(module, out, x, y, dead)
+    for key, value in ref.items():
+        torch.testing.assert_close(out.losses[key], value, msg=key)
+    want = torch.autograd.grad(sum(ref.values()), list(params.values()), allow_unused=True)
+    for (pname, p), a, b in zip(params.items(), got, want, strict=True):
+        torch.testing.assert_close(a, torch.zeros_like(p) if b is None else b, rtol=1e-9, atol=1e-10, msg=pname)
+
+
+def test_sparse_latents_give_the_dense_statistics() -> None:
+    """``DictionaryOutput.fired``/``l0`` from the sparse codes equal the dense latents' figures."""
+    torch.manual_seed(12)
+    for name in ("topk", "batchtopk"):
+        module = make(name)
+        x, _ = data(module, batch=64)
+        out = module(x)
+        assert out.sparse_latents is not None
+        dense = out.latents
+        assert dense.shape == (64, D_SAE)
+        assert torch.equal(out.fired(), (dense != 0).any(0))
+        assert float(out.l0()) == pytest.approx(float((dense != 0).sum(-1).float().mean()))
+        assert not (dense < 0).any()
+
+
+@pytest.mark.parametrize("name", ["transcoder", "skip-transcoder"])
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_transcoder_inference_without_target(name: str, activation: str) -> None:
+    """A transcoder's forward works without a target (inference): same reconstruction and latents as
+    with one, no losses; with the target the losses are there."""
+    torch.manual_seed(13)
+    module = make(name, activation=activation)
+    assert not module.sites.is_autoencoder
+    with torch.no_grad():
+        if module.skip_connection:
+            module.W_skip.normal_()
+    module.eval()
+    x, y = data(module)
+    with torch.no_grad():
+        infer = module(x)
+        trained = module(x, target=y)
+        via_reconstruct = module.reconstruct(x)
+    assert infer.losses == {} and "mse" in trained.losses
+    assert infer.reconstruction.shape == (BATCH, 1, D_OUT)
+    torch.testing.assert_close(infer.reconstruction, trained.reconstruction)
+    torch.testing.assert_close(via_reconstruct, trained.reconstruction)
+    torch.testing.assert_close(infer.latents, trained.latents)
+    expected_mse = (trained.reconstruction - y).pow(2).sum((1, 2)).mean()
+    torch.testing.assert_close(trained.losses["mse"], expected_mse)

@@ -49,7 +49,8 @@ def test_lr_schedule_warmup_plateau_decay() -> None:
     assert cos[75] == pytest.approx(0.5 * (1 + math.cos(math.pi * 26 / 50)))
     assert all(lr_lambda(s, total, 0, "none", 0.2) == 1.0 for s in range(total))
     # the default learning rate scales with width as sparsify's
-    assert auto_lr(16384) == pytest.approx(2e-4) and auto_lr(4096) == pytest.approx(4e-4)
+    assert auto_lr(16384) == pytest.approx(4e-3) and auto_lr(4096) == pytest.approx(4e-3)
+    assert auto_lr(65536) == pytest.approx(2e-3)
 
 
 def test_trains_topk_and_folds_normalisation_into_raw_space() -> None:
@@ -337,3 +338,39 @@ def test_cli_missing_cache_path(cli, tmp_path: Path) -> None:
 
     cli(train_args(tmp_path / "nope", "bad", "--hookpoints", "layers.0")).assert_user_error(
         "does not exist", str(tmp_path / "nope"))
+
+
+def test_cli_records_training_data_so_evaluate_holds_it_out(cli, tiny_cache, results_dir: Path) -> None:
+    """``saelab train`` writes where its tokens came from into cfg.json (from the cache's manifest, not
+    from dataset flags that did not make it), and ``saelab evaluate`` then skips those tokens."""
+    from fixtures.tiny_models import TINY_GPT2
+    from saelab.evaluation import skip_tokens_for, training_data
+    from saelab.plugins.evaluate_commands import run_evaluation
+    from training_helpers import train_args
+
+    res = cli(train_args(tiny_cache.path, "prov", "--hookpoints", "layers.1", "--max_steps", "2",
+                         "--dataset_repo", "wikipedia-sample", "--n_tokens", "999"))
+    assert res.exit_code == 0, res.stderr
+    out = results_dir / "prov" / "dictionaries" / "layers.1"
+    data = json.loads((out / "cfg.json").read_text())["metadata"]["data"]
+    manifest = tiny_cache.manifest
+    assert data == {"model": str(TINY_GPT2), "dataset_repo": "news-sample", "dataset_split": "train",
+                    "dataset_name": None, "dataset_column": "text", "n_tokens": manifest["n_tokens"],
+                    "ctx_len": 64, "activation_cache": str(tiny_cache.path)}
+    recorded = training_data(out)
+    assert {k: recorded[k] for k in ("dataset_repo", "n_tokens", "ctx_len")} == {
+        "dataset_repo": "news-sample", "n_tokens": manifest["n_tokens"], "ctx_len": 64}
+    skip = skip_tokens_for(recorded["n_tokens"], recorded["ctx_len"])
+    assert skip is not None and skip >= manifest["n_tokens"]
+    payload = run_evaluation(str(out), write=False, progress=False, n_tokens=128, batch_size=4,
+                             downstream=False)["layers.1"]
+    assert payload["held_out"] is True and payload["skip_tokens"] == skip and payload["model"] == str(TINY_GPT2)
+    assert payload["dataset"]["repo"] == "news-sample"
+
+    res = cli(train_args(None, "prov_otf", "--hookpoints", "layers.1", "--on_the_fly", "--dataset_repo",
+                         "news-sample", "--n_tokens", "2048", "--cache_ctx_len", "64", "--max_steps", "2"))
+    assert res.exit_code == 0, res.stderr
+    data = json.loads((results_dir / "prov_otf" / "dictionaries" / "layers.1" / "cfg.json").read_text())["metadata"]
+    assert data["data"] == {"model": str(TINY_GPT2), "dataset_repo": "news-sample", "dataset_split": "train",
+                            "dataset_name": None, "dataset_column": "text", "n_tokens": 2048, "ctx_len": 64,
+                            "activation_cache": None}
