@@ -15,8 +15,11 @@ Same data, same number of steps for all three (default: d_in 576, d_sae 16384, k
   runs its Adam option) in a side venv (``/tmp/refvenv``, created on demand with
   ``torch==2.13.0 eai-sparsify==1.3.3``) through a subprocess that reads the same rows from a temp file.
 
-Quality: FVU on held-out rows (never trained on) and the fraction of latents that never fired during
-training ("dead"). Data: real SmolLM2 ``layers.15`` activations from an activation cache when one exists
+Quality: FVU on held-out rows (never trained on; 16384, or down to 8192 when the cache is short), the
+fraction of latents that never fired during training ("dead") and of those silent over the last tenth of
+the training tokens ("quiet", the trainer's default AuxK criterion). Before the runs, a per-step timing
+(median of 5 on one batch) compares saelab's step with no dead latent, saelab's step with
+``--dead_fraction`` (12%) of the latents dead (AuxK active) and the dense reference's step. Data: real SmolLM2 ``layers.15`` activations from an activation cache when one exists
 (``--cache DIR``, else the first cache under ``results/.activations`` holding ``layers.15`` of
 ``smollm2``), with positions 0-3 of every context dropped (BOS and the massive activations); otherwise,
 and always with ``--synthetic``, synthetic data with a known dictionary (sparse non-negative

@@ -20,6 +20,7 @@ from .interfaces import (
     Scorer,
     SiteSpec,
     SparseDictionary,
+    SparseLatents,
 )
 from .manager import (
     KINDS,
@@ -53,6 +54,7 @@ __all__ = [
     "Scorer",
     "SiteSpec",
     "SparseDictionary",
+    "SparseLatents",
     "UnknownNameError",
     "UsageError",
     "get_plugin_manager",

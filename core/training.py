@@ -69,8 +69,8 @@ class TrainerConfig(Options):
     """Adam learning rate; None: ``min(4e-3, 4e-3 / sqrt(d_sae / 16384))`` (see ``auto_lr``). Chosen on
     real smollm2 layers.15 activations (positions 0-3 dropped, 94 steps of 4096 = 385k tokens, k 32,
     d_sae 16384, held-out FVU): lr 2e-4 (OpenAI/sparsify's Adam rule, made for runs of 100M+ tokens)
-    FVU 0.567; 2e-3 0.301; 4e-3 0.270 (no latent that never fired, 6.8% silent over the last tenth);
-    8e-3 0.261 but 74% silent over the last tenth. At d_sae 4096, 4e-3 gives 0.278 (1.4% silent) and
+    FVU 0.567; 2e-3 0.301; 4e-3 0.269 (no latent that never fired, 6.5% silent over the last tenth);
+    8e-3 0.261 but 74% silent over the last tenth. At d_sae 4096, 4e-3 gives 0.278 (1.5% silent) and
     8e-3 0.266 (22% silent), hence no increase below 16384 latents. sparsify (SignSGD, lr 5e-3) on the
     same data: see bench/train_throughput.py."""
     epochs: int = 1

@@ -313,14 +313,14 @@ def data_provenance(values: dict[str, Any], cache: Any | None) -> dict[str, Any]
     """Where the training tokens came from, for ``cfg.json`` ``metadata.data`` (``saelab evaluate``
     reads it through ``saelab.evaluation.training_data`` to evaluate on held-out tokens): model,
     dataset_repo/split/name/column, n_tokens and ctx_len. From the activation cache's manifest when
-    training read a cache (its own record, whatever the command line says), else from the options
-    (``--on_the_fly``)."""
+    training read a cache (its own record, whatever the dataset flags say; the model as the command
+    names it, which is loadable, else the manifest's), else from the options (``--on_the_fly``)."""
     if cache is not None:
         manifest = cache.manifest
         inputs = manifest.get("fingerprint_inputs") or {}
         dataset = manifest.get("dataset") or inputs.get("dataset") or {}
         model = manifest.get("model") or inputs.get("model") or {}
-        return {"model": model.get("model") if isinstance(model, dict) else model,
+        return {"model": values.get("model") or (model.get("model") if isinstance(model, dict) else model),
                 "dataset_repo": dataset.get("repo"), "dataset_split": dataset.get("split"),
                 "dataset_name": dataset.get("name"), "dataset_column": dataset.get("column"),
                 "n_tokens": manifest.get("n_tokens"), "ctx_len": manifest.get("ctx_len"),
