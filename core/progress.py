@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,10 +19,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True)
+_LOG_WIDTH = 160
+"""Width of tables written to a file or pipe (a terminal's own width is used otherwise)."""
+
+console = Console(stderr=True, width=None if sys.stderr.isatty() else _LOG_WIDTH)
 """Console for progress and logs (stderr, so stdout stays parseable)."""
 
-stdout_console = Console()
+stdout_console = Console(width=None if sys.stdout.isatty() else _LOG_WIDTH)
 """Console for results tables."""
 
 
