@@ -13,8 +13,10 @@ content hash for local data), the tokenisation scheme (BOS/EOS handling, :mod:`s
 ``n_tokens``, ``ctx_len`` and the cache dtype. Batch size and shard size are not in it: any run with
 the same inputs reuses the cache whatever its name.
 
-Shards are written as they are produced (the writer holds one shard buffer, never the whole
-cache) and the manifest lists each finished shard with its files' sizes and sha256. A killed run
+Each batch's activations are appended to the open shard files as soon as they are computed (the
+writer holds one batch, never a shard or the cache; :class:`~saelab.fileio.StreamedSafetensorsFile`),
+a shard's files appear under their names when it is complete, and the manifest lists each finished
+shard with its files' sizes and sha256. A killed run
 resumes after its last listed shard: batches restart at every shard boundary, so the resumed
 cache is byte-identical to an uninterrupted one with the same batch size.
 """
@@ -40,6 +42,7 @@ from .data import WindowSpec, iter_windows, n_windows_for, tokenizer_identity, w
 from .errors import CorruptCacheError, UsageError
 from .fileio import (
     DirectoryLock,
+    StreamedSafetensorsFile,
     file_sha256,
     json_sha256,
     now_iso,
@@ -48,6 +51,7 @@ from .fileio import (
     write_json_atomic,
 )
 from .interfaces import ActivationSource, Dataset
+from .memory import release_free_heap
 
 FORMAT = "saelab-activation-cache"
 FORMAT_VERSION = 1
@@ -663,31 +667,46 @@ class _Writer:
         self.manifest["updated"] = now_iso()
         write_json_atomic(self.directory / MANIFEST, self.manifest, default=str, fsync=True)
 
-    def _write_shard(self, index: int, tokens: torch.Tensor, buffers: dict[str, torch.Tensor], n: int) -> None:
+    def _open_shard(self, index: int, size: int) -> dict[str, StreamedSafetensorsFile]:
+        """One streamed activation file per hookpoint for shard ``index`` of ``size`` sequences."""
         name = _shard_name(index)
-        files: dict[str, Any] = {"activations": {}}
+        files = {}
+        try:
+            for hp in self.hookpoints:
+                files[hp] = StreamedSafetensorsFile(
+                    self.directory / f"activations/{hp}/{name}", "activations", DTYPES[self.dtype],
+                    (size, self.spec.ctx_len, self.dims[hp]), metadata={"format": FORMAT})
+        except BaseException:
+            for file in files.values():
+                file.abort()
+            raise
+        return files
+
+    def _finish_shard(self, index: int, tokens: torch.Tensor, files: dict[str, StreamedSafetensorsFile],
+                      n: int) -> None:
+        """Close the shard's activation files at ``n`` sequences, write its tokens, and list it."""
+        name = _shard_name(index)
+        entries: dict[str, Any] = {"activations": {}}
+        for hp, file in files.items():
+            file.close(n)
+            entries["activations"][hp] = _file_entry(self.directory, f"activations/{hp}/{name}")
         rel = f"tokens/{name}"
-        self._save({"tokens": tokens[:n].to(torch.int32).contiguous()}, rel)
-        files["tokens"] = _file_entry(self.directory, rel)
-        for hp in self.hookpoints:
-            rel = f"activations/{hp}/{name}"
-            self._save({"activations": buffers[hp][:n].contiguous()}, rel)
-            files["activations"][hp] = _file_entry(self.directory, rel)
-        self.manifest["shards"].append({"index": index, "n_sequences": n, "files": files})
+        save_safetensors_atomic(self.directory / rel, {"tokens": tokens[:n].to(torch.int32).contiguous()},
+                                metadata={"format": FORMAT})
+        entries["tokens"] = _file_entry(self.directory, rel)
+        self.manifest["shards"].append({"index": index, "n_sequences": n, "files": entries})
         self.manifest["n_sequences"] += n
         self.manifest["n_tokens"] = self.manifest["n_sequences"] * self.spec.ctx_len
 
-    def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
-        save_safetensors_atomic(self.directory / rel, tensors, metadata={"format": FORMAT})
-
-    def _store(self, hp: str, acts: torch.Tensor, out: torch.Tensor) -> None:
-        acts = acts.detach()
+    def _converted(self, hp: str, acts: torch.Tensor) -> torch.Tensor:
+        """``acts`` on the CPU in the cache dtype, float16 overflow clamped (and counted)."""
+        acts = acts.detach().to("cpu")
         if self.dtype == "float16":
             over = int((acts.abs() > FP16_MAX).sum())
             if over:
                 self.clamped[hp] = self.clamped.get(hp, 0) + over
                 acts = acts.clamp(-FP16_MAX, FP16_MAX)
-        out.copy_(acts.reshape(out.shape))
+        return acts.to(DTYPES[self.dtype])
 
     def run(self, show_progress: bool) -> None:
         """Produce the missing shards, then mark the manifest complete."""
@@ -706,31 +725,36 @@ class _Writer:
             exhausted = False
             while done < self.target and not exhausted:
                 size = min(self.shard_seqs, self.target - done)
+                index = len(self.manifest["shards"])
                 tokens = torch.empty(size, ctx, dtype=torch.int64)
-                buffers = {hp: torch.empty(size, ctx, self.dims[hp], dtype=DTYPES[self.dtype])
-                           for hp in self.hookpoints}
+                files = self._open_shard(index, size)
                 n = 0
-                while n < size:
-                    want = min(self.batch_size, size - n)
-                    batch = list(itertools.islice(windows, want))
-                    if batch:
-                        ids = torch.stack(batch)
-                        tokens[n:n + len(batch)] = ids
-                        device = getattr(self.source, "device", None)
-                        acts = self.source.activations(ids if device is None else ids.to(device), self.hookpoints)
-                        for hp in self.hookpoints:
-                            self._store(hp, acts[hp].to("cpu"), buffers[hp][n:n + len(batch)])
-                        del acts
-                        n += len(batch)
-                        if bar is not None:
-                            bar.update(task, advance=len(batch) * ctx)
-                    if len(batch) < want:
-                        exhausted = True
-                        break
-                if n:
-                    self._write_shard(len(self.manifest["shards"]), tokens, buffers, n)
-                    done += n
-                del tokens, buffers
+                try:
+                    while n < size:
+                        want = min(self.batch_size, size - n)
+                        batch = list(itertools.islice(windows, want))
+                        if batch:
+                            ids = torch.stack(batch)
+                            tokens[n:n + len(batch)] = ids
+                            device = getattr(self.source, "device", None)
+                            acts = self.source.activations(ids if device is None else ids.to(device), self.hookpoints)
+                            for hp in self.hookpoints:
+                                rows = self._converted(hp, acts[hp]).reshape(len(batch), ctx, self.dims[hp])
+                                files[hp].write(rows)
+                            del acts
+                            release_free_heap()  # flat peak RSS: freed forward buffers go back to the OS
+                            n += len(batch)
+                            if bar is not None:
+                                bar.update(task, advance=len(batch) * ctx)
+                        if len(batch) < want:
+                            exhausted = True
+                            break
+                    if n:
+                        self._finish_shard(index, tokens, files, n)
+                        done += n
+                finally:
+                    for file in files.values():
+                        file.abort()  # no-op for closed files; removes partial ones
                 finished = done >= self.target or exhausted
                 self.manifest["fp16_clamped"] = dict(self.clamped)
                 if finished:

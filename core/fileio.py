@@ -1,5 +1,6 @@
-"""File helpers shared by the core and plugins: atomic writes, canonical-JSON hashes, file digests,
-timestamps and the exclusive lock a process holds while it writes a cache directory."""
+"""File helpers shared by the core and plugins: atomic writes, streamed safetensors files,
+canonical-JSON hashes, file digests, timestamps and the exclusive lock a process holds while it
+writes a cache directory."""
 
 from __future__ import annotations
 
@@ -7,17 +8,18 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import CorruptCacheError, UsageError
 
-__all__ = ["DirectoryLock", "atomic_write", "canonical_json", "file_sha256", "json_default", "json_sha256",
-           "now_iso", "read_manifest", "save_safetensors_atomic", "write_json_atomic"]
+__all__ = ["DirectoryLock", "StreamedSafetensorsFile", "atomic_write", "canonical_json", "file_sha256",
+           "json_default", "json_sha256", "now_iso", "read_manifest", "save_safetensors_atomic", "write_json_atomic"]
 
 
 def now_iso() -> str:
@@ -127,6 +129,104 @@ def save_safetensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class StreamedSafetensorsFile:
+    """One tensor written to a safetensors file block of rows by block of rows, so that it is never
+    whole in memory; the file appears under ``path`` (by rename) only when :meth:`close` succeeds.
+
+    The header is written first for ``shape``; ``close(n_rows)`` may shrink the first dimension
+    (data ran out), rewriting the header in place, padded with spaces, and truncating the file.
+    As a context manager, an exception inside the block aborts the file; :meth:`close` stays explicit.
+    """
+
+    _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+    def __init__(self, path: str | os.PathLike[str], name: str, dtype: Any, shape: Sequence[int],
+                 metadata: dict[str, str] | None = None):
+        dtype_name = str(dtype).removeprefix("torch.")
+        if dtype_name not in self._DTYPE_CODES:
+            raise UsageError(f"bad safetensors dtype {dtype_name!r}; accepted: {', '.join(self._DTYPE_CODES)}")
+        self.path, self.name, self.dtype, self.metadata = Path(path), name, dtype, metadata
+        self.shape = [int(d) for d in shape]
+        self.row_shape = tuple(self.shape[1:])
+        self._code = self._DTYPE_CODES[dtype_name]
+        self._row_bytes = math.prod(self.row_shape) * int(_itemsize(dtype))
+        self.rows_written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._file: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed by close()/abort()
+        self._header_len = 0
+        self._file.write(self._header(self.shape[0]))
+
+    def _header(self, n_rows: int) -> bytes:
+        entry = {"dtype": self._code, "shape": [n_rows, *self.row_shape], "data_offsets": [0, n_rows * self._row_bytes]}
+        header: dict[str, Any] = {"__metadata__": self.metadata} if self.metadata else {}
+        header[self.name] = entry
+        text = json.dumps(header, separators=(",", ":")).encode()
+        width = self._header_len or -(-len(text) // 8) * 8
+        if len(text) > width:
+            raise ValueError(f"safetensors header of {self.path} grew beyond its reserved {width} bytes")
+        self._header_len = width
+        return width.to_bytes(8, "little") + text.ljust(width, b" ")
+
+    def write(self, rows: Any) -> None:
+        """Append ``rows`` (a CPU tensor of this file's dtype, shape ``(k, *shape[1:])``)."""
+        if self._file is None:
+            raise ValueError(f"{self.path} is already closed")
+        if tuple(rows.shape[1:]) != self.row_shape or rows.dtype != self.dtype:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} and dtype {rows.dtype} do not fit {self.path} "
+                             f"({self.dtype}, rows of {self.row_shape})")
+        if self.rows_written + rows.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.path} holds {self.shape[0]} rows; cannot write {rows.shape[0]} more "
+                             f"after {self.rows_written}")
+        import torch
+
+        data = rows.detach().contiguous().view(torch.uint8).numpy()
+        self._file.write(memoryview(data).cast("B"))
+        self.rows_written += int(rows.shape[0])
+
+    def close(self, n_rows: int | None = None) -> None:
+        """Finish the file with ``n_rows`` rows (default: the planned first dimension) and rename it into place."""
+        n_rows = self.shape[0] if n_rows is None else n_rows
+        if self._file is None:
+            raise ValueError(f"{self.path} is already closed")
+        if n_rows != self.rows_written:
+            self.abort()
+            raise ValueError(f"{self.path}: {self.rows_written} rows written, {n_rows} declared")
+        try:
+            if n_rows != self.shape[0]:
+                self._file.seek(0)
+                self._file.write(self._header(n_rows))
+                self._file.truncate(8 + self._header_len + n_rows * self._row_bytes)
+            self._file.close()
+            self._file = None
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Close and delete the temporary file; nothing appears under ``path``."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamedSafetensorsFile:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _itemsize(dtype: Any) -> int:
+    """Bytes per element of a torch dtype."""
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def read_manifest(directory: str | os.PathLike[str], *, fmt: str, version: int, what: str,

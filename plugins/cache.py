@@ -44,7 +44,8 @@ def _cache_size(cache: Any) -> int:
 def register_commands(cli: click.Group) -> None:
     """Add ``saelab cache``."""
 
-    @cli.command("cache", epilog=EMBEDDED_NOTE)
+    @cli.command("cache", epilog=EMBEDDED_NOTE,
+                 short_help="Cache activations of MODEL at hookpoints (resumable shards, shared by fingerprint).")
     @model_argument()
     @hookpoints_option()
     @dataset_options()

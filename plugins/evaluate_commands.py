@@ -136,7 +136,7 @@ def convert_dictionaries(src: str, dst: str, to: str, overwrite: bool = False) -
 def register_commands(cli):
     """Add ``evaluate`` and ``convert``."""
 
-    @cli.command("evaluate")
+    @cli.command("evaluate", short_help="Evaluate dictionaries: FVU, L0, dead latents, CE loss recovered, KL.")
     @click.argument("path", metavar="RUN_OR_DICT_DIR")
     @click.option("--model", default=None, help="LM to splice into (default: the one recorded at training).")
     @click.option("--dataset_repo", default=None,

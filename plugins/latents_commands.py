@@ -84,7 +84,8 @@ def _int_list(values: Any) -> list[int] | None:
 def register_commands(cli: click.Group) -> None:
     """Add ``saelab latents``."""
 
-    @cli.command("latents", epilog=EMBEDDED_NOTE)
+    @cli.command("latents", epilog=EMBEDDED_NOTE,
+                 short_help="Cache the sparse latent activations of SPARSE_MODEL on MODEL, with statistics.")
     @model_argument()
     @click.argument("sparse_model", required=False, default=None, metavar="SPARSE_MODEL")
     @click.option("--sparse_model", "sparse_model_flag", default=None, metavar="PATH",

@@ -28,7 +28,7 @@ def resolve_run_dir(run: str) -> Path:
 def register_commands(cli: click.Group) -> None:
     """Register ``saelab report``."""
 
-    @cli.command("report")
+    @cli.command("report", short_help="Write the static HTML report of a run.")
     @click.argument("run")
     @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
                   help="Directory to write the site to [default: RUN/report].")

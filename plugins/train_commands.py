@@ -172,7 +172,8 @@ def _dictionary_name(site: tuple[str, str], config: DictConfig, n_configs: int) 
 def register_commands(cli: click.Group) -> None:
     """Add ``saelab train``."""
 
-    @cli.command("train", epilog=EMBEDDED_NOTE + " " + TRAIN_NOTE)
+    @cli.command("train", epilog=EMBEDDED_NOTE + " " + TRAIN_NOTE,
+                 short_help="Train sparse dictionaries on activations of MODEL at hookpoints.")
     @model_argument()
     @hookpoints_option()
     @click.option("--architecture", "architectures", cls=MultiValueOption, metavar="NAME ...",

@@ -12,6 +12,7 @@ from saelab import UsageError
 from saelab.errors import CorruptCacheError
 from saelab.fileio import (
     DirectoryLock,
+    StreamedSafetensorsFile,
     atomic_write,
     file_sha256,
     json_sha256,
@@ -19,6 +20,7 @@ from saelab.fileio import (
     save_safetensors_atomic,
     write_json_atomic,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
@@ -81,3 +83,50 @@ def test_directory_lock_refuses_a_second_writer(tmp_path: Path) -> None:
                 pass
     with DirectoryLock(tmp_path, "latent cache"):  # released on exit
         assert (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32])
+def test_streamed_safetensors_file_matches_the_whole_tensor(tmp_path: Path, dtype: torch.dtype) -> None:
+    whole = (torch.randn(10, 3, 5) * 100).to(dtype)
+    path = tmp_path / "sub" / "shard.safetensors"
+    file = StreamedSafetensorsFile(path, "activations", dtype, whole.shape, metadata={"format": "x"})
+    for block in whole.split(4):
+        assert not path.exists()
+        file.write(block)
+    file.close()
+    assert torch.equal(load_file(path)["activations"], whole)
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata() == {"format": "x"}
+    assert [p.name for p in path.parent.iterdir()] == ["shard.safetensors"]
+
+
+def test_streamed_safetensors_file_shrinks_when_the_data_runs_out(tmp_path: Path) -> None:
+    whole = torch.arange(1000 * 6, dtype=torch.float32).reshape(1000, 6)
+    path = tmp_path / "shard.safetensors"
+    file = StreamedSafetensorsFile(path, "x", torch.float32, whole.shape)
+    file.write(whole[:7])
+    file.close(7)
+    assert torch.equal(load_file(path)["x"], whole[:7])
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size == 8 + header_len + 7 * 6 * 4
+
+
+def test_streamed_safetensors_file_refuses_bad_rows_and_aborts_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "shard.safetensors"
+    file = StreamedSafetensorsFile(path, "x", torch.float32, (4, 3))
+    with pytest.raises(ValueError, match="do not fit"):
+        file.write(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="do not fit"):
+        file.write(torch.zeros(2, 3, dtype=torch.float64))
+    file.write(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="cannot write 2 more after 3"):
+        file.write(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="3 rows written, 4 declared"):
+        file.close()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="bad safetensors dtype 'complex64'"):
+        StreamedSafetensorsFile(path, "x", torch.complex64, (4, 3))
+    with pytest.raises(RuntimeError), StreamedSafetensorsFile(path, "x", torch.float32, (4, 3)) as open_file:
+        open_file.write(torch.zeros(1, 3))
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
