@@ -16,9 +16,9 @@ the same inputs reuses the cache whatever its name.
 Each batch's activations are appended to the open shard files as soon as they are computed (the
 writer holds one batch, never a shard or the cache; :class:`~saelab.fileio.StreamedSafetensorsFile`),
 a shard's files appear under their names when it is complete, and the manifest lists each finished
-shard with its files' sizes and sha256. A killed run
-resumes after its last listed shard: batches restart at every shard boundary, so the resumed
-cache is byte-identical to an uninterrupted one with the same batch size.
+shard with its files' sizes and sha256. A killed run resumes after its last listed shard: batches
+restart at every shard boundary, so the resumed cache is byte-identical to an uninterrupted one
+with the same batch size.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -667,31 +667,49 @@ class _Writer:
         self.manifest["updated"] = now_iso()
         write_json_atomic(self.directory / MANIFEST, self.manifest, default=str, fsync=True)
 
-    def _open_shard(self, index: int, size: int) -> dict[str, StreamedSafetensorsFile]:
-        """One streamed activation file per hookpoint for shard ``index`` of ``size`` sequences."""
-        name = _shard_name(index)
-        files = {}
+    def _write_shard(self, size: int, windows: Iterator[torch.Tensor], on_batch: Callable[[int], None]) -> int:
+        """Write the next shard, of up to ``size`` sequences from ``windows``, batch by batch into its
+        files, and list it in the manifest; returns the sequences written (fewer: the data ran out)."""
+        index = len(self.manifest["shards"])
+        ctx = self.spec.ctx_len
+        tokens = torch.empty(size, ctx, dtype=torch.int64)
+        device = getattr(self.source, "device", None)
+        files: dict[str, StreamedSafetensorsFile] = {}
+        n = 0
         try:
             for hp in self.hookpoints:
                 files[hp] = StreamedSafetensorsFile(
-                    self.directory / f"activations/{hp}/{name}", "activations", DTYPES[self.dtype],
-                    (size, self.spec.ctx_len, self.dims[hp]), metadata={"format": FORMAT})
-        except BaseException:
+                    self.directory / "activations" / hp / _shard_name(index), "activations", DTYPES[self.dtype],
+                    (size, ctx, self.dims[hp]), metadata={"format": FORMAT})
+            while n < size:
+                batch = list(itertools.islice(windows, min(self.batch_size, size - n)))
+                if not batch:
+                    break
+                ids = torch.stack(batch)
+                tokens[n:n + len(batch)] = ids
+                acts = self.source.activations(ids if device is None else ids.to(device), self.hookpoints)
+                for hp, file in files.items():
+                    file.write(self._converted(hp, acts[hp]).reshape(len(batch), ctx, self.dims[hp]))
+                del acts
+                release_free_heap()  # flat peak RSS: freed forward buffers go back to the OS
+                n += len(batch)
+                on_batch(len(batch))
+            if n:
+                self._list_shard(index, tokens[:n], files)
+        finally:
             for file in files.values():
-                file.abort()
-            raise
-        return files
+                file.abort()  # no-op for closed files; removes partial ones
+        return n
 
-    def _finish_shard(self, index: int, tokens: torch.Tensor, files: dict[str, StreamedSafetensorsFile],
-                      n: int) -> None:
-        """Close the shard's activation files at ``n`` sequences, write its tokens, and list it."""
-        name = _shard_name(index)
+    def _list_shard(self, index: int, tokens: torch.Tensor, files: dict[str, StreamedSafetensorsFile]) -> None:
+        """Close the shard's activation files at ``len(tokens)`` sequences, write its tokens, and list it."""
+        n = len(tokens)
         entries: dict[str, Any] = {"activations": {}}
         for hp, file in files.items():
             file.close(n)
-            entries["activations"][hp] = _file_entry(self.directory, f"activations/{hp}/{name}")
-        rel = f"tokens/{name}"
-        save_safetensors_atomic(self.directory / rel, {"tokens": tokens[:n].to(torch.int32).contiguous()},
+            entries["activations"][hp] = _file_entry(self.directory, str(file.path.relative_to(self.directory)))
+        rel = f"tokens/{_shard_name(index)}"
+        save_safetensors_atomic(self.directory / rel, {"tokens": tokens.to(torch.int32).contiguous()},
                                 metadata={"format": FORMAT})
         entries["tokens"] = _file_entry(self.directory, rel)
         self.manifest["shards"].append({"index": index, "n_sequences": n, "files": entries})
@@ -721,40 +739,18 @@ class _Writer:
         if bar is not None:
             bar.start()
             task = bar.add_task("caching activations", total=self.target * ctx, completed=done * ctx)
+
+        def on_batch(n_sequences: int) -> None:
+            if bar is not None:
+                bar.update(task, advance=n_sequences * ctx)
+
         try:
             exhausted = False
             while done < self.target and not exhausted:
                 size = min(self.shard_seqs, self.target - done)
-                index = len(self.manifest["shards"])
-                tokens = torch.empty(size, ctx, dtype=torch.int64)
-                files = self._open_shard(index, size)
-                n = 0
-                try:
-                    while n < size:
-                        want = min(self.batch_size, size - n)
-                        batch = list(itertools.islice(windows, want))
-                        if batch:
-                            ids = torch.stack(batch)
-                            tokens[n:n + len(batch)] = ids
-                            device = getattr(self.source, "device", None)
-                            acts = self.source.activations(ids if device is None else ids.to(device), self.hookpoints)
-                            for hp in self.hookpoints:
-                                rows = self._converted(hp, acts[hp]).reshape(len(batch), ctx, self.dims[hp])
-                                files[hp].write(rows)
-                            del acts
-                            release_free_heap()  # flat peak RSS: freed forward buffers go back to the OS
-                            n += len(batch)
-                            if bar is not None:
-                                bar.update(task, advance=len(batch) * ctx)
-                        if len(batch) < want:
-                            exhausted = True
-                            break
-                    if n:
-                        self._finish_shard(index, tokens, files, n)
-                        done += n
-                finally:
-                    for file in files.values():
-                        file.abort()  # no-op for closed files; removes partial ones
+                written = self._write_shard(size, windows, on_batch)
+                done += written
+                exhausted = written < size
                 finished = done >= self.target or exhausted
                 self.manifest["fp16_clamped"] = dict(self.clamped)
                 if finished:

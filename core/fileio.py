@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from .errors import CorruptCacheError, UsageError
 
 __all__ = ["DirectoryLock", "StreamedSafetensorsFile", "atomic_write", "canonical_json", "file_sha256",
@@ -60,6 +62,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _temporary_path(path: Path) -> Path:
+    """A hidden sibling of ``path``, unique to this process and thread, to write before renaming."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], *, newline: str | None = None,
                  fsync: bool = False) -> Iterator[IO[str]]:
@@ -69,7 +76,7 @@ def atomic_write(path: str | os.PathLike[str], *, newline: str | None = None,
     flushes it to disk before the rename. The parent directory is created if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = _temporary_path(path)
     try:
         with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
             yield fh
@@ -122,7 +129,7 @@ def save_safetensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = _temporary_path(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
@@ -143,7 +150,7 @@ class StreamedSafetensorsFile:
     _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
                     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    def __init__(self, path: str | os.PathLike[str], name: str, dtype: Any, shape: Sequence[int],
+    def __init__(self, path: str | os.PathLike[str], name: str, dtype: torch.dtype, shape: Sequence[int],
                  metadata: dict[str, str] | None = None):
         dtype_name = str(dtype).removeprefix("torch.")
         if dtype_name not in self._DTYPE_CODES:
@@ -152,10 +159,10 @@ class StreamedSafetensorsFile:
         self.shape = [int(d) for d in shape]
         self.row_shape = tuple(self.shape[1:])
         self._code = self._DTYPE_CODES[dtype_name]
-        self._row_bytes = math.prod(self.row_shape) * int(_itemsize(dtype))
+        self._row_bytes = math.prod(self.row_shape) * dtype.itemsize
         self.rows_written = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._tmp = _temporary_path(self.path)
         self._file: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed by close()/abort()
         self._header_len = 0
         self._file.write(self._header(self.shape[0]))
@@ -171,7 +178,7 @@ class StreamedSafetensorsFile:
         self._header_len = width
         return width.to_bytes(8, "little") + text.ljust(width, b" ")
 
-    def write(self, rows: Any) -> None:
+    def write(self, rows: torch.Tensor) -> None:
         """Append ``rows`` (a CPU tensor of this file's dtype, shape ``(k, *shape[1:])``)."""
         if self._file is None:
             raise ValueError(f"{self.path} is already closed")
@@ -181,10 +188,7 @@ class StreamedSafetensorsFile:
         if self.rows_written + rows.shape[0] > self.shape[0]:
             raise ValueError(f"{self.path} holds {self.shape[0]} rows; cannot write {rows.shape[0]} more "
                              f"after {self.rows_written}")
-        import torch
-
-        data = rows.detach().contiguous().view(torch.uint8).numpy()
-        self._file.write(memoryview(data).cast("B"))
+        self._file.write(memoryview(rows.detach().contiguous().view(torch.uint8).numpy()).cast("B"))
         self.rows_written += int(rows.shape[0])
 
     def close(self, n_rows: int | None = None) -> None:
@@ -220,13 +224,6 @@ class StreamedSafetensorsFile:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def _itemsize(dtype: Any) -> int:
-    """Bytes per element of a torch dtype."""
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def read_manifest(directory: str | os.PathLike[str], *, fmt: str, version: int, what: str,

@@ -4,7 +4,7 @@ glibc's allocator keeps freed heap memory resident, and the varying sizes of a f
 buffers fragment it, so a process's peak RSS creeps up batch after batch although nothing is
 retained. :func:`release_free_heap` hands the free pages back after each batch; measured on the
 activation cache at ``layers.15`` of the embedded SmolLM2 (``bench/cache_throughput.py``), it keeps
-peak RSS flat between 50k and 400k tokens for about 3% of throughput on the CPU.
+peak RSS flat between 50k and 400k tokens for 3-5% of throughput on the CPU.
 """
 
 from __future__ import annotations
