@@ -333,9 +333,12 @@ def data_provenance(values: dict[str, Any], cache: Any | None) -> dict[str, Any]
 
 
 def _shutdown(dist: Any) -> None:
+    """Tear the process group down on every rank together (a rank that leaves while rank 0 still
+    writes results can abort in gloo's teardown: "terminate called without an active exception")."""
     if dist.active:
         import torch.distributed
 
+        dist.barrier()
         torch.distributed.destroy_process_group()
 
 
