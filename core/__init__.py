@@ -4,7 +4,14 @@ Public API for plugins and users. Plugins import only from here (and the documen
 ``saelab.options``, ``saelab.errors``, ``saelab.interfaces``, ``saelab.cli`` and later stage modules).
 """
 
-from .errors import CorruptCacheError, DuplicateNameError, SaelabError, UnknownNameError, UsageError
+from .errors import (
+    CorruptCacheError,
+    DuplicateNameError,
+    FailedWorkError,
+    SaelabError,
+    UnknownNameError,
+    UsageError,
+)
 from .hookspecs import hookimpl
 from .interfaces import (
     ActivationSource,
@@ -35,6 +42,7 @@ from .options import Options
 from .registry import Registry
 
 __all__ = [
+    "FailedWorkError",
     "KINDS",
     "ActivationSource",
     "CorruptCacheError",

@@ -23,8 +23,10 @@ with the same batch size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import json
 import math
 import shutil
 import time
@@ -47,7 +49,9 @@ from .fileio import (
     json_sha256,
     now_iso,
     read_manifest,
+    remove_stale_temporaries,
     save_safetensors_atomic,
+    temporary_owner,
     write_json_atomic,
 )
 from .interfaces import ActivationSource, Dataset
@@ -65,6 +69,15 @@ SHARD_TARGET_BYTES = 128 * 2**20
 
 class Fp16RangeWarning(UserWarning):
     """Activations beyond the float16 range were clamped to +-65504 while caching in float16."""
+
+
+class PartialDataRemovedWarning(UserWarning):
+    """Partial files of an interrupted (killed) cache run were deleted before rebuilding."""
+
+
+REQUESTS_DIR = ".requests"
+"""Store subdirectory mapping request keys (the flags as given) to the fingerprint directory being built,
+so that a second run of the same request finds the lock before it loads the model."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,6 +569,7 @@ def build_activation_cache(
     shard_size_tokens: int | None = None,
     progress: bool = True,
     verify_checksums: bool = False,
+    request_key: str | None = None,
 ) -> ActivationCache:
     """Build (or reuse, or resume) the activation cache of ``hookpoints`` over ``dataset``.
 
@@ -563,6 +577,8 @@ def build_activation_cache(
     ``verify_checksums``); a partial one is resumed after its last complete shard; ``overwrite``
     deletes and rebuilds. ``shard_size_tokens`` (rounded down to whole sequences) defaults to about
     128 MiB per hookpoint file; a resumed cache keeps the shard size it was started with.
+    Temporary files of killed runs are deleted first (one :class:`PartialDataRemovedWarning` line).
+    ``request_key`` (see :func:`check_request_not_being_built`) is recorded while building.
     """
     if dtype not in DTYPES:
         raise UsageError(f"bad cache dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -586,9 +602,22 @@ def build_activation_cache(
             return cache
     directory.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(directory, "activation cache"):
+        if request_key:
+            _record_request(Path(store), request_key, directory)
+        removed = remove_stale_temporaries(directory, writers_gone=True)
+        removed += _sweep_store(Path(store), directory)
         writer = _Writer(source, dataset, hookpoints, spec, target, inputs, directory, dtype, batch_size,
                          shard_size_tokens, n_tokens)
         resumed_from = int(writer.manifest["n_sequences"])
+        removed += writer.removed
+        if removed:
+            n_bytes = sum(size for _, size in removed)
+            warnings.warn(
+                f"activation cache {directory}: threw away partial data of an interrupted run "
+                f"({len(removed)} file{'s' if len(removed) != 1 else ''}, {_size(n_bytes)}); "
+                + (f"resuming after the {resumed_from * spec.ctx_len} tokens of its complete shards"
+                   if resumed_from else "rebuilding it"),
+                PartialDataRemovedWarning, stacklevel=2)
         writer.run(progress)
     cache = ActivationCache.open(directory)
     cache.build_info = {
@@ -600,6 +629,55 @@ def build_activation_cache(
     return cache
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.0f} KiB"
+
+
+def request_path(store: Path | str, request_key: str) -> Path:
+    """Where a request key's note (the fingerprint directory it is building) lives in ``store``."""
+    return Path(store) / REQUESTS_DIR / f"{request_key}.json"
+
+
+def _record_request(store: Path, request_key: str, directory: Path) -> None:
+    with contextlib.suppress(OSError):  # only an early warning for a second run: never a failure
+        write_json_atomic(request_path(store, request_key), {"fingerprint": directory.name})
+
+
+def check_request_not_being_built(store: Path | str, request_key: str) -> None:
+    """Before loading a model: a one-line :class:`UsageError` naming the lock and its holder's PID when
+    the cache that a previous run of the same request (``request_key``: the flags as given) built is
+    being written by another process right now. Unknown requests and idle caches pass."""
+    try:
+        fingerprint_name = json.loads(request_path(store, request_key).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(fingerprint_name, str) or not fingerprint_name or "/" in fingerprint_name:
+        return
+    directory = Path(store) / fingerprint_name
+    if DirectoryLock.holder(directory) is not None:
+        raise UsageError(DirectoryLock.busy_message(directory, "activation cache")
+                         + f" (lock {directory / '.lock'})")
+
+
+def _sweep_store(store: Path, current: Path) -> list[tuple[Path, int]]:
+    """Remove temporaries of killed runs in the other cache directories of ``store`` that no process is
+    writing (each is locked while it is cleaned, so a live writer's files are never touched)."""
+    removed: list[tuple[Path, int]] = []
+    try:
+        siblings = [p for p in store.iterdir() if p.is_dir() and p != current and not p.name.startswith(".")]
+    except OSError:
+        return removed
+    for sibling in siblings:
+        if not any(temporary_owner(p.name) is not None for p in sibling.rglob(".*")):
+            continue
+        try:
+            with DirectoryLock(sibling, "activation cache", patience_s=0):
+                removed += remove_stale_temporaries(sibling, writers_gone=True)
+        except (UsageError, OSError):
+            continue  # being written, or not ours to clean
+    return removed
+
+
 class _Writer:
     """Writes one cache directory shard by shard, resuming after the last shard in its manifest."""
 
@@ -609,6 +687,8 @@ class _Writer:
         self.source, self.dataset, self.hookpoints, self.spec = source, dataset, hookpoints, spec
         self.target, self.directory, self.dtype, self.batch_size = target, directory, dtype, batch_size
         self.dims = {hp: int(source.hookpoint_dim(hp)) for hp in hookpoints}
+        self.removed: list[tuple[Path, int]] = []
+        """Files of unfinished shards deleted before resuming (path, bytes)."""
         if (directory / MANIFEST).is_file():
             self.manifest = _read_manifest(directory)
             self._check_resumable()
@@ -661,6 +741,7 @@ class _Writer:
                 continue
             for path in root.rglob("*"):
                 if path.is_file() and str(path.relative_to(self.directory)) not in listed:
+                    self.removed.append((path, path.stat().st_size))
                     path.unlink()
 
     def _save_manifest(self) -> None:

@@ -18,11 +18,21 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from .highlight import activation_line, highlight, highlight_mask, highlight_tokens, random_mask
+from .highlight import (
+    activation_line,
+    display_spans,
+    highlight,
+    highlight_mask,
+    highlight_tokens,
+    random_mask,
+    span_activations,
+    span_texts,
+    visible,
+)
 from .interfaces import Explainer, Provider, Scorer
 from .metrics import binary_metrics, probability_of_one
 from .options import Options
-from .prompts import fill
+from .prompts import chat_prompt, fill
 from .records import (
     Example,
     Explanation,
@@ -140,6 +150,93 @@ def _clean(text: str) -> str:
     return text
 
 
+# --------------------------------------------------------------------------------------------------
+# Few-shot copies
+
+COPY_MIN_WORDS = 4
+"""An explanation quoting this many consecutive (normalised) words of a few-shot example copies it."""
+
+_GENERIC_WORDS_TEXT = (
+    "a an the and or but nor of in on at to for from by with about as into onto over under after before than "
+    "then so such that this these those it its is are was were be been being has have had do does did not no "
+    "any all some each every other more most very can could will would may might must should which who whom "
+    "what when where why how there here their they them he she his her we our you your i my me one ones "
+    "word words token tokens text example examples phrase phrases mention mentions related like")
+
+_LABEL = re.compile(r"^\s*(?:example\s+\d+\s*(?:\(\d+\s+tokens\))?\s*:|\(\d+\))", re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+")
+_EXAMPLE_LABEL = re.compile(r"^\s*example\s+\d+\b", re.IGNORECASE)
+
+
+def _stem(word: str) -> str:
+    for suffix, shortest in (("ing", 6), ("ed", 5), ("s", 4)):
+        if word.endswith(suffix) and len(word) >= shortest and not word.endswith("ss"):
+            return word[: -len(suffix)]
+    return word
+
+
+def normalised_words(text: str) -> list[str]:
+    """Lower-case, crudely stemmed words of ``text``: punctuation, ``<<delimiters>>``, spacing and
+    ``Example N:`` labels do not count."""
+    lines = (_LABEL.sub(" ", line) for line in _EXPLANATION.sub(" ", text or "").splitlines())
+    return [_stem(w) for w in _WORD.findall(" ".join(lines).lower())]
+
+
+_GENERIC_WORDS = frozenset(normalised_words(_GENERIC_WORDS_TEXT))
+"""Words that do not make a run of words distinctive (a run made only of these is never a copy)."""
+
+
+@dataclass(frozen=True)
+class FewShotContent:
+    """What an explainer's few-shot messages show: their answers and their example texts."""
+
+    answers: tuple[str, ...] = ()
+    """The few-shot explanations (after ``[EXPLANATION]:``)."""
+    texts: tuple[str, ...] = ()
+    """The few-shot example texts: the ``Example N:`` lines of the user messages (every line of a user
+    message without such labels); headers, questions and ``Activations:`` lines are prompt scaffolding."""
+
+    @classmethod
+    def from_messages(cls, messages: Messages) -> FewShotContent:
+        """Split few-shot chat messages into answers (assistant) and example texts (user)."""
+        answers: list[str] = []
+        texts: list[str] = []
+        for message in messages:
+            content = str(message.get("content") or "")
+            if message.get("role") == "assistant":
+                answer, parsed = parse_explanation(content)
+                if parsed and answer:
+                    answers.append(answer)
+                continue
+            lines = [ln for ln in content.splitlines() if ln.strip()]
+            labelled = [ln for ln in lines if _EXAMPLE_LABEL.match(ln)]
+            texts += labelled or [ln for ln in lines if not ln.lstrip().startswith("Activations:")]
+        return cls(tuple(answers), tuple(texts))
+
+    def copied_by(self, explanation: str, min_words: int = COPY_MIN_WORDS) -> str | None:
+        """The few-shot answer or example words that ``explanation`` repeats (compared as
+        :func:`normalised_words`), or None when it copies nothing: it equals or contains a few-shot answer,
+        or holds ``min_words`` consecutive words of an answer or a text, not all of them generic. A short
+        answer (under 3 words, e.g. "Years.") is a copy only when repeated exactly."""
+        words = normalised_words(explanation)
+        if not words:
+            return None
+        joined = f" {' '.join(words)} "
+        for answer in self.answers:
+            answer_words = normalised_words(answer)
+            if answer_words == words or (len(answer_words) >= 3 and f" {' '.join(answer_words)} " in joined):
+                return answer
+        runs = {tuple(words[i:i + min_words]) for i in range(len(words) - min_words + 1)}
+        runs = {run for run in runs if any(w not in _GENERIC_WORDS for w in run)}
+        for source in (*self.answers, *self.texts):
+            source_words = normalised_words(source)
+            for i in range(len(source_words) - min_words + 1):
+                run = tuple(source_words[i:i + min_words])
+                if run in runs:
+                    return " ".join(run)
+        return None
+
+
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _BIT = re.compile(r"(?<![\w.])([01])(?![\w.])")
 
@@ -205,8 +302,15 @@ def _logaddexp(a: float, b: float) -> float:
 
 
 def display_tokens(example: Example) -> list[str]:
-    """Token strings with newlines and tabs made visible, so each example stays on one line."""
-    return [t.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t") for t in example.token_strs]
+    """The example's display spans as text, control characters made visible (``\\n``, ``\\x00``...) so each
+    example stays on one line. A span is one token, or the tokens of a character split across several
+    (``example.char_spans``) shown once, whole; :func:`display_activations` gives their activations."""
+    return [visible(t) for t in span_texts(example.token_strs, display_spans(len(example.tokens), example.char_spans))]
+
+
+def display_activations(example: Example) -> list[float]:
+    """The activation of each of :func:`display_tokens`' spans: the max over its tokens."""
+    return span_activations(example.activations, display_spans(len(example.tokens), example.char_spans))
 
 
 def plain_text(example: Example) -> str:
@@ -215,8 +319,8 @@ def plain_text(example: Example) -> str:
 
 
 def highlighted_text(example: Example, threshold: float = 0.3) -> str:
-    """The example with its activating tokens in ``<<...>>``."""
-    return highlight(display_tokens(example), example.activations, threshold)
+    """The example with its activating spans in ``<<...>>`` (a split character is highlighted whole)."""
+    return highlight(display_tokens(example), display_activations(example), threshold)
 
 
 def number_examples(texts: Sequence[str], start: int = 1) -> str:
@@ -297,13 +401,18 @@ class LLMExplainer(Explainer):
         return list(record.train[:limit] if limit else record.train)
 
     def messages(self, record: LatentRecord) -> list[Messages]:
-        """The single prompt sent for ``record``."""
-        return [[{"role": "system", "content": self.system_message()}, *self.few_shot(),
-                 {"role": "user", "content": self.user_message(record)}]]
+        """The single prompt sent for ``record`` (a system template holding ``{prompt}`` gets the user
+        message there; see :func:`saelab.prompts.chat_prompt`)."""
+        return [chat_prompt(self.system_message(), self.few_shot(), self.user_message(record))]
 
     def parse(self, text: str) -> tuple[str, bool]:
         """``(explanation, parsed)`` from the answer."""
         return parse_explanation(text)
+
+    def copied_few_shot(self, explanation: str) -> str | None:
+        """What ``explanation`` copies from the few-shot messages sent (see
+        :meth:`FewShotContent.copied_by`), or None. Such an explanation fails with ``copied_few_shot``."""
+        return FewShotContent.from_messages(self.few_shot()).copied_by(explanation)
 
     def call_params(self) -> dict[str, Any]:
         """Per-call provider parameters."""
@@ -336,11 +445,14 @@ class LLMExplainer(Explainer):
             usage.add(result.completion)
             raw.append(result.text)
             text, parsed = self.parse(result.text)
+        failure = None if parsed or error else "unparsed"
+        if parsed and self.copied_few_shot(text) is not None:
+            parsed, failure = False, "copied_few_shot"
         name, model = provider_names(provider)
         return Explanation(
             hookpoint=record.hookpoint, latent=record.latent, text=text, explainer=self.name,
             provider=name, model=model, prompt_version=self.prompt_version(), raw_responses=raw,
-            usage=usage, parse_failed=not parsed, error=error,
+            usage=usage, parse_failed=not parsed, failure=failure, error=error,
             fingerprint=explanation_fingerprint(record, self, provider),
             options=self.options.model_dump(mode="json"),
         )
@@ -427,8 +539,7 @@ class PromptScorer(Scorer):
         few_shot = self.prompts.few_shot(self.prompt_prefix) if self.options.few_shot else []
         user = fill(str(self.prompts[f"{self.prompt_prefix}.user"]), explanation=explanation,
                     examples=self.format_examples(batch))
-        return [{"role": "system", "content": str(self.prompts[f"{self.prompt_prefix}.system"])}, *few_shot,
-                {"role": "user", "content": user}]
+        return chat_prompt(str(self.prompts[f"{self.prompt_prefix}.system"]), few_shot, user)
 
     def batches(self, record: LatentRecord) -> list[list[ScoringItem]]:
         """The shuffled items cut into prompts."""
@@ -541,13 +652,13 @@ class BinaryPromptScorer(PromptScorer):
 
 
 def mean_highlighted(examples: Sequence[Example], threshold: float) -> int:
-    """Rounded mean number of highlighted tokens per activating example (at least 1)."""
-    counts = [sum(highlight_mask(e.activations, threshold)) for e in examples]
+    """Rounded mean number of highlighted spans (tokens) per activating example (at least 1)."""
+    counts = [sum(highlight_mask(display_activations(e), threshold)) for e in examples]
     return max(1, round(sum(counts) / len(counts))) if counts else 1
 
 
 def random_highlight(example: Example, n_tokens: int, rng: random.Random) -> str:
-    """``example`` with ``n_tokens`` random tokens highlighted."""
+    """``example`` with ``n_tokens`` random spans (tokens) highlighted."""
     tokens = display_tokens(example)
     return highlight_tokens(tokens, random_mask(len(tokens), n_tokens, rng))
 
@@ -566,6 +677,7 @@ __all__ = [
     "batched",
     "binary_probabilities",
     "call_llm",
+    "display_activations",
     "display_tokens",
     "explanation_fingerprint",
     "explanation_text",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from . import manager as plugins
-from .errors import SaelabError, format_choices
+from .errors import EXIT_FAILED_WORK, SaelabError, format_choices
 from .registry import normalise_name
 
 DELPHI_COMMAND = "run"
@@ -101,7 +102,8 @@ def build_cli() -> click.Group:
     @click.group(
         cls=SaelabGroup,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-        epilog="Delphi-style run: saelab MODEL SPARSE_MODEL --hookpoints ... (same as `saelab run ...`).",
+        epilog="Delphi-style run: saelab MODEL SPARSE_MODEL --hookpoints ... (same as `saelab run ...`).\n\n"
+               + EXIT_CODES_NOTE,
     )
     @click.option("-p", "plugin_flags", metavar="no:NAME", multiple=True,
                   help="Disable the plugin NAME for this invocation (repeatable); also SAELAB_DISABLE_PLUGINS=a,b.")
@@ -161,6 +163,18 @@ def _one_line_warning(message: Any, category: type[Warning], filename: str, line
     stream.write(f"Warning: {one_line(str(message))}\n")
 
 
+EXIT_CODES_NOTE = (
+    "Exit codes: 0 done; 2 bad input (a one-line error, nothing written); 3 work failed: LLM requests failed "
+    "after their retries, an I/O error (e.g. a full disk) stopped work, a requested latent is missing or 0 "
+    "latents were analysed (with --strict also unparsed or copied explanations); a one-line summary of what "
+    "failed goes to stderr and what completed is kept; 130 interrupted."
+)
+"""Sentence for ``--help`` texts and epilogs."""
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+"""OSErrors that stop work mid-run (a full disk, a quota, a read-only or failing filesystem): exit code 3."""
+
+
 def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
     """Console entry point: one-line errors on stderr with exit code 2, never a traceback for user errors."""
     args = list(sys.argv[1:] if args is None else args)
@@ -197,7 +211,14 @@ def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
         sys.exit(2)
     except SaelabError as exc:
         click.echo(f"Error: {one_line(str(exc))}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f" writing {exc.filename!r}" if exc.filename else ""
+        click.echo(f"Error: {exc.strerror or exc}{where}; what completed before it is kept, free space and "
+                   f"re-run to finish", err=True)
+        sys.exit(EXIT_FAILED_WORK)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

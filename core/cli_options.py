@@ -14,8 +14,9 @@ and resolve the values with :func:`resolve_params`, which merges ``--config FILE
 file < explicit flags) and applies the embedded-model rule: when MODEL is an embedded name
 (``smollm2``) the defaults that need a network or a GPU are replaced: ``--dataset_repo`` becomes
 ``wikipedia-sample`` and ``--n_tokens`` 200000. Whatever is given explicitly still wins. An
-embedded dataset (``wikipedia-sample``, ``news-sample``) reads the split ``train`` unless
-``--dataset_split`` is given (the hub default ``train[:1%]`` would keep one article).
+embedded dataset (``wikipedia-sample``, ``news-sample``) and a local file or directory read the
+whole split ``train`` unless ``--dataset_split`` is given (the hub default ``train[:1%]`` would keep
+one article, or 3 rows of a 300-row file). Keys set by a ``--config`` file count as given.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ EMBEDDED_MODELS = ("smollm2", "smollm2-135m-instruct")
 """Model names that trigger the embedded (offline, CPU) defaults."""
 EMBEDDED_DATASETS = ("wikipedia-sample", "news-sample")
 """Datasets shipped offline; their default split is ``train``."""
+LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+"""Suffixes of local data files (``--dataset_repo my.jsonl``); their default split is ``train``."""
 EMBEDDED_DEFAULTS: dict[str, Any] = {"dataset_repo": "wikipedia-sample", "n_tokens": 200_000}
 """Defaults replaced when MODEL is embedded and the option was not given."""
 OVERWRITE_CHOICES = ("cache", "neighbours", "scores")
@@ -54,7 +57,8 @@ OVERWRITE_CHOICES = ("cache", "neighbours", "scores")
 
 EMBEDDED_NOTE = (
     "With an embedded MODEL (smollm2) the defaults become --dataset_repo wikipedia-sample and "
-    "--n_tokens 200000 (offline, CPU); embedded datasets read split 'train' unless --dataset_split is given."
+    "--n_tokens 200000 (offline, CPU); embedded datasets and local files or directories are read whole (split "
+    "'train') unless --dataset_split is given."
 )
 """Sentence for ``--help`` epilogs."""
 
@@ -67,6 +71,15 @@ def is_embedded_model(model: str | None) -> bool:
 def is_embedded_dataset(repo: str | None) -> bool:
     """Whether ``repo`` names an embedded dataset (case-insensitive, ``_`` = ``-``)."""
     return bool(repo) and str(repo).strip().lower().replace("_", "-") in EMBEDDED_DATASETS
+
+
+def is_local_dataset(repo: str | None) -> bool:
+    """Whether ``repo`` is a local data file or dataset directory (an existing path, or a name ending in
+    one of :data:`LOCAL_DATA_SUFFIXES`, so that a missing file gets the file error, not a hub lookup)."""
+    if not repo or not str(repo).strip():
+        return False
+    path = Path(str(repo).strip()).expanduser()
+    return path.suffix.lower() in LOCAL_DATA_SUFFIXES or path.exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +198,8 @@ def dataset_options() -> F:
                      help="Embedded name (wikipedia-sample, news-sample), hub id, dataset directory or "
                           ".txt/.jsonl/.json/.parquet/.csv file. Default with smollm2: wikipedia-sample."),
         click.option("--dataset_split", default=DEFAULT_SPLIT, show_default=True,
-                     help="Split expression (train, train[:1%], train[100:200]); embedded datasets: train."),
+                     help="Split expression (train, train[:1%], train[100:200]); embedded datasets and local "
+                          "files/directories: train (all of it)."),
         click.option("--dataset_name", default="", show_default=True, help="Dataset configuration name."),
         click.option("--dataset_column", default="text", show_default=True, help="Column holding the text."),
     )
@@ -294,7 +308,9 @@ def apply_embedded_defaults(values: dict[str, Any], explicit: set[str]) -> dict[
         for key, value in EMBEDDED_DEFAULTS.items():
             if key in values and key not in explicit:
                 values[key] = value
-    if "dataset_split" in values and "dataset_split" not in explicit and is_embedded_dataset(values.get("dataset_repo")):
+    repo = values.get("dataset_repo")
+    if "dataset_split" in values and "dataset_split" not in explicit and (
+            is_embedded_dataset(repo) or is_local_dataset(repo)):
         values["dataset_split"] = "train"
     return values
 
@@ -311,12 +327,14 @@ def resolve_params(ctx: click.Context, params: Mapping[str, Any] | None = None,
                    model: type[Options] | None = None) -> Any:
     """Merge ``--config`` (when the command has it) with the flags, pick MODEL from the argument or
     ``--model``, apply the embedded-model rule; returns a dict, or ``model.parse(values)``."""
-    from .config import explicit_params, merge_config
+    from .config import explicit_params, file_values, merge_config
 
     values = dict(ctx.params if params is None else params)
-    if "config" in values:
-        values = dict(merge_config(ctx, values))
     explicit = explicit_params(ctx)
+    if "config" in values:
+        if values["config"]:
+            explicit |= set(file_values(values["config"], command=ctx.command.name))
+        values = dict(merge_config(ctx, values))
     if "model_flag" in values:
         flag, positional = values.pop("model_flag", None), values.get("model")
         given = argument_or_flag(positional, flag, what="models", argument="MODEL", option="--model")
@@ -360,7 +378,7 @@ def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: Any = No
     theirs); ``source`` reuses an already loaded LM. Returns an :class:`~saelab.activation_cache.ActivationCache`
     whose ``build_info`` says whether it was ``reused``, ``resumed`` or ``built``.
     """
-    from .activation_cache import build_activation_cache
+    from .activation_cache import build_activation_cache, check_request_not_being_built
     from .data import load_dataset_source
     from .models import load_activation_source
     from .paths import activation_store
@@ -372,19 +390,43 @@ def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: Any = No
     token = values.get("hf_token")
     if isinstance(token, SecretStr):
         token = token.get_secret_value()
+    store = Path(values.get("store") or activation_store(results_root))
+    request_key = cache_request_key(values)
+    check_request_not_being_built(store, request_key)  # before the model loads: fail in seconds, not minutes
     if source is None:
         source = load_activation_source(values["model"], **source_options(values))
     dataset = load_dataset_source(
         values["dataset_repo"], split=values["dataset_split"], name=values.get("dataset_name") or None,
         column=values["dataset_column"], hf_token=token,
     )
-    store = values.get("store") or activation_store(results_root)
     return build_activation_cache(
         source, dataset, values["hookpoints"], n_tokens=values["n_tokens"], ctx_len=values["cache_ctx_len"],
-        batch_size=values["batch_size"], store=Path(store), dtype=values.get("dtype", "float32"),
+        batch_size=values["batch_size"], store=store, dtype=values.get("dtype", "float32"),
         overwrite="cache" in (values.get("overwrite") or ()), shard_size_tokens=values.get("shard_size_tokens"),
         progress=bool(values.get("verbose", True)), verify_checksums=bool(values.get("verify", False)),
+        request_key=request_key,
     )
+
+
+def cache_request_key(values: Mapping[str, Any]) -> str:
+    """A short hash of the cache flags as given (model, revision, model dtype, hookpoints, dataset, split,
+    name, column, n_tokens, ctx_len, cache dtype; local paths made absolute). Unlike the fingerprint it
+    needs no model, so a second run of the same request can find the cache lock before loading one."""
+    from .fileio import json_sha256
+
+    def where(value: Any) -> Any:
+        path = Path(str(value)).expanduser()
+        return str(path.resolve()) if value and path.exists() else value
+
+    return json_sha256({
+        "model": where(values.get("model")), "revision": values.get("revision"),
+        "model_dtype": values.get("model_dtype"), "load_in_8bit": bool(values.get("load_in_8bit")),
+        "hookpoints": list(dict.fromkeys(values.get("hookpoints") or ())),
+        "dataset": where(values.get("dataset_repo")), "split": values.get("dataset_split"),
+        "name": values.get("dataset_name") or None, "column": values.get("dataset_column"),
+        "n_tokens": values.get("n_tokens"), "ctx_len": values.get("cache_ctx_len"),
+        "dtype": values.get("dtype", "float32"),
+    }, 24)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ over defaults (``ctx.get_parameter_source`` tells them apart).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import enum
 import json
@@ -26,7 +27,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,8 @@ from .fileio import atomic_write, now_iso
 from .options import Options, load_config_file
 
 RUN_CONFIG = "run_config.json"
+RUN_HISTORY = "run_history.jsonl"
+"""One JSON line per invocation on a run directory: time, command, argv (redacted), outcome, exit code."""
 """File name of the run config inside a run directory."""
 
 REDACTED = "<redacted>"
@@ -242,6 +245,54 @@ def write_run_config(
     with atomic_write(path) as fh:
         fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def append_run_history(run_dir: str | os.PathLike[str], command: str, outcome: str, *, exit_code: int,
+                       message: str = "", started: str | None = None,
+                       argv: Sequence[str] | None = None) -> Path | None:
+    """Append one line to ``run_dir/run_history.jsonl`` (only when ``run_dir`` exists: a run that
+    failed before writing anything leaves no directory behind); returns its path or None."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    secrets = env_secrets()
+    entry = {"time": now_iso(), "started": started, "command": command,
+             "argv": redact_argv(list(sys.argv[1:] if argv is None else argv), secrets=secrets),
+             "outcome": outcome, "exit_code": int(exit_code), "message": redact(message, secrets=secrets)}
+    path = run_dir / RUN_HISTORY
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+    except OSError:  # a full or read-only disk must not hide the error being recorded
+        return None
+    return path
+
+
+@contextlib.contextmanager
+def recorded_invocation(run_dir: str | os.PathLike[str], command: str) -> Iterator[None]:
+    """Record this invocation's outcome in ``run_dir``'s run history when the block ends: ``ok``,
+    ``failed`` (exit 3), ``error`` (bad input, exit 2), ``interrupted`` or ``crashed``; exceptions pass on."""
+    from .errors import EXIT_FAILED_WORK, SaelabError
+
+    started = now_iso()
+    try:
+        yield
+    except SaelabError as exc:
+        outcome = "failed" if exc.exit_code == EXIT_FAILED_WORK else "error"
+        append_run_history(run_dir, command, outcome, exit_code=exc.exit_code, message=str(exc), started=started)
+        raise
+    except KeyboardInterrupt:
+        append_run_history(run_dir, command, "interrupted", exit_code=130, started=started)
+        raise
+    except OSError as exc:
+        append_run_history(run_dir, command, "failed", exit_code=EXIT_FAILED_WORK, message=str(exc),
+                           started=started)
+        raise
+    except Exception as exc:
+        append_run_history(run_dir, command, "crashed", exit_code=1, message=f"{type(exc).__name__}: {exc}",
+                           started=started)
+        raise
+    append_run_history(run_dir, command, "ok", exit_code=0, started=started)
 
 
 # --------------------------------------------------------------------------------------------------

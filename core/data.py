@@ -54,8 +54,6 @@ class DatasetOptions(Options):
     """Dataset configuration name (``--dataset_name``); empty means none."""
     column: str = "text"
     """Column holding the text (``--dataset_column``)."""
-    hf_token: str | None = None
-    """Hub token for gated datasets (never written to disk or logs)."""
     streaming: bool = False
     """Stream a hub dataset instead of downloading it (simple ``split[a:b]`` slices are supported)."""
 
@@ -74,17 +72,20 @@ def load_dataset_source(
     Resolution: a registered dataset name (``wikipedia-sample``, ``news-sample``...), else the first
     dataset class whose ``accepts(repo)`` is true (``local-files`` for data files, ``huggingface``
     for hub ids and dataset directories). Unknown values are one-line errors listing the names.
+    ``hf_token`` is a credential, not an option: it goes to the dataset class's constructor when that
+    takes one (``cls(repo, options, hf_token=...)``, the hub-backed classes) and is never written anywhere.
     """
     from .manager import resolve
+    from .models import credential_kwargs
 
     if not repo or not str(repo).strip():
         raise UsageError("empty --dataset_repo; give a dataset name (e.g. wikipedia-sample), hub id or local file")
     cls = resolve("dataset", str(repo))
     options = cls.Options.parse(
-        {"split": split, "name": name or None, "column": column, "hf_token": hf_token, "streaming": streaming},
+        {"split": split, "name": name or None, "column": column, "streaming": streaming},
         where=f"dataset {repo}",
     )
-    return cls(str(repo), options)
+    return cls(str(repo), options, **credential_kwargs(cls, hf_token))
 
 
 def split_rows(split: str, n_rows: int, split_name: str = "train", where: str = "") -> list[tuple[int, int]]:

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+EXIT_OK = 0
+"""Exit code: everything asked for was done."""
+EXIT_USAGE = 2
+"""Exit code: bad input (a value, file, dataset or plugin name); nothing was started or damaged."""
+EXIT_FAILED_WORK = 3
+"""Exit code: work started but failed: LLM requests failed after their retries, an I/O error (e.g. a full
+disk) stopped work, a requested latent is missing, or 0 latents were analysed. What completed is kept."""
+
 
 class SaelabError(Exception):
     """Base class for every saelab error that is the user's to fix (exit code 2, no traceback)."""
+
+    exit_code: int = EXIT_USAGE
 
 
 class UsageError(SaelabError):
@@ -39,6 +49,12 @@ class DuplicateNameError(SaelabError):
 
 class CorruptCacheError(SaelabError):
     """A cache shard or manifest on disk is truncated, corrupted or inconsistent."""
+
+
+class FailedWorkError(SaelabError):
+    """Work started but did not complete (exit code 3); the message is a one-line summary of what failed."""
+
+    exit_code = EXIT_FAILED_WORK
 
 
 class PluginLoadError(SaelabError):

@@ -389,20 +389,76 @@ class RecordsSummary:
                 "short_non_activating": self.short_non_activating}
 
 
+TEXT_DECODING = "char-spans/1"
+"""Version of how example text is decoded (part of the records fingerprint: a change rebuilds records)."""
+REPLACEMENT_CHAR = "\ufffd"
+"""What a decoder writes for bytes that are not (yet) a whole UTF-8 character."""
+_CHAR_CONTEXT = 3
+"""Tokens of context on each side of a boundary: a character has at most 4 bytes, a token at least 1."""
+
+
 class TokenDecoder:
-    """Decodes single token ids to strings, memoised."""
+    """Decodes token ids to strings, memoised: one token at a time (:meth:`__call__`), or a window with
+    characters split across tokens decoded whole (:meth:`decode_window`)."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._groups: dict[tuple[int, ...], str] = {}
 
     def __call__(self, ids: Sequence[int]) -> list[str]:
-        """Strings of ``ids``."""
+        """Strings of ``ids``, each decoded alone."""
         missing = [i for i in set(ids) if i not in self._cache]
         if missing:
             for i, text in zip(missing, self.tokenizer.batch_decode([[i] for i in missing]), strict=True):
                 self._cache[i] = text
         return [self._cache[i] for i in ids]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        key = tuple(ids)
+        text = self._groups.get(key)
+        if text is None:
+            if len(self._groups) > 200_000:
+                self._groups.clear()
+            text = self._groups[key] = str(self.tokenizer.decode(list(key)))
+        return text
+
+    def splits_char(self, ids: Sequence[int], boundary: int) -> bool:
+        """True when a character is split between ``ids[boundary - 1]`` and ``ids[boundary]``: decoding the
+        tokens around the boundary together repairs replacement characters that decoding each side
+        alone leaves."""
+        left = ids[max(0, boundary - _CHAR_CONTEXT):boundary]
+        right = ids[boundary:boundary + _CHAR_CONTEXT]
+        apart = self._decode(left).count(REPLACEMENT_CHAR) + self._decode(right).count(REPLACEMENT_CHAR)
+        return self._decode([*left, *right]).count(REPLACEMENT_CHAR) < apart
+
+    def decode_window(self, ids: Sequence[int], before: Sequence[int] = (),
+                      after: Sequence[int] = ()) -> tuple[list[str], list[tuple[int, int]]]:
+        """``(token_strs, char_spans)`` of a window: each token's text, except that tokens sharing a
+        character (byte-level BPE splits of Greek, CJK, emoji...) form a ``[start, stop)`` span whose
+        whole text is on its first token (the others get ''). ``before`` / ``after``: the tokens around
+        the window in its sequence, so that a character cut by the window's edge still shows whole on
+        the edge token. Windows without split characters get exactly the single-token strings."""
+        full = [int(i) for i in (*before, *ids, *after)]
+        offset, n = len(before), len(ids)
+        strs = self(full)
+        broken = [REPLACEMENT_CHAR in s for s in strs]
+        out = strs[offset:offset + n]
+        if not any(broken[offset:offset + n]):
+            return out, []
+        spans: list[tuple[int, int]] = []
+        start = 0
+        for boundary in range(1, len(full) + 1):
+            if (boundary < len(full) and broken[boundary - 1] and broken[boundary]
+                    and self.splits_char(full, boundary)):
+                continue
+            lo, hi = max(start, offset), min(boundary, offset + n)
+            if boundary - start > 1 and lo < hi:  # a split character (group) inside the window
+                out[lo - offset:hi - offset] = [self._decode(full[start:boundary])] + [""] * (hi - lo - 1)
+                if hi - lo > 1:
+                    spans.append((lo - offset, hi - offset))
+            start = boundary
+        return out, spans
 
 
 class RecordBuilder:
@@ -498,14 +554,22 @@ class RecordBuilder:
         a, b = torch.searchsorted(token, torch.tensor([lo, lo + window.length])).tolist()
         values = torch.zeros(window.length)
         values[token[a:b] - lo] = acts.value[a:b]
+        token_strs, char_spans = self.decode.decode_window(tokens, *self.around(window))
         return Example(id=window.id, sequence=window.seq, start=window.start, tokens=tokens,
-                       token_strs=self.decode(tokens), activations=values.tolist(), quantile=quantile,
-                       is_activating=activating, source=source)
+                       token_strs=token_strs, activations=values.tolist(), quantile=quantile,
+                       is_activating=activating, source=source, char_spans=char_spans)
+
+    def around(self, window: Window) -> tuple[list[int], list[int]]:
+        """Up to 3 tokens of the sequence before and after ``window`` (where a character cut by its edge
+        continues)."""
+        row = self.cache.tokens()[window.seq]
+        end = window.start + window.length
+        return row[max(0, window.start - _CHAR_CONTEXT):window.start].tolist(), row[end:end + _CHAR_CONTEXT].tolist()
 
     def text(self, window: Window) -> str:
         """The plain text of ``window``."""
         tokens = self.cache.tokens()[window.seq, window.start:window.start + window.length].tolist()
-        return "".join(self.decode(tokens))
+        return "".join(self.decode.decode_window(tokens, *self.around(window))[0])
 
     def record(self, latent: int) -> LatentRecord | None:
         """The record of ``latent`` (None when it has fewer than ``min_examples`` candidates)."""
@@ -599,6 +663,7 @@ def build_records(cache: LatentCache | str | Path, options: ExampleOptions | dic
 
 
 __all__ = [
+    "TEXT_DECODING",
     "Candidates",
     "ExampleOptions",
     "NeighbourContext",

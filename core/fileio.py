@@ -10,7 +10,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +25,8 @@ import torch
 from .errors import CorruptCacheError, UsageError
 
 __all__ = ["DirectoryLock", "StreamedSafetensorsFile", "atomic_write", "canonical_json", "file_sha256",
-           "json_default", "json_sha256", "now_iso", "read_manifest", "save_safetensors_atomic", "write_json_atomic"]
+           "json_default", "json_sha256", "now_iso", "read_manifest", "remove_stale_temporaries",
+           "safetensors_os_errors", "save_safetensors_atomic", "write_json_atomic"]
 
 
 def now_iso() -> str:
@@ -63,8 +68,75 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _temporary_path(path: Path) -> Path:
-    """A hidden sibling of ``path``, unique to this process and thread, to write before renaming."""
+    """A hidden sibling of ``path``, unique to this process and thread, to write before renaming:
+    ``.<name>.<pid>.<thread>.tmp`` (see :func:`remove_stale_temporaries`)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+_TEMPORARY_NAMES = (
+    re.compile(r"^\..+\.(\d+)\.\d+\.tmp$"),  # files of _temporary_path: .<name>.<pid>.<thread>.tmp
+    re.compile(r"^\..+\.(?:tmp|old)-(\d+)$"),  # directories such as .report.tmp-<pid> / .report.old-<pid>
+)
+
+
+def temporary_owner(name: str) -> int | None:
+    """The process id in a temporary name (``.<name>.<pid>.<thread>.tmp``, ``.<name>.tmp-<pid>`` or
+    ``.<name>.old-<pid>``); None
+    when ``name`` is not a saelab temporary."""
+    for pattern in _TEMPORARY_NAMES:
+        match = pattern.match(name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine (a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], *, writers_gone: bool = False,
+                             recursive: bool = True) -> list[tuple[Path, int]]:
+    """Delete the temporaries (files named by :func:`atomic_write` and the streamed writers, and
+    ``.<name>.tmp-<pid>`` directories) under ``directory`` left by processes that died (kill -9,
+    power loss); returns ``(path, bytes)`` of each removed one.
+
+    A temporary is stale when the process id in its name no longer runs here; this process's own are
+    kept, and so is one whose id was reused by a live process (pids are host-local: on a filesystem
+    shared by several machines pass ``writers_gone`` instead). ``writers_gone=True`` says that the
+    caller holds the directory's exclusive :class:`DirectoryLock`, so no writer can be alive: every
+    temporary there is removed whatever its pid.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    removed: list[tuple[Path, int]] = []
+    candidates = root.rglob(".*") if recursive else root.glob(".*")
+    for path in sorted(candidates, key=lambda p: len(p.parts)):
+        pid = temporary_owner(path.name)
+        if pid is None or not path.exists():
+            continue
+        if not writers_gone and (pid == os.getpid() or process_alive(pid)):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                shutil.rmtree(path)
+            else:
+                size = path.stat().st_size
+                path.unlink()
+        except FileNotFoundError:  # removed meanwhile by another cleaner
+            continue
+        removed.append((path, size))
+    return removed
 
 
 @contextlib.contextmanager
@@ -98,27 +170,99 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | 
 
 class DirectoryLock:
     """An exclusive, non-blocking ``flock`` on ``<directory>/.lock``, held while the block runs (the OS
-    releases it if the process dies). Taken while another process holds it: a one-line
-    :class:`~saelab.errors.UsageError` naming ``what`` (e.g. ``"activation cache"``) and the directory."""
+    releases it if the process dies); the holder writes its pid, host and start time into the file.
+    Taken while another process holds it: a one-line :class:`~saelab.errors.UsageError` naming ``what``
+    (e.g. ``"activation cache"``), the directory and the holder's pid. A lock held only for an instant
+    (a :meth:`holder` probe) is waited for, up to ``patience_s``."""
 
-    def __init__(self, directory: str | os.PathLike[str], what: str = "directory"):
+    def __init__(self, directory: str | os.PathLike[str], what: str = "directory", *, patience_s: float = 0.5):
         self.path = Path(directory) / ".lock"
         self.what = what
+        self.patience_s = patience_s
         self.fh: Any = None
 
     def __enter__(self) -> DirectoryLock:
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.close()
-            raise UsageError(f"{self.what} {self.path.parent} is being written by another process; "
-                             f"wait for it or stop it") from None
+        self.fh = open(self.path, "a+")  # noqa: SIM115 - closed in __exit__
+        deadline = time.monotonic() + self.patience_s
+        while True:
+            try:
+                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                self.fh.close()
+                raise UsageError(self.busy_message(self.path.parent, self.what)) from None
+        with contextlib.suppress(OSError):  # the holder's note is for messages only
+            self.fh.seek(0)
+            self.fh.truncate()
+            self.fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}))
+            self.fh.flush()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.truncate(0)
         fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
         self.fh.close()
+
+    @staticmethod
+    def holder(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The note (``pid``, ``host``, ``since``) of the process holding ``<directory>/.lock``, or None
+        when nobody holds it. Probes with a shared lock for an instant; never blocks."""
+        path = Path(directory) / ".lock"
+        try:
+            fh = open(path)  # noqa: SIM115 - closed below
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    note = json.loads(fh.read() or "{}")
+                except ValueError:
+                    note = {}
+                return note if isinstance(note, dict) else {}
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return None
+        finally:
+            fh.close()
+
+    @classmethod
+    def busy_message(cls, directory: str | os.PathLike[str], what: str) -> str:
+        """``<what> <directory> is being written by another process (PID n ...); wait for it or stop it``."""
+        note = cls.holder(directory) or {}
+        who = ""
+        if note.get("pid"):
+            who = f" (PID {note['pid']}"
+            if note.get("host") and note["host"] != socket.gethostname():
+                who += f" on {note['host']}"
+            who += f", since {note['since']})" if note.get("since") else ")"
+        return f"{what} {directory} is being written by another process{who}; wait for it or stop it"
+
+
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
+
+
+@contextlib.contextmanager
+def safetensors_os_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn the ``SafetensorError`` that the safetensors writer raises for an I/O failure (``... No space
+    left on device (os error 28)``) into the :class:`OSError` it is, naming ``path`` (so a full disk is
+    the one-line exit-3 error of the CLI, not a traceback); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+    except Exception as exc:
+        match = _OS_ERROR_IN_TEXT.search(str(exc))
+        if type(exc).__name__ != "SafetensorError" or match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def save_safetensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any],
@@ -131,8 +275,9 @@ def save_safetensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_path(path)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with safetensors_os_errors(path):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -165,7 +310,12 @@ class StreamedSafetensorsFile:
         self._tmp = _temporary_path(self.path)
         self._file: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed by close()/abort()
         self._header_len = 0
-        self._file.write(self._header(self.shape[0]))
+        try:
+            with safetensors_os_errors(self.path):
+                self._file.write(self._header(self.shape[0]))
+        except BaseException:
+            self.abort()
+            raise
 
     def _header(self, n_rows: int) -> bytes:
         entry = {"dtype": self._code, "shape": [n_rows, *self.row_shape], "data_offsets": [0, n_rows * self._row_bytes]}
@@ -188,7 +338,8 @@ class StreamedSafetensorsFile:
         if self.rows_written + rows.shape[0] > self.shape[0]:
             raise ValueError(f"{self.path} holds {self.shape[0]} rows; cannot write {rows.shape[0]} more "
                              f"after {self.rows_written}")
-        self._file.write(memoryview(rows.detach().contiguous().view(torch.uint8).numpy()).cast("B"))
+        with safetensors_os_errors(self.path):
+            self._file.write(memoryview(rows.detach().contiguous().view(torch.uint8).numpy()).cast("B"))
         self.rows_written += int(rows.shape[0])
 
     def close(self, n_rows: int | None = None) -> None:
@@ -200,22 +351,25 @@ class StreamedSafetensorsFile:
             self.abort()
             raise ValueError(f"{self.path}: {self.rows_written} rows written, {n_rows} declared")
         try:
-            if n_rows != self.shape[0]:
-                self._file.seek(0)
-                self._file.write(self._header(n_rows))
-                self._file.truncate(8 + self._header_len + n_rows * self._row_bytes)
-            self._file.close()
-            self._file = None
-            os.replace(self._tmp, self.path)
+            with safetensors_os_errors(self.path):
+                if n_rows != self.shape[0]:
+                    self._file.seek(0)
+                    self._file.write(self._header(n_rows))
+                    self._file.truncate(8 + self._header_len + n_rows * self._row_bytes)
+                self._file.close()
+                self._file = None
+                os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        """Close and delete the temporary file; nothing appears under ``path``."""
+        """Close and delete the temporary file; nothing appears under ``path``. Never raises for the
+        close itself (flushing the last buffered bytes fails again on a full disk)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamedSafetensorsFile:

@@ -58,8 +58,10 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path`` (one-line error when unreadable)."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {str(path)!r}: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{str(path)!r} is not valid JSON ({exc}); fix or replace the file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{str(path)!r} must hold a JSON object")
     return data
@@ -72,7 +74,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return {k: v.float() for k, v in load_file(str(path), device="cpu").items()}
     except Exception as exc:  # corrupt or truncated files raise several exception types
-        raise UsageError(f"cannot read weights {str(path)!r}: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"cannot read weights {str(path)!r} (corrupt or truncated): "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def require_weights(tensors: Mapping[str, torch.Tensor], keys: Sequence[str], where: str, note: str = "") -> None:

@@ -4,6 +4,12 @@ Tokens whose activation is above ``threshold x`` the example's max are wrapped i
 of adjacent ones together (``jumped <<over the moon>>``); the leading whitespace of a run's first
 token is kept outside the delimiters so words stay separated. ``activation_line`` lists the
 highlighted tokens with integer activations 0-10, ``ceil(10 * a / max)``.
+
+A character that the tokenizer splits over several tokens (byte-level BPE: Greek, CJK, emoji...) is
+shown as one *span*: :func:`display_spans` groups an example's tokens (see
+``saelab.records.Example.char_spans``), a span's activation is the max over its tokens, and the
+functions here are then applied to span texts and span activations. :func:`visible` writes control
+characters as escapes so they never reach a prompt or a page raw.
 """
 
 from __future__ import annotations
@@ -11,10 +17,52 @@ from __future__ import annotations
 import json
 import math
 import random
+import unicodedata
 from collections.abc import Sequence
 
 OPEN = "<<"
 CLOSE = ">>"
+
+_NAMED_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """``text`` on one line with control characters written as escapes: ``\\n``, ``\\t``, ``\\r``,
+    ``\\x00``... (C0, DEL and C1 controls) and ``\\u2028`` / ``\\u2029`` (line and paragraph separators).
+    Other characters, format characters such as U+200F included, are kept as they are."""
+    if text.isprintable() and not any(ch in text for ch in "\u2028\u2029"):
+        return text
+    return "".join(_escape_char(ch) if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
+
+
+def display_spans(n_tokens: int, char_spans: Sequence[Sequence[int]] = ()) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` token ranges shown as one piece of text: each range of ``char_spans`` (tokens
+    that together encode a character) and every other token on its own, in order."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    for start, stop in sorted((int(a), int(b)) for a, b in char_spans):
+        out += [(t, t + 1) for t in range(i, start)]
+        out.append((start, stop))
+        i = stop
+    out += [(t, t + 1) for t in range(i, n_tokens)]
+    return out
+
+
+def span_texts(token_strs: Sequence[str], spans: Sequence[tuple[int, int]]) -> list[str]:
+    """The text of each span (its tokens' strings joined)."""
+    return ["".join(token_strs[a:b]) for a, b in spans]
+
+
+def span_activations(activations: Sequence[float], spans: Sequence[tuple[int, int]]) -> list[float]:
+    """The activation of each span: the max over its tokens."""
+    return [max(activations[a:b]) for a, b in spans]
 
 
 def highlight_mask(activations: Sequence[float], threshold: float = 0.3, max_activation: float | None = None) -> list[bool]:

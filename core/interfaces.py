@@ -10,12 +10,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from .options import Options
+
+if TYPE_CHECKING:
+    from .prompts import Placeholders
 
 
 class Plugin:
@@ -44,7 +47,8 @@ class ActivationSource(Plugin, ABC):
     Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.mlp`` /
     ``layers.N.mlp.input``, ``layers.N.self_attn`` / ``layers.N.self_attn.input`` (see
     :mod:`saelab.models`). Created as ``cls(model_id, options)`` with ``options`` an instance of
-    ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a name.
+    ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a name, adding the
+    credential ``hf_token=...`` (not an option) when the constructor takes that keyword.
     """
 
     tokenizer: Any
@@ -107,7 +111,8 @@ class Dataset(Plugin, ABC):
 
     Instances are created as ``cls(repo, cls.Options.parse({...}))`` by
     :func:`saelab.data.load_dataset_source`; ``Options`` should subclass
-    :class:`saelab.data.DatasetOptions` (split, name, column, hf_token, streaming).
+    :class:`saelab.data.DatasetOptions` (split, name, column, streaming). A class that downloads takes
+    the hub credential as a constructor keyword ``hf_token`` (not an option), given when there is one.
     """
 
     def __init__(self, repo: str, options: Options | None = None):
@@ -405,6 +410,9 @@ class _PromptedPlugin(Plugin):
 
     prompt_prefix: ClassVar[str] = ""
     """Dotted prefix of this class's prompts in ``prompts.yaml`` (e.g. ``"scorers.detection"``)."""
+    prompt_placeholders: ClassVar[Mapping[str, Placeholders]] = {}
+    """Template name under ``prompt_prefix`` -> :class:`saelab.prompts.Placeholders` it takes; checked when
+    the plugin is built (a template missing a required placeholder or holding an unknown one is a UsageError)."""
 
     def __init__(self, options: Options | Mapping[str, Any] | None = None, prompts: Mapping[str, Any] | None = None):
         if not isinstance(options, Options):
@@ -416,6 +424,10 @@ class _PromptedPlugin(Plugin):
             prompts = load_prompts()
         self.prompts = prompts
         """Resolved prompts (:class:`saelab.prompts.Prompts`)."""
+        if self.prompt_placeholders:
+            from .prompts import check_templates
+
+            check_templates(prompts, self.prompt_prefix, self.prompt_placeholders)
 
     def prompt_version(self) -> str:
         """Hash of the prompts this instance uses (stored with every result)."""

@@ -711,6 +711,23 @@ def completion_from_openai(data: Mapping[str, Any]) -> Completion:
     )
 
 
+def _connection_cause(exc: BaseException) -> str:
+    """The innermost cause of a connection error (e.g. ``connection refused``) and the URL it was for."""
+    cause: BaseException = exc
+    seen: set[int] = set()
+    while id(cause) not in seen and (cause.__cause__ or cause.__context__) is not None:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+        reason = os.strerror(cause.errno) if cause.errno else str(cause.strerror)
+        text = reason[0].lower() + reason[1:]
+    else:
+        text = str(cause).splitlines()[0] if str(cause).strip() else str(exc)
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None)
+    return f"{text} at {url}" if url is not None else text
+
+
 def classify_openai_error(exc: BaseException, timeout_s: float | None = None) -> BaseException | None:
     """Map an ``openai`` (or litellm, whose errors subclass openai's) exception to :class:`TransientError`
     (429/5xx with ``Retry-After``, timeouts, connection errors, unparseable answers) or
@@ -720,7 +737,7 @@ def classify_openai_error(exc: BaseException, timeout_s: float | None = None) ->
     if isinstance(exc, openai.APITimeoutError):
         return TransientError(f"timed out after {timeout_s:g} s" if timeout_s else "timed out")
     if isinstance(exc, openai.APIConnectionError):
-        return TransientError(f"connection error: {exc}")
+        return TransientError(f"connection error: {_connection_cause(exc)}")
     if isinstance(exc, openai.APIResponseValidationError):
         return TransientError(f"malformed answer: {exc}")
     if isinstance(exc, openai.APIStatusError):

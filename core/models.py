@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -180,18 +181,39 @@ def sort_hookpoints(names: Sequence[str]) -> list[str]:
 # Loading
 
 
-def load_activation_source(model: str, **options: Any) -> Any:
+def takes_credential(cls: type, name: str = "hf_token") -> bool:
+    """Whether ``cls(...)`` accepts the credential keyword ``name`` (or any keyword).
+
+    Credentials (the Hugging Face token) are not plugin options: a class that downloads from the hub
+    takes them as a keyword argument of its constructor (``cls(id, options, hf_token=...)``); a class
+    that never downloads (an embedded model or sample) does not declare one and is not given one.
+    """
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.kind == p.VAR_KEYWORD
+               for p in params)
+
+
+def credential_kwargs(cls: type, hf_token: str | None) -> dict[str, str]:
+    """``{"hf_token": token}`` when there is a token and ``cls`` takes it (see :func:`takes_credential`)."""
+    return {"hf_token": hf_token} if hf_token and takes_credential(cls) else {}
+
+
+def load_activation_source(model: str, *, hf_token: str | None = None, **options: Any) -> Any:
     """Create the activation source for ``model`` (an embedded name such as ``smollm2``, a hub id or
     a local directory). ``options`` are that source's options (e.g. ``dtype="float16"``,
     ``device="cpu"``); ``None`` values are dropped so callers can pass optional flags through.
-    Returns an :class:`~saelab.ActivationSource`."""
+    ``hf_token`` is a credential, not an option: it goes to the source's constructor when that takes
+    one (hub-backed sources), and is never written anywhere. Returns an :class:`~saelab.ActivationSource`."""
     from .manager import resolve
 
     if not model or not str(model).strip():
         raise UsageError("no model given; give an embedded name (smollm2), a hub id or a local directory")
     cls = resolve("activation_source", str(model))
     opts = cls.Options.parse({k: v for k, v in options.items() if v is not None}, where=f"model {model}")
-    return cls(str(model), opts)
+    return cls(str(model), opts, **credential_kwargs(cls, hf_token))
 
 
 # --------------------------------------------------------------------------------------------------

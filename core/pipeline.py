@@ -42,8 +42,16 @@ from typing import Any
 from .autointerp import explanation_fingerprint, provider_names, score_fingerprint
 from .errors import UsageError
 from .fileio import atomic_write
-from .interfaces import Explainer, Provider, Scorer
-from .records import Explanation, LatentRecord, ScoreResult, content_hash, now_iso, write_json_atomic
+from .interfaces import Explainer, Provider, Scorer, SiteSpec
+from .records import (
+    Explanation,
+    LatentRecord,
+    ScoreResult,
+    content_hash,
+    now_iso,
+    score_is_current,
+    write_json_atomic,
+)
 
 log = logging.getLogger("saelab.pipeline")
 
@@ -243,10 +251,21 @@ class StageStats:
     """Latents not processed (e.g. no usable explanation to score)."""
     crashed: int = 0
     """Latents where the plugin raised an unexpected exception (logged; nothing stored)."""
+    unusable: int = 0
+    """Explanations whose answer gave no usable explanation (unparsed, copied few-shot); not scored."""
+    kept_previous: int = 0
+    """Failed results not written because a good earlier result was kept in their place."""
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    """Failure reason -> count (request errors and unusable answers of this invocation)."""
 
-    def to_dict(self) -> dict[str, int]:
+    def count_failure(self, reason: str) -> None:
+        """Count one failure under ``reason`` (first line, trimmed)."""
+        line = (str(reason).strip().splitlines() or ["unknown error"])[0][:300]
+        self.failure_reasons[line] = self.failure_reasons.get(line, 0) + 1
+
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return dict(self.__dict__)
+        return {**self.__dict__, "failure_reasons": dict(self.failure_reasons)}
 
 
 @dataclass
@@ -261,11 +280,14 @@ class RunReport:
     """The provider's usage totals for this invocation (requests, cached answers, tokens, cost)."""
     errors: list[str] = field(default_factory=list)
     """One line per crashed latent."""
+    io_errors: list[str] = field(default_factory=list)
+    """One line per latent stopped by an I/O error (e.g. a full disk or an unwritable directory)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {"explain": self.explain.to_dict(), "scores": {k: v.to_dict() for k, v in self.scores.items()},
-                "trimmed_latents": self.trimmed_latents, "usage": self.usage, "errors": list(self.errors)}
+                "trimmed_latents": self.trimmed_latents, "usage": self.usage, "errors": list(self.errors),
+                "io_errors": list(self.io_errors)}
 
 
 def _load_reusable(cls: type[Any], path: Path, fingerprint: str | None) -> Any:
@@ -283,6 +305,12 @@ def _load_reusable(cls: type[Any], path: Path, fingerprint: str | None) -> Any:
     if isinstance(result, ScoreResult) and (result.errors or result.failures.requests):
         return None
     return result
+
+
+def _stored_usable_explanation(path: Path) -> Explanation | None:
+    """The explanation stored at ``path`` when it is usable (request succeeded, answer usable)."""
+    stored = _load_reusable(Explanation, path, None)
+    return stored if stored is not None and stored.usable else None
 
 
 class AutoInterp:
@@ -378,6 +406,10 @@ class AutoInterp:
                     await self._process(record, report)
                 except UsageError:
                     raise
+                except OSError as exc:
+                    line = f"{record.hookpoint} latent {record.latent}: {exc}"
+                    log.warning("%s", line)
+                    report.io_errors.append(line.splitlines()[0])
                 except Exception as exc:  # noqa: BLE001 - one latent's plugin bug must not lose the others
                     line = f"{record.hookpoint} latent {record.latent}: {type(exc).__name__}: {exc}"
                     log.warning("%s", line)
@@ -397,7 +429,7 @@ class AutoInterp:
 
     async def _process(self, record: LatentRecord, report: RunReport) -> None:
         explanation = await self._explanation(record, report)
-        text = explanation.text if explanation is not None else None
+        text = explanation.text if explanation is not None and explanation.usable else None
         jobs = []
         for scorer in self.scorers:
             if scorer.requires_explanation and text is None:
@@ -411,6 +443,9 @@ class AutoInterp:
         reused = self.reusable_explanation(record)
         if reused is not None:
             stats.reused += 1
+            if not reused.usable:
+                stats.unusable += 1
+                stats.count_failure(reused.failure or "unparsed")
             return reused
         if self.explainer is None:
             stats.skipped += 1
@@ -423,11 +458,21 @@ class AutoInterp:
         except Exception:
             stats.crashed += 1
             raise
-        explanation.save(self.layout.explanation_path(record.hookpoint, record.latent))
+        path = self.layout.explanation_path(record.hookpoint, record.latent)
         if explanation.error:
             stats.failed += 1
+            stats.count_failure(explanation.error)
+        elif not explanation.usable:
+            stats.unusable += 1
+            stats.count_failure(explanation.failure or "unparsed")
+        if not explanation.usable and _stored_usable_explanation(path) is not None:
+            stats.kept_previous += 1  # a failed answer never replaces a good explanation
             return None
-        stats.computed += 1
+        explanation.save(path)
+        if explanation.error:
+            return None
+        if explanation.usable:
+            stats.computed += 1
         return explanation
 
     async def _score(self, record: LatentRecord, scorer: Scorer, text: str, report: RunReport) -> None:
@@ -440,11 +485,18 @@ class AutoInterp:
         except Exception:
             stats.crashed += 1
             raise
-        result.save(self.layout.score_path(scorer.name, record.hookpoint, record.latent))
-        if result.errors or result.failures.requests:
+        path = self.layout.score_path(scorer.name, record.hookpoint, record.latent)
+        failed = bool(result.errors or result.failures.requests)
+        if failed:
             stats.failed += 1
+            stats.count_failure(result.errors[0] if result.errors else "request failed")
+            previous = _load_reusable(ScoreResult, path, None)
+            if previous is not None and previous.explanation == result.explanation:
+                stats.kept_previous += 1  # a failed score never replaces a good one of the same explanation
+                return
         else:
             stats.computed += 1
+        result.save(path)
 
     # -- dry run
 
@@ -580,6 +632,7 @@ def summarize(layout: RunLayout, selection: Mapping[str, Sequence[int]], scorers
     skipped = skipped or {}
     n_skipped = sum(len(v) for v in skipped.values())
     rows: list[dict[str, Any]] = []
+    failure_reasons: dict[str, int] = {}
     expl = _Acc()
     explanations: dict[tuple[str, int], Explanation] = {}
     for hook, latents in selection.items():
@@ -595,23 +648,35 @@ def summarize(layout: RunLayout, selection: Mapping[str, Sequence[int]], scorers
                 expl.failed_requests += 1
             elif e.parse_failed:
                 expl.failed_prompts += 1
+                reason = e.failure or "unparsed"
+                failure_reasons[reason] = failure_reasons.get(reason, 0) + 1
             else:
                 expl.done += 1
     if explanations or expl.missing:
         rows.append({"stage": "explain", "name": _first({e.explainer for e in explanations.values()}),
                      "latents": expl.done + expl.failed_prompts, "skipped_min_examples": n_skipped,
                      "missing": expl.missing, "failed_prompts": expl.failed_prompts,
-                     "failed_examples": 0, "failed_requests": expl.failed_requests, **expl.usage_row()})
+                     "failed_examples": 0, "failed_requests": expl.failed_requests,
+                     "failed_explanations": expl.failed_prompts + expl.failed_requests,
+                     "failure_reasons": dict(sorted(failure_reasons.items())), **expl.usage_row()})
     for scorer in scorers:
         acc = _Acc()
         metric_values: dict[str, list[float]] = {}
+        needs_explanation = _requires_explanation(scorer)
         for hook, latents in selection.items():
             for latent in latents:
+                explanation = explanations.get((hook, latent))
+                if needs_explanation and explanation is not None and not explanation.usable:
+                    acc.failed_explanations += 1  # never scored; a stale score of an earlier text is not counted
+                    continue
                 path = layout.score_path(scorer, hook, latent)
                 if not path.is_file():
                     acc.missing += 1
                     continue
                 s = ScoreResult.load(path)
+                if needs_explanation and not score_is_current(s, explanation):
+                    acc.missing += 1  # scored an explanation that has since been replaced
+                    continue
                 acc.add_usage(s.usage)
                 acc.failed_prompts += s.failures.prompts
                 acc.failed_examples += s.failures.examples
@@ -624,7 +689,8 @@ def summarize(layout: RunLayout, selection: Mapping[str, Sequence[int]], scorers
         row: dict[str, Any] = {"stage": "score", "name": scorer, "latents": acc.done,
                                "skipped_min_examples": n_skipped, "missing": acc.missing,
                                "failed_prompts": acc.failed_prompts, "failed_examples": acc.failed_examples,
-                               "failed_requests": acc.failed_requests, **acc.usage_row()}
+                               "failed_requests": acc.failed_requests,
+                               "failed_explanations": acc.failed_explanations, **acc.usage_row()}
         row["metrics"] = {k: sum(v) / len(v) for k, v in ((k, metric_values[k]) for k in keys)}
         rows.append(row)
     summary: dict[str, Any] = {
@@ -638,10 +704,22 @@ def summarize(layout: RunLayout, selection: Mapping[str, Sequence[int]], scorers
     return summary
 
 
+def _requires_explanation(scorer: str) -> bool:
+    """Whether the registered scorer ``scorer`` scores an explanation (True when it is not registered)."""
+    from .errors import SaelabError
+    from .manager import registry
+
+    try:
+        return bool(registry("scorer").get(scorer).requires_explanation)
+    except SaelabError:
+        return True
+
+
 @dataclass
 class _Acc:
     done: int = 0
     missing: int = 0
+    failed_explanations: int = 0
     failed_prompts: int = 0
     failed_examples: int = 0
     failed_requests: int = 0
@@ -714,6 +792,7 @@ def print_summary(summary: Mapping[str, Any], title: str = "saelab auto-interp s
             "stage": f"{row['stage']} {row['name']}", "latents": row["latents"],
             "skipped": row.get("skipped_min_examples", 0), "missing": row.get("missing", 0),
             "failed prompts/req.": f"{row.get('failed_prompts', 0)}/{row.get('failed_requests', 0)}",
+            "failed expl.": row.get("failed_explanations", 0),
         }
         item.update({label: metrics.get(k) for k, label in shown_metrics})
         item.update({"calls": row.get("calls", 0), "cached": row.get("cached_calls", 0),
@@ -721,6 +800,78 @@ def print_summary(summary: Mapping[str, Any], title: str = "saelab auto-interp s
                      "cost $": row.get("cost")})
         table.append(item)
     stdout_console.print(summary_table(title, table))
+
+
+@dataclass
+class Outcome:
+    """What failed in one explain/score invocation, as one line, and whether it is a failed run (exit 3)."""
+
+    problems: list[str] = field(default_factory=list)
+    """Failures that make the run fail (exit code 3)."""
+    notes: list[str] = field(default_factory=list)
+    """Failures counted but tolerated unless ``--strict`` (unparsed or copied explanations)."""
+
+    @property
+    def line(self) -> str:
+        """Everything that failed, in one line ('' when nothing did)."""
+        return "; ".join(self.problems + self.notes)
+
+    def failed(self, strict: bool = False) -> bool:
+        """True when the invocation must exit with code 3."""
+        return bool(self.problems or (strict and self.notes))
+
+
+def _reasons(stats: StageStats) -> str:
+    if not stats.failure_reasons:
+        return ""
+    ranked = sorted(stats.failure_reasons.items(), key=lambda kv: -kv[1])
+    shown = ranked[0][0] if len(ranked) == 1 else "; ".join(f"{n}x {reason}" for reason, n in ranked[:2])
+    return f": {shown}" + (f" (+{len(ranked) - 2} other reasons)" if len(ranked) > 2 else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def outcome(report: RunReport, *, analysed: int, missing_requested: Mapping[int, str] | None = None,
+            no_latents_reason: str = "") -> Outcome:
+    """The :class:`Outcome` of an invocation: failed requests (after retries), I/O errors, crashed plugins,
+    requested latents that are missing and 0 latents analysed are problems; unusable answers are notes."""
+    result = Outcome()
+    if analysed == 0:
+        result.problems.append("0 latents analysed" + (f": {no_latents_reason}" if no_latents_reason else ""))
+    if missing_requested:
+        ids = sorted(missing_requested)
+        reasons = sorted(set(missing_requested.values()))
+        result.problems.append(f"requested latent{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} "
+                               f"missing: {'; '.join(reasons)}")
+    explain = report.explain
+    request_failures = explain.failed
+    if request_failures:
+        result.problems.append(f"{_plural(request_failures, 'explanation')} failed"
+                               + _reasons(_only_requests(explain)))
+    for name, stats in report.scores.items():
+        if stats.failed:
+            result.problems.append(f"{_plural(stats.failed, name + ' score')} failed{_reasons(stats)}")
+    if report.io_errors:
+        result.problems.append(f"{_plural(len(report.io_errors), 'latent')} stopped by an I/O error: "
+                               f"{report.io_errors[0]}")
+    if report.errors:
+        result.problems.append(f"{_plural(len(report.errors), 'latent')} crashed: {report.errors[0]}")
+    if explain.unusable:
+        unusable = {k: v for k, v in explain.failure_reasons.items() if k in UNUSABLE_REASONS}
+        detail = ", ".join(f"{v} {k}" for k, v in sorted(unusable.items()))
+        result.notes.append(f"{_plural(explain.unusable, 'explanation')} unusable and not scored"
+                            + (f" ({detail})" if detail else ""))
+    return result
+
+
+UNUSABLE_REASONS = ("unparsed", "copied_few_shot")
+"""``Explanation.failure`` values: answers that gave no usable explanation (tolerated unless ``--strict``)."""
+
+
+def _only_requests(stats: StageStats) -> StageStats:
+    return StageStats(failure_reasons={k: v for k, v in stats.failure_reasons.items() if k not in UNUSABLE_REASONS})
 
 
 def print_plan(plan_: DryRunPlan) -> None:
@@ -795,11 +946,15 @@ def make_run_provider(name: str, *, model: str | None, base_url: str | None = No
     """A provider from ``--explainer_provider`` and friends (``offline`` -> transformers, ``vllm`` /
     ``openrouter`` -> openai; see :func:`saelab.llm.make_provider`); options its model lacks (e.g.
     ``device`` for API providers) are left out."""
+    from .errors import UnknownNameError
     from .llm import PROVIDER_ALIASES, make_provider
-    from .manager import resolve
+    from .manager import registry, resolve
 
     key = str(name).strip().lower()
-    cls = resolve("provider", PROVIDER_ALIASES.get(key, key))
+    try:
+        cls = resolve("provider", PROVIDER_ALIASES.get(key, key))
+    except UnknownNameError as exc:  # name delphi's aliases (offline, vllm, openrouter) too
+        raise UnknownNameError("provider", str(name), [*registry("provider").names(), *PROVIDER_ALIASES]) from exc
     options: dict[str, Any] = {"model": model, "base_url": base_url, "max_concurrency": max_concurrency,
                                "api_key_env": api_key_env, "cache": cache,
                                "cache_dir": None if cache_dir is None else str(cache_dir), "device": device,
@@ -812,29 +967,92 @@ def make_run_provider(name: str, *, model: str | None, base_url: str | None = No
 # Dictionaries and records of a full run
 
 
-def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence[str] = ()) -> dict[str, Path]:
-    """Dictionary directories by hookpoint: ``sparse_model`` is one dictionary (saelab, SAELens or
-    sparsify format), a directory of them named by hookpoint (sparsify's layout), or a run directory
-    (its ``dictionaries/``). ``hookpoints`` picks among several (default: all)."""
-    from .dictionary import detect_format, load_dictionary
+def canonical_hookpoint(name: str) -> str:
+    """``name`` as a saelab hookpoint: saelab names unchanged, SAELens hook names
+    (``blocks.15.hook_resid_post``) and module paths (``model.layers.15``) translated; else unchanged."""
+    from .models import from_external_name, parse_hookpoint
 
+    text = str(name).strip()
+    try:
+        parse_hookpoint(text)
+        return text
+    except UsageError:
+        return from_external_name(text) or text
+
+
+def records_hookpoint(sites: SiteSpec) -> bool:
+    """True when a dictionary's sites name real hookpoints (some formats record none)."""
+    from .models import parse_hookpoint
+
+    try:
+        for site in (*sites.inputs, *sites.outputs):
+            parse_hookpoint(str(site))
+    except (UsageError, TypeError):
+        return False
+    return True
+
+
+def sites_at(hookpoint: str, sites: SiteSpec) -> SiteSpec:
+    """``sites`` moved to ``hookpoint`` (for a dictionary whose format records no hookpoint): an
+    autoencoder reads and writes it; a transcoder reads ``layers.N.mlp.input`` and writes ``layers.N.mlp``
+    whichever of the two is given."""
+    if sites.is_autoencoder:
+        inputs, outputs = [hookpoint], [hookpoint]
+    elif hookpoint.endswith(".input"):
+        inputs, outputs = [hookpoint], [hookpoint[: -len(".input")]]
+    else:
+        inputs, outputs = [f"{hookpoint}.input"], [hookpoint]
+    return SiteSpec(inputs=inputs, outputs=outputs, d_in=sites.d_in, d_out=sites.d_out)
+
+
+def dictionary_sites_text(sites: SiteSpec) -> str:
+    """``reads layers.3.mlp.input and writes layers.3.mlp`` / ``reads layers.15``."""
+    reads = " ".join(map(str, sites.inputs))
+    return f"reads {reads}" if sites.is_autoencoder else f"reads {reads} and writes {' '.join(map(str, sites.outputs))}"
+
+
+def sparse_model_path(sparse_model: str | os.PathLike[str]) -> Path:
+    """``sparse_model`` as a path; one-line error when it does not exist."""
     path = Path(sparse_model).expanduser()
     if not path.exists():
         raise UsageError(f"SPARSE_MODEL {str(sparse_model)!r} does not exist; give a saelab, SAELens or sparsify "
                          f"dictionary directory, a directory of them, or a run directory (results/<name>)")
+    return path
+
+
+def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence[str] = ()) -> dict[str, Path]:
+    """Dictionary directories by hookpoint: ``sparse_model`` is one dictionary (saelab, SAELens or
+    sparsify format), a directory of them named by hookpoint (sparsify's layout), or a run directory
+    (its ``dictionaries/``). ``hookpoints`` (SAELens and module names are translated) picks among
+    several (default: all); for one dictionary it must be where the dictionary reads (for a
+    transcoder: its input or output site), or sets that site when the format records none."""
+    from .dictionary import detect_format, load_dictionary
+
+    path = sparse_model_path(sparse_model)
+    requested = [canonical_hookpoint(h) for h in hookpoints]
     try:
         detect_format(path)
         single = True
     except UsageError:
         single = False
     if single:
-        hook = load_dictionary(path).sites.inputs[0]
-        if hookpoints and list(hookpoints) != [hook]:
-            if len(hookpoints) == 1:
-                return {hookpoints[0]: path}
-            raise UsageError(f"{str(path)!r} holds one dictionary (at {hook!r}) but --hookpoints names "
-                             f"{' '.join(hookpoints)}; give one hookpoint or a directory of dictionaries")
-        return {hook: path}
+        sites = load_dictionary(path).sites
+        if len(requested) > 1:
+            raise UsageError(f"{str(path)!r} holds one dictionary ({dictionary_sites_text(sites)}) but --hookpoints "
+                             f"names {' '.join(hookpoints)}; give one hookpoint or a directory of dictionaries")
+        if not records_hookpoint(sites):
+            if not requested:
+                raise UsageError(f"{str(path)!r} does not record the hookpoint it reads; give it with --hookpoints, "
+                                 f"e.g. --hookpoints layers.15")
+            return {requested[0]: path}
+        accepted = list(dict.fromkeys([*sites.inputs, *sites.outputs]))
+        if not requested:
+            return {str(sites.inputs[0]): path}
+        if requested[0] not in accepted:
+            shown = hookpoints[0] + (f" (= {requested[0]})" if requested[0] != hookpoints[0] else "")
+            raise UsageError(f"--hookpoints {shown} does not match {str(path)!r}, which "
+                             f"{dictionary_sites_text(sites)}; accepted: {', '.join(accepted)}")
+        return {requested[0]: path}
     base = path / "dictionaries" if (path / "dictionaries").is_dir() else path
     found: dict[str, Path] = {}
     for child in sorted(p for p in base.iterdir() if p.is_dir()):
@@ -846,13 +1064,15 @@ def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence
     if not found:
         raise UsageError(f"no dictionary found in {str(base)!r}; expected a dictionary directory (cfg.json + "
                          f"weights) or subdirectories named by hookpoint")
-    if not hookpoints:
+    if not requested:
         return found
+    by_site = {canonical_hookpoint(name): name for name in found}
     out = {}
-    for hook in hookpoints:
-        if hook not in found:
-            raise UsageError(f"no dictionary for hookpoint {hook!r} in {str(base)!r}; found: {', '.join(found)}")
-        out[hook] = found[hook]
+    for given, hook in zip(hookpoints, requested, strict=True):
+        name = given if given in found else (hook if hook in found else by_site.get(hook))
+        if name is None:
+            raise UsageError(f"no dictionary for hookpoint {given!r} in {str(base)!r}; found: {', '.join(found)}")
+        out[name] = found[name]
     return out
 
 
@@ -877,11 +1097,11 @@ def record_set(layout: RunLayout, latent_cache: Any, options: Mapping[str, Any],
                dictionary: Any = None, rebuild: bool = False) -> RecordSet:
     """The records of one latent cache: reused from ``records/<hook>/`` when built from the same cache
     and example options, else built with :func:`saelab.examples.build_records` and saved."""
-    from .examples import ExampleOptions, build_records
+    from .examples import TEXT_DECODING, ExampleOptions, build_records
 
     opts = ExampleOptions.parse(dict(options), where="examples")
     hook = latent_cache.hookpoint
-    fp = inputs_fingerprint({"latent_cache": latent_cache.fingerprint,
+    fp = inputs_fingerprint({"latent_cache": latent_cache.fingerprint, "text_decoding": TEXT_DECODING,
                              "examples": opts.model_dump(mode="json", exclude={"overwrite_neighbours"})})
     index = read_index(layout, hook)
     if index is not None and index.get("fingerprint") == fp and not rebuild and not opts.overwrite_neighbours:
@@ -955,6 +1175,8 @@ __all__ = [
     "EXAMPLE_KEYS",
     "AutoInterp",
     "DryRunPlan",
+    "Outcome",
+    "outcome",
     "PlanRow",
     "RecordSet",
     "RunLayout",
@@ -962,7 +1184,12 @@ __all__ = [
     "StageStats",
     "estimate_tokens",
     "example_options",
+    "canonical_hookpoint",
+    "dictionary_sites_text",
     "find_dictionaries",
+    "records_hookpoint",
+    "sparse_model_path",
+    "sites_at",
     "make_explainer",
     "make_run_provider",
     "make_scorers",

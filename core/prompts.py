@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,24 @@ def read_override_file(path: str | os.PathLike[str]) -> dict[str, PromptValue]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"prompt file {str(path)!r} cannot be parsed: {first}") from None
+        raise UsageError(f"prompt file {str(path)!r} cannot be parsed: {yaml_error_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise UsageError(f"prompt file {str(path)!r} must hold a mapping such as 'scorers: {{detection: {{system: ...}}}}'")
     return {KEY_ALIASES.get(k, k): v for k, v in _flatten(data)}
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line L, column C: problem (context)``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    if not problem:
+        text = str(exc).splitlines()
+        problem = text[0] if text else type(exc).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -170,3 +182,75 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def fill(template: str, **values: Any) -> str:
     """Substitute ``{name}`` placeholders named in ``values``; other braces (JSON, lists) stay as they are."""
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
+
+
+def placeholders_in(template: str) -> list[str]:
+    """The ``{name}`` placeholders of ``template``, in order of first appearance."""
+    return list(dict.fromkeys(_PLACEHOLDER.findall(template)))
+
+
+PROMPT_PLACEHOLDER = "prompt"
+"""AutoInterp Full's placeholder for a system template: replaced with the filled user template (the example
+data), which is then not sent again in the user turn."""
+
+PROMPT_IN_SYSTEM_REQUEST = "Answer for the examples given in the system message, in the format asked for there."
+"""The user turn sent when the system template holds ``{prompt}`` (the examples are already in the system)."""
+
+
+@dataclass(frozen=True)
+class Placeholders:
+    """The placeholders one prompt template takes: those it must contain and those it may contain."""
+
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Every placeholder the template may contain."""
+        return (*self.required, *self.optional)
+
+    def describe(self) -> str:
+        """E.g. ``{explanation} (required), {examples} (required), {prompt}``; ``none`` when it takes none."""
+        parts = [f"{{{name}}} (required)" for name in self.required] + [f"{{{name}}}" for name in self.optional]
+        return ", ".join(parts) or "none"
+
+
+SYSTEM_PLACEHOLDERS = Placeholders(optional=(PROMPT_PLACEHOLDER,))
+"""A system template of an LLM explainer or scorer: no placeholder, or AutoInterp Full's ``{prompt}``."""
+NO_PLACEHOLDERS = Placeholders()
+"""A template that is sent as it is (e.g. ``explainers.default.cot``)."""
+
+TemplateSpec = Mapping[str, Placeholders]
+"""What a plugin declares as ``prompt_placeholders``: template name under its ``prompt_prefix`` (``"user"``)
+-> the placeholders that template takes."""
+
+
+def check_templates(prompts: Mapping[str, PromptValue], prefix: str, spec: TemplateSpec) -> None:
+    """Raise a one-line :class:`UsageError` when a template under ``prefix`` named in ``spec`` lacks a
+    required placeholder or has one it does not accept (keys absent from ``prompts`` are skipped)."""
+    source = getattr(prompts, "source", None)
+    where = f" in {source!r}" if source else ""
+    for name, allowed in spec.items():
+        key = f"{prefix.rstrip('.')}.{name}"
+        if key not in prompts:
+            continue
+        template = prompts[key]
+        if not isinstance(template, str):
+            raise UsageError(f"prompt {key!r}{where} must be a string template; accepted placeholders: "
+                             f"{allowed.describe()}")
+        found = placeholders_in(template)
+        unknown = [p for p in found if p not in allowed.accepted]
+        missing = [p for p in allowed.required if p not in found]
+        if unknown or missing:
+            problems = ([f"unknown placeholder {', '.join('{' + p + '}' for p in unknown)}"] if unknown else []) + \
+                       ([f"missing placeholder {', '.join('{' + p + '}' for p in missing)}"] if missing else [])
+            raise UsageError(f"prompt {key!r}{where} has {' and '.join(problems)}; accepted placeholders: "
+                             f"{allowed.describe()}")
+
+
+def chat_prompt(system: str, few_shot: list[dict[str, str]], user: str) -> list[dict[str, str]]:
+    """``[system, *few_shot, user]`` chat messages; a system template holding ``{prompt}`` gets ``user``
+    there instead, and the user turn is then :data:`PROMPT_IN_SYSTEM_REQUEST`."""
+    if PROMPT_PLACEHOLDER in placeholders_in(system):
+        system, user = fill(system, prompt=user), PROMPT_IN_SYSTEM_REQUEST
+    return [{"role": "system", "content": system}, *few_shot, {"role": "user", "content": user}]

@@ -116,7 +116,8 @@ class Example(_Record):
     tokens: list[int]
     """Token ids of the window."""
     token_strs: list[str]
-    """Decoded text of each token (same length as ``tokens``)."""
+    """Decoded text of each token (same length as ``tokens``); a character split over several tokens is
+    stored whole on the first token of its :attr:`char_spans` range, the range's other tokens hold ''."""
     activations: list[float]
     """The latent's activation on each token (same length as ``tokens``; 0 where it is off)."""
     max_activation: float | None = None
@@ -127,6 +128,10 @@ class Example(_Record):
     """True for examples where the latent fires; False for non-activating (negative) examples."""
     source: str = ""
     """Where the example came from: sampler or non-activating source name (``top``, ``random``...)."""
+    char_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Token ranges ``[start, stop)`` decoded together because a character is split across their tokens
+    (byte-level BPE); shown as one piece of text, with the max activation of its tokens. Empty when
+    no character is split (and in records written before this field existed)."""
 
     def __post_init__(self) -> None:
         if len(self.token_strs) != len(self.tokens) or len(self.activations) != len(self.tokens):
@@ -134,6 +139,13 @@ class Example(_Record):
                 f"example {self.id!r}: tokens ({len(self.tokens)}), token_strs ({len(self.token_strs)}) and "
                 f"activations ({len(self.activations)}) must have the same length"
             )
+        self.char_spans = [(int(a), int(b)) for a, b in self.char_spans]
+        last = 0
+        for start, stop in self.char_spans:
+            if not last <= start < stop - 1 < len(self.tokens):
+                raise ValueError(f"example {self.id!r}: char span [{start}, {stop}) must cover at least 2 tokens "
+                                 f"within 0..{len(self.tokens)}, in order and without overlap")
+            last = stop
         self.activations = [float(a) for a in self.activations]
         if self.max_activation is None:
             self.max_activation = max(self.activations, default=0.0)
@@ -156,6 +168,8 @@ class Example(_Record):
             "quantile": self.quantile,
             "is_activating": self.is_activating,
             "source": self.source,
+            # only when a character is split, so records (and fingerprints) of other text are unchanged
+            **({"char_spans": [[a, b] for a, b in self.char_spans]} if self.char_spans else {}),
         }
 
     @classmethod
@@ -171,6 +185,7 @@ class Example(_Record):
             quantile=data.get("quantile"),
             is_activating=bool(data.get("is_activating", True)),
             source=str(data.get("source", "")),
+            char_spans=[(int(a), int(b)) for a, b in data.get("char_spans") or []],
         )
 
 
@@ -378,6 +393,11 @@ class Usage:
 class Explanation(_Record):
     """The explanation of one latent, with everything needed to reproduce or audit it."""
 
+    @property
+    def usable(self) -> bool:
+        """True when the explanation can be scored: the request succeeded and the answer is usable."""
+        return not self.error and not self.parse_failed
+
     SCHEMA = EXPLANATION_SCHEMA
 
     hookpoint: str
@@ -399,7 +419,11 @@ class Explanation(_Record):
     usage: Usage = field(default_factory=Usage)
     """Calls, tokens and cost."""
     parse_failed: bool = False
-    """True when no explanation could be parsed from the answer (``text`` then holds the fallback)."""
+    """True when the answer gave no usable explanation (``text`` then holds the fallback); ``failure``
+    says why. Such an explanation is not scored."""
+    failure: str | None = None
+    """Why a parsed answer is unusable: ``unparsed`` (no ``[EXPLANATION]:`` line) or ``copied_few_shot``
+    (it repeats a few-shot answer or quotes a few-shot example); None when usable."""
     error: str | None = None
     """Why the LLM request failed for good (after retries); None on success. Such explanations
     should not be cached as final: a re-run retries them."""
@@ -437,6 +461,7 @@ class Explanation(_Record):
             "model": self.model,
             "prompt_version": self.prompt_version,
             "parse_failed": self.parse_failed,
+            "failure": self.failure,
             "error": self.error,
             "usage": self.usage.to_dict(),
             "fingerprint": self.fingerprint,
@@ -458,6 +483,7 @@ class Explanation(_Record):
             raw_responses=[str(r) for r in data.get("raw_responses", [])],
             usage=Usage.from_dict(data.get("usage")),
             parse_failed=bool(data.get("parse_failed", False)),
+            failure=data.get("failure") or ("unparsed" if data.get("parse_failed") else None),
             error=data.get("error"),
             fingerprint=str(data.get("fingerprint", "")),
             options=dict(data.get("options") or {}),
@@ -639,6 +665,15 @@ class ScoreResult(_Record):
             options=dict(data.get("options") or {}),
             created_at=str(data.get("created_at", "")),
         )
+
+
+def score_is_current(score: ScoreResult, explanation: Explanation | None) -> bool:
+    """True when ``score`` was computed from ``explanation`` as it stands: an explanation-free score
+    (``score.explanation == ""``, e.g. intruder) always is; any other needs a usable explanation with
+    the same text. Scores of replaced or failed explanations are neither shown nor counted."""
+    if not score.explanation:
+        return True
+    return explanation is not None and explanation.usable and explanation.text == score.explanation
 
 
 def load_record(path: str | os.PathLike[str]) -> LatentRecord | Explanation | ScoreResult:

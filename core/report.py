@@ -33,7 +33,9 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import UsageError
-from .records import Example, Explanation, LatentRecord, ScoreResult
+from .fileio import remove_stale_temporaries
+from .highlight import display_spans, span_activations, span_texts, visible
+from .records import Example, Explanation, LatentRecord, ScoreResult, score_is_current
 
 REPORT_DIR = "report"
 """Name of the report directory inside a run directory."""
@@ -66,13 +68,19 @@ PER_QUANTILE = 3
 # Escaping
 
 
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))}
+"""Control characters (all but tab, newline and carriage return) as visible ``\\xNN`` text: HTML must not
+carry them raw (a NUL is a parse error and shows as nothing or U+FFFD)."""
+
+
 def esc(value: Any) -> str:
-    """HTML-escape ``value`` (quotes included) for text and attribute values."""
-    return html.escape("" if value is None else str(value), quote=True)
+    """HTML-escape ``value`` (quotes included) for text and attribute values; control characters other
+    than tab and newlines are written as visible ``\\xNN`` escapes, never raw."""
+    return html.escape("" if value is None else str(value), quote=True).translate(_CONTROL_ESCAPES)
 
 
 _SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
-                   0x2028: "\\u2028", 0x2029: "\\u2029"}
+                   0x2028: "\\u2028", 0x2029: "\\u2029", **{c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}}
 
 
 def _clean(value: Any) -> Any:
@@ -88,7 +96,8 @@ def _clean(value: Any) -> Any:
 
 def script_json(data: Any) -> str:
     """``data`` as JSON safe to inline in ``<script type="application/json">``: ``<``, ``>``, ``&``,
-    U+2028 and U+2029 become ``\\uXXXX`` escapes (still valid JSON, parsed back unchanged)."""
+    U+2028, U+2029 and the DEL/C1 controls become ``\\uXXXX`` escapes (still valid JSON, parsed back
+    unchanged; ``json`` already escapes the C0 controls)."""
     text = json.dumps(_clean(data), ensure_ascii=False, allow_nan=False, default=str)
     return text.translate(_SCRIPT_ESCAPES)
 
@@ -114,6 +123,43 @@ def fmt(value: Any, digits: int = 3) -> str:
 # Inline SVG plots
 
 
+TITLE_CHAR_WIDTH = 7.5
+"""Upper estimate of the width of one character of a plot title (12 px, semi-bold, proportional font)."""
+TITLE_LINE_HEIGHT = 15
+"""Pixels between the lines of a wrapped plot title."""
+TITLE_MARGIN = 6
+"""Space kept left and right of a plot title."""
+
+
+def _text_width(text: str) -> float:
+    return len(text) * TITLE_CHAR_WIDTH
+
+
+def title_lines_for(title: str, width: int) -> list[str]:
+    """``title`` as lines that fit a plot ``width`` pixels wide (words wrapped; a word too long for a
+    line is cut), so no title is clipped by the SVG's edge."""
+    room = max(1, int((width - 2 * TITLE_MARGIN) // TITLE_CHAR_WIDTH))
+    lines: list[str] = []
+    line = ""
+    for word in title.split():
+        while len(word) > room:
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(word[:room])
+            word = word[room:]
+        if not line:
+            line = word
+        elif len(line) + 1 + len(word) <= room:
+            line += " " + word
+        else:
+            lines.append(line)
+            line = word
+    if line or not lines:
+        lines.append(line)
+    return lines
+
+
 def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, xlabel: str,
                   ylabel: str = "latents", log_y: bool = False, x_ticks: Sequence[tuple[float, str]] | None = None,
                   width: int = 380, height: int = 170) -> str:
@@ -125,6 +171,9 @@ def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str
     if len(edges) != len(counts) + 1:
         raise ValueError(f"svg_histogram: {len(edges)} edges for {len(counts)} counts")
     left, right, top, bottom = 46, 10, 22, 36
+    title_lines = title_lines_for(title, width)
+    extra = TITLE_LINE_HEIGHT * (len(title_lines) - 1)  # a wrapped title gets more room, the plot keeps its size
+    top, height = top + extra, height + extra
     pw, ph = width - left - right, height - top - bottom
     x0, x1 = float(edges[0]), float(edges[-1])
     span = (x1 - x0) or 1.0
@@ -137,8 +186,10 @@ def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str
 
     peak = max((h(c) for c in counts), default=0.0) or 1.0
     parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
-             f'<text class="plot-title" x="{left}" y="14">{esc(title)}</text>']
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
+    title_x = left if len(title_lines) == 1 and _text_width(title) <= width - left - TITLE_MARGIN else TITLE_MARGIN
+    parts += [f'<text class="plot-title" x="{title_x}" y="{14 + TITLE_LINE_HEIGHT * k}">{esc(line)}</text>'
+              for k, line in enumerate(title_lines)]
     for i, c in enumerate(counts):
         if c <= 0:
             continue
@@ -193,6 +244,15 @@ def frequency_histogram_svg(frequencies: Sequence[float], title: str = "latent f
 
 # --------------------------------------------------------------------------------------------------
 # Reading a run
+
+
+def failure_note(score: ScoreResult) -> str | None:
+    """``"failed 10/10 prompts"`` when some of the score's prompts failed (no answer or no parse), else None."""
+    failed = score.failures.prompts
+    if failed <= 0:
+        return None
+    total = max(score.n_prompts, failed)
+    return f"failed {failed}/{total} prompt{'s' if total != 1 else ''}"
 
 
 def main_metric(scorer: str, metrics: Mapping[str, Any]) -> tuple[str | None, float | None]:
@@ -368,7 +428,7 @@ def load_run(run_dir: str | os.PathLike[str], max_latents: int | None = None) ->
             entry.explanation = _load(Explanation, root / "explanations" / dirname / f"latent_{i}.json", entry)
             for sd in score_dirs:
                 score = _load(ScoreResult, sd / dirname / f"latent_{i}.json", entry)
-                if score is not None:
+                if score is not None and score_is_current(score, entry.explanation):
                     entry.scores[score.scorer or sd.name] = score
             if entry.record is not None and names.get(dirname) is None:
                 hook.hookpoint = entry.hookpoint = entry.record.hookpoint
@@ -444,15 +504,19 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "")
 
 
 def _shown_token(text: str) -> str:
-    return text.replace("\n", "\u21b5").replace("\t", "\u2192")
+    """A token's text for the page: newline as \u21b5, tab as \u2192, other controls as visible escapes."""
+    return visible(text.replace("\n", "\u21b5").replace("\t", "\u2192"))
 
 
 def render_example(example: Example, scale: float | None = None, extra: str = "") -> str:
     """An example as tokens shaded by activation (``scale``: the activation drawn fully coloured; default
-    the example's max); the value shows on hover (``title`` and the page's tooltip)."""
+    the example's max); the value shows on hover (``title`` and the page's tooltip). A character split
+    across tokens (``example.char_spans``) is one piece, with the max activation of its tokens."""
     ref = scale if scale and scale > 0 else (example.max_activation or 0.0)
+    ranges = display_spans(len(example.tokens), example.char_spans)
     spans = []
-    for tok, act in zip(example.token_strs, example.activations, strict=False):
+    for tok, act in zip(span_texts(example.token_strs, ranges), span_activations(example.activations, ranges),
+                        strict=True):
         alpha = 0.0 if ref <= 0 or act <= 0 else min(1.0, act / ref)
         style = f' style="background-color: rgba(255, 128, 0, {alpha:.3f})"' if alpha > 0 else ""
         cls = "tok on" if act > 0 else "tok"
@@ -494,8 +558,10 @@ def _score_section(scorer: str, score: ScoreResult, examples: Mapping[str, Examp
     name, value = main_metric(scorer, score.metrics)
     metric_rows = [[esc(k), esc(fmt(v))] for k, v in score.metrics.items()]
     f = score.failures
+    note = failure_note(score)
+    note_html = f' <span class="failed">{esc(note)}</span>' if note else ""
     parts = [f'<section class="score" id="score-{esc(scorer)}"><h3>{esc(scorer)}: {esc(name or "")} '
-             f'<span class="big">{esc(fmt(value))}</span></h3>',
+             f'<span class="big">{esc(fmt(value))}</span>{note_html}</h3>',
              '<div class="row">', _table(["metric", "value"], metric_rows, "compact"),
              f'<p class="muted">{esc(score.model)} via {esc(score.provider)}; {score.n_prompts} prompts; '
              f'failures: {f.prompts} prompts, {f.examples} examples, {f.requests} requests</p></div>']
@@ -604,6 +670,23 @@ def render_latent_page(run: RunData, hook: HookData, entry: LatentEntry) -> str:
     return _page(title, "\n".join(body), depth=2, data=data, page="latent")
 
 
+def _scorer_failures(run: RunData) -> str:
+    """A line per scorer whose prompts failed: how many prompts and how many latents got no score."""
+    items = []
+    for scorer in run.scorers:
+        scores = [e.scores[scorer] for h in run.hooks for e in h.latents.values() if scorer in e.scores]
+        failed = sum(s.failures.prompts for s in scores)
+        if failed <= 0:
+            continue
+        total = max(sum(s.n_prompts for s in scores), failed)
+        blank = sum(1 for s in scores if main_metric(scorer, s.metrics)[1] is None)
+        items.append(f'<li id="failures-{esc(scorer)}"><b>{esc(scorer)}</b>: failed {failed}/{total} prompts; '
+                     f"{blank} of {len(scores)} latents have no score</li>")
+    if not items:
+        return ""
+    return ('<ul class="errors scorer-failures">' + "".join(items) + "</ul>")
+
+
 def _index_rows(run: RunData) -> list[dict[str, Any]]:
     rows = []
     for hook in run.hooks:
@@ -613,6 +696,7 @@ def _index_rows(run: RunData) -> list[dict[str, Any]]:
                 "hookpoint": hook.hookpoint, "latent": i, "href": latent_href(hook.dirname, i),
                 "explanation": None if expl is None else expl.text,
                 "scores": {s: main_metric(s, r.metrics)[1] for s, r in entry.scores.items()},
+                "failures": {s: note for s, r in entry.scores.items() if (note := failure_note(r))},
                 "frequency": entry.frequency, "max_activation": entry.max_activation,
             })
     return rows
@@ -666,8 +750,9 @@ def render_index(run: RunData) -> str:
         freqs = ((hook.stats or {}).get("latents") or {}).get("frequency")
         if freqs:
             plots.append(frequency_histogram_svg(freqs, f"{hook.hookpoint} firing frequency"))
-    body.append('<section id="plots"><h2>Distributions</h2><div class="row plots">' + "".join(plots)
-                + "</div></section>" if plots else "")
+    failures = _scorer_failures(run)
+    body.append('<section id="plots"><h2>Distributions</h2>' + failures + '<div class="row plots">'
+                + "".join(plots) + "</div></section>" if plots or failures else "")
     skipped = sum(len(h.skipped) for h in run.hooks)
     note = f" Latents skipped for too few activating examples: {skipped}." if skipped else ""
     body.append('<section id="latents"><h2>Latents</h2>'
@@ -701,6 +786,7 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
 def write_run_report(run: RunData, out_dir: str | os.PathLike[str] | None = None) -> Path:
     """:func:`write_report` for a run already read with :func:`load_run`."""
     out = Path(out_dir) if out_dir is not None else run.root / REPORT_DIR
+    remove_stale_temporaries(out.parent, recursive=False)  # of report writes that were killed
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -743,6 +829,7 @@ __all__ = [
     "RunData",
     "copy_assets",
     "esc",
+    "failure_note",
     "frequency_histogram_svg",
     "histogram",
     "latent_href",
@@ -754,6 +841,7 @@ __all__ = [
     "report_summary",
     "script_json",
     "svg_histogram",
+    "title_lines_for",
     "write_report",
     "write_run_report",
 ]

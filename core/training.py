@@ -18,9 +18,10 @@ Every architecture (:class:`~saelab.SparseDictionary`) trains through this modul
   ``dead_mask`` passed to ``forward`` (AuxK for the TopK family);
 * logs loss terms, FVU, L0 and dead fraction to a JSONL file per dictionary, to a rich progress display
   and optionally to Weights & Biases;
-* checkpoints every ``checkpoint_every`` steps (weights, Adam state, schedule, RNG, data position; safetensors
-  + JSON, no pickle) and resumes from the latest checkpoint so that a killed run ends equal to an
-  uninterrupted one;
+* checkpoints every ``checkpoint_every`` steps and every ``checkpoint_every_minutes`` of wall time
+  (weights, Adam state, schedule, RNG, data position; safetensors + JSON, no pickle) and resumes from the
+  latest checkpoint so that a killed run ends equal to an uninterrupted one; a resume says so on stderr
+  ("resumed from step N") and in the training log (an ``{"event": "resumed", "step": N}`` line);
 * runs data-parallel under ``torchrun`` (see :func:`init_distributed`).
 
 Massive activations: SmolLM2 (and many LMs) put residual norms of ~26k (median ~170) on the first
@@ -37,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -106,7 +108,11 @@ class TrainerConfig(Options):
     """A latent is dead after this many tokens without firing (drives AuxK); None: a tenth of the run's
     tokens, clamped to [batch_size, 10M] (sparsify uses 10M, which a short run never reaches)."""
     checkpoint_every: int = 1000
-    """Save a resumable checkpoint every N steps (0: never)."""
+    """Save a resumable checkpoint every N steps (0: not by step count; see `checkpoint_every_minutes`)."""
+    checkpoint_every_minutes: float = 10.0
+    """Also save one when this many minutes of training have passed since the last checkpoint (or the
+    start), so a killed run loses at most that much; fractions allowed (0.5 = 30 s; 0: never). Checked
+    every `log_every` steps; under torchrun rank 0's clock decides and tells the other ranks."""
     keep_checkpoints: int = 1
     """Checkpoints kept per dictionary (older ones are deleted after a new one is complete)."""
     log_every: int = 10
@@ -124,7 +130,8 @@ class TrainerConfig(Options):
 
 def _fingerprint_fields(config: TrainerConfig) -> dict[str, Any]:
     """Config fields that change the trained values (checked when resuming)."""
-    ignored = {"checkpoint_every", "keep_checkpoints", "log_every", "wandb_project", "device"}
+    ignored = {"checkpoint_every", "checkpoint_every_minutes", "keep_checkpoints", "log_every", "wandb_project",
+               "device"}
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in ignored}
 
 
@@ -516,6 +523,8 @@ class TrainResult:
     out_dir: Path | None = None
     tokens_since_fired: torch.Tensor | None = None
     """``[d_sae]`` tokens since each latent last fired, at the end of the run (the AuxK counters)."""
+    resumed_from_step: int | None = None
+    """The checkpoint step this run resumed from (None: it started afresh)."""
 
 
 class _JobState:
@@ -565,7 +574,9 @@ class Trainer:
     """Trains several dictionaries (a sweep, several hookpoints) on one stream of activations."""
 
     def __init__(self, jobs: Sequence[DictionaryJob], config: TrainerConfig | None = None, *,
-                 dist: DistContext | None = None, progress: bool = True, run_name: str | None = None):
+                 dist: DistContext | None = None, progress: bool = True, run_name: str | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        """``clock`` (seconds) times ``checkpoint_every_minutes``; only rank 0's is read."""
         if not jobs:
             raise UsageError("nothing to train: no dictionaries given")
         names = [j.name for j in jobs]
@@ -576,6 +587,8 @@ class Trainer:
         self.dist = dist or current_dist()
         self.progress = progress
         self.run_name = run_name
+        self.clock = clock
+        self.resumed_from_step: int | None = None
         self.device = resolve_device(self.config.device, self.dist.local_rank)
         if self.config.batch_size % self.dist.world_size:
             raise UsageError(f"batch_size {self.config.batch_size} is not divisible by the "
@@ -584,6 +597,13 @@ class Trainer:
                             ("log_every", self.config.log_every), ("init_rows", self.config.init_rows)):
             if value < 1:
                 raise UsageError(f"bad value {value} for {name}; it must be a positive integer")
+        if self.config.checkpoint_every < 0:
+            raise UsageError(f"bad value {self.config.checkpoint_every} for checkpoint_every; accepted: a number "
+                             "of steps >= 0 (0: no checkpoints by step count)")
+        minutes = self.config.checkpoint_every_minutes
+        if not (math.isfinite(minutes) and minutes >= 0):
+            raise UsageError(f"bad value {minutes} for checkpoint_every_minutes; accepted: minutes >= 0, "
+                             "fractions allowed (0: no checkpoints by wall time)")
 
     # -- data plumbing -------------------------------------------------------------------------
 
@@ -596,7 +616,7 @@ class Trainer:
     def _steps_per_epoch(self, source: BatchSource) -> int | None:
         n = source.n_batches(self._local_batch_size(), **self._split_args())
         if n is not None and self.dist.active:  # every rank must take the same number of steps
-            n = int(self.dist.all_reduce(torch.tensor(n, dtype=torch.long), "min").item())
+            n = int(self.dist.all_reduce(torch.tensor(n, dtype=torch.long, device=self.device), "min").item())
         return n
 
     def _epoch_batches(self, source: BatchSource, epoch: int, start_batch: int) -> Iterator[Batch]:
@@ -633,8 +653,11 @@ class Trainer:
 
         step, epoch, batch_in_epoch = 0, 0, 0
         ckpt = self._find_resume_step(states) if resume else None
+        self.resumed_from_step = None
         if ckpt is not None:
             step, epoch, batch_in_epoch = self._load_checkpoints(states, fingerprints, ckpt)
+            self.resumed_from_step = step
+            self._announce_resume(states, step, epoch, total)
         else:
             self._initialise(states, source)
             for st in states:
@@ -644,6 +667,7 @@ class Trainer:
         wandb_run = self._wandb_init(states, total) if cfg.wandb_project and self.dist.is_main else None
         display = _Display(states, total, step, enabled=self.progress and self.dist.is_main)
         t_start, tokens_start = time.perf_counter(), step * cfg.batch_size
+        last_checkpoint_time = self.clock()
         try:
             with display:
                 while step < total and epoch < cfg.epochs:
@@ -667,9 +691,10 @@ class Trainer:
                                     wandb_run.log({f"{st.job.name}/{k}": v for k, v in entry.items()
                                                    if isinstance(v, (int, float))}, step=step)
                         display.update(step)
-                        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                        if step < total and self._checkpoint_due(step, last_checkpoint_time):
                             position = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
                             self._save_checkpoints(states, fingerprints, step, *position)
+                            last_checkpoint_time = self.clock()
                         if step >= total or epoch_done:
                             break
                     if not got_batch and batch_in_epoch == 0:
@@ -679,6 +704,37 @@ class Trainer:
             if wandb_run is not None:
                 wandb_run.finish()
         return [self._finish(st, step) for st in states]
+
+    def _checkpoint_due(self, step: int, last_checkpoint_time: float) -> bool:
+        """True when a checkpoint is due after ``step``: every ``checkpoint_every`` steps, or once
+        ``checkpoint_every_minutes`` have passed since ``last_checkpoint_time``. The clock is read on
+        logging steps only (``log_every``), which already wait for the device: reading a broadcast flag
+        every step would stall a GPU. Rank 0's clock decides and is broadcast: ranks' clocks differ, and
+        every rank must enter the checkpoint's barrier."""
+        cfg = self.config
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            return True
+        if not cfg.checkpoint_every_minutes or step % cfg.log_every:
+            return False
+        due = self.clock() - last_checkpoint_time >= 60.0 * cfg.checkpoint_every_minutes
+        if self.dist.active:
+            flag = torch.tensor([1 if due else 0], dtype=torch.uint8, device=self.device)
+            due = bool(self.dist.broadcast(flag, src=0).item())
+        return due
+
+    def _announce_resume(self, states: list[_JobState], step: int, epoch: int, total: int) -> None:
+        """Say on stderr and in each training log that this run continues from checkpoint ``step``."""
+        if not self.dist.is_main:
+            return
+        names = ", ".join(st.job.name for st in states)
+        print(f"resumed from step {step} of {total} ({names}: {CHECKPOINT_DIR}/step_{step:09d})",
+              file=sys.stderr, flush=True)
+        for st in states:
+            assert st.job.out_dir is not None
+            entry = {"event": "resumed", "step": step, "tokens": step * self.config.batch_size, "epoch": epoch,
+                     "checkpoint": f"{CHECKPOINT_DIR}/step_{step:09d}"}
+            with open(st.job.out_dir / TRAINING_LOG, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
 
     def _initialise(self, states: list[_JobState], source: BatchSource) -> None:
         cfg = self.config
@@ -827,7 +883,8 @@ class Trainer:
             name=st.job.name, module=module, steps=step, tokens=step * self.config.batch_size,
             metrics=dict(st.last), dead_final_epoch=float(1.0 - st.fired_epoch.float().mean().item()),
             input_scale=st.input_scale, output_scale=st.output_scale, folded=True, lr=st.lr, history=st.history,
-            out_dir=st.job.out_dir, tokens_since_fired=st.tokens_since_fired.detach().cpu())
+            out_dir=st.job.out_dir, tokens_since_fired=st.tokens_since_fired.detach().cpu(),
+            resumed_from_step=self.resumed_from_step)
         if self.dist.is_main and st.job.out_dir is not None:
             save_trained(result, self.config, st, extra_cfg=st.job.extra_cfg, dead_tokens=self.dead_tokens)
         self.dist.barrier()

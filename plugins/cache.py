@@ -23,7 +23,7 @@ from saelab.cli_options import (
     store_options,
     verbose_option,
 )
-from saelab.config import config_option, write_run_config
+from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.paths import run_dir
 
 
@@ -67,11 +67,12 @@ def register_commands(cli: click.Group) -> None:
         """
         options: CacheCommandOptions = resolve_params(ctx, params, model=CacheCommandOptions)
         directory = run_dir(options.name)
-        with one_line_warnings():
-            cache = open_or_build_cache(options)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_run_config(directory, command="cache", config=options,
-                         extra={"activation_cache": str(cache.path)})
+        with recorded_invocation(directory, "cache"):
+            with one_line_warnings():
+                cache = open_or_build_cache(options)
+            directory.mkdir(parents=True, exist_ok=True)
+            write_run_config(directory, command="cache", config=options,
+                             extra={"activation_cache": str(cache.path)})
         if options.verbose:
             from saelab.progress import stdout_console, summary_table
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import SecretStr
 from saelab import Dataset, UsageError, hookimpl
 from saelab.data import DatasetOptions, check_column, clean_text, split_rows
 from saelab.fileio import file_sha256 as sha256_of_file
@@ -144,9 +145,10 @@ class _DatasetsBacked(Dataset):
 
     Options = DatasetOptions
 
-    def __init__(self, repo: str, options: DatasetOptions | None = None):
+    def __init__(self, repo: str, options: DatasetOptions | None = None, *, hf_token: str | None = None):
         super().__init__(repo, options)
         self._ds: Any = None
+        self._hf_token = SecretStr(hf_token) if hf_token else None  # a credential: memory only
 
     def load_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Positional and keyword arguments for ``datasets.load_dataset`` (split excluded)."""
@@ -183,9 +185,12 @@ class _DatasetsBacked(Dataset):
         datasets.utils.disable_progress_bars()
         try:
             ds = datasets.load_dataset(*args, split=split, streaming=streaming,
-                                       token=self.options.hf_token or None, **kwargs)
+                                       token=self._hf_token.get_secret_value() if self._hf_token else None, **kwargs)
         except Exception as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
+            if isinstance(exc, StopIteration) or "corresponds to no data" in message:
+                raise UsageError(f"dataset {self.repo!r} (split {self.options.split!r}) holds no rows; give a "
+                                 f"dataset with at least one document") from None
             raise UsageError(
                 f"cannot load dataset {self.repo!r} (name {self.options.name!r}, split {self.options.split!r}): "
                 f"{message[:400]}"
@@ -290,6 +295,9 @@ class LocalFiles(_DatasetsBacked):
             )
         if self.options.name:
             raise UsageError(f"local file {repo!r} has no configurations; got --dataset_name {self.options.name!r}")
+        size = path.stat().st_size
+        if size == 0 or (size < 2**16 and not path.read_bytes().strip()):
+            raise UsageError(f"dataset file {repo!r} is empty; give a file with at least one document")
         self.file = path.resolve()
         if self.builder == "text":
             check_column(self.options.column, ["text"], f"dataset {repo} (a .txt file)")

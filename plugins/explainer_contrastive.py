@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from saelab import hookimpl
 from saelab.autointerp import ExplainerOptions, LLMExplainer, highlighted_text, number_examples, plain_text
-from saelab.prompts import fill
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders, fill
 from saelab.records import Example, LatentRecord
 
 
@@ -26,6 +26,7 @@ class ContrastiveExplainer(LLMExplainer):
     name = "contrastive"
     Options = ContrastiveExplainerOptions
     prompt_prefix = "explainers.contrastive"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("activating", "non_activating"))}
 
     def negatives(self, record: LatentRecord) -> list[Example]:
         """The non-activating examples shown."""

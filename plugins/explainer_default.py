@@ -10,11 +10,12 @@ from saelab.autointerp import (
     ExplainerOptions,
     LLMExplainer,
     activation_line,
+    display_activations,
     display_tokens,
     highlighted_text,
     record_max_activation,
 )
-from saelab.prompts import fill
+from saelab.prompts import NO_PLACEHOLDERS, SYSTEM_PLACEHOLDERS, Placeholders, fill
 from saelab.records import LatentRecord
 
 
@@ -38,6 +39,8 @@ class DefaultExplainer(LLMExplainer):
     name = "default"
     Options = DefaultExplainerOptions
     prompt_prefix = "explainers.default"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "activations": NO_PLACEHOLDERS, "cot": NO_PLACEHOLDERS,
+                           "user": Placeholders(required=("examples",))}
 
     def system_message(self) -> str:
         parts = [str(self.prompts["explainers.default.system"])]
@@ -69,7 +72,7 @@ class DefaultExplainer(LLMExplainer):
         for i, example in enumerate(self.train_examples(record), 1):
             block = f"Example {i}: {highlighted_text(example, self.options.threshold)}"
             if self.options.show_activations:
-                block += "\n" + activation_line(display_tokens(example), example.activations,
+                block += "\n" + activation_line(display_tokens(example), display_activations(example),
                                                 self.options.threshold, top or None,
                                                 self.options.max_activation_tokens)
             blocks.append(block)

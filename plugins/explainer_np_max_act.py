@@ -7,7 +7,7 @@ import json
 from pydantic import Field
 from saelab import hookimpl
 from saelab.autointerp import ExplainerOptions, LLMExplainer, highlighted_text, number_examples
-from saelab.prompts import fill
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders, fill
 from saelab.records import LatentRecord, TokenValues
 
 
@@ -37,6 +37,8 @@ class NpMaxActExplainer(LLMExplainer):
     aliases = ("np-max-act",)
     Options = NpMaxActOptions
     prompt_prefix = "explainers.np_max_act"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS,
+                           "user": Placeholders(required=("examples",), optional=("top_logits", "bottom_logits"))}
 
     def user_message(self, record: LatentRecord) -> str:
         strongest = sorted(record.train, key=lambda e: -(e.max_activation or 0.0))[: self.options.n_examples]

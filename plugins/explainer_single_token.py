@@ -10,11 +10,12 @@ from saelab import hookimpl
 from saelab.autointerp import (
     ExplainerOptions,
     LLMExplainer,
+    display_activations,
     display_tokens,
     highlighted_text,
     number_examples,
 )
-from saelab.prompts import fill
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders, fill
 from saelab.records import LatentRecord
 
 
@@ -32,13 +33,16 @@ class SingleTokenExplainer(LLMExplainer):
     aliases = ("single_token",)
     Options = SingleTokenExplainerOptions
     prompt_prefix = "explainers.single_token"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS,
+                           "user": Placeholders(required=("tokens",), optional=("examples",))}
 
     def top_tokens(self, record: LatentRecord) -> list[tuple[str, int]]:
         """``(token, count)`` of the examples' max-activating tokens, most frequent first (ties: first seen)."""
         counts: Counter[str] = Counter()
         for example in self.train_examples(record):
             if example.activations:
-                best = max(range(len(example.activations)), key=example.activations.__getitem__)
+                activations = display_activations(example)  # per display span: a split character counts whole
+                best = max(range(len(activations)), key=activations.__getitem__)
                 counts[display_tokens(example)[best]] += 1
         return counts.most_common()
 

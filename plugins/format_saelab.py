@@ -16,7 +16,7 @@ import torch
 from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import FORMAT_NAME, build_dictionary
 from saelab.fileio import save_safetensors_atomic
-from saelab.formats import has_files, require_format_dir
+from saelab.formats import has_files, read_json, require_format_dir
 from saelab.manager import saelab_version
 from safetensors.torch import load_file
 
@@ -32,14 +32,16 @@ class SaelabFormat(DictionaryFormat):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        """A directory whose cfg.json says ``"format": "saelab"`` next to dictionary.safetensors."""
+        """A directory whose cfg.json says ``"format": "saelab"`` next to dictionary.safetensors; also
+        one whose cfg.json is not valid JSON (``dictionary.safetensors`` is saelab's name), so that
+        loading names the broken file instead of finding no dictionary."""
         path = Path(path)
         if not has_files(path, CFG_FILE, WEIGHTS_FILE):
             return False
         try:
             cfg = json.loads((path / CFG_FILE).read_text())
         except (OSError, ValueError):
-            return False
+            return True
         return isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME
 
     def save(self, dictionary: SparseDictionary, path: Path) -> None:
@@ -57,9 +59,17 @@ class SaelabFormat(DictionaryFormat):
         path = Path(path)
         require_format_dir(self.detect(path), path, "saelab",
                            f"{CFG_FILE} with \"format\": \"saelab\" and {WEIGHTS_FILE}")
-        cfg = json.loads((path / CFG_FILE).read_text())
+        cfg = read_json(path / CFG_FILE)
+        missing_keys = [key for key in ("architecture", "sites") if key not in cfg]
+        if missing_keys:
+            raise UsageError(f"{str(path / CFG_FILE)!r} has no {' and no '.join(map(repr, missing_keys))}; "
+                             f"a saelab cfg.json holds format, architecture, sites, options and d_sae")
         module = build_dictionary(cfg["architecture"], cfg["sites"], cfg.get("options", {}))
-        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        try:
+            state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+        except Exception as exc:  # truncated or corrupt files raise several exception types
+            raise UsageError(f"cannot read weights {str(path / WEIGHTS_FILE)!r} (corrupt or truncated): "
+                             f"{type(exc).__name__}: {exc}") from None
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UsageError(f"{str(path / WEIGHTS_FILE)!r} does not match architecture "

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import click
 import torch
 from pydantic import SecretStr, field_validator
-from saelab import ActivationSource, Options, UsageError, hookimpl, resolve
+from saelab import ActivationSource, Options, UsageError, hookimpl
 from saelab.models import (
     Hookpoint,
     hookpoint_names,
@@ -111,19 +111,23 @@ class TransformersOptions(LocalModelOptions):
     """Hub revision (branch, tag or commit) of a hub model."""
     trust_remote_code: bool = False
     """Allow a hub model's own modelling code to run."""
-    hf_token: SecretStr | None = None
-    """Hugging Face token for gated models (never logged or written to disk)."""
 
 
 class TransformersSource(ActivationSource):
-    """Any Hugging Face causal LM, by hub id or local directory (AutoModelForCausalLM)."""
+    """Any Hugging Face causal LM, by hub id or local directory (AutoModelForCausalLM).
+
+    ``hf_token`` is the hub credential for gated models: a constructor argument, not an option, kept
+    in memory only (never in ``options``, fingerprints, logs or files).
+    """
 
     name = "transformers"
     Options = TransformersOptions
 
-    def __init__(self, model_id: str, options: Options | None = None, *, path: str | Path | None = None):
+    def __init__(self, model_id: str, options: Options | None = None, *, path: str | Path | None = None,
+                 hf_token: str | SecretStr | None = None):
         self.model_id = model_id
         self.options = options if options is not None else self.Options()
+        self._hf_token = hf_token if isinstance(hf_token, SecretStr) or hf_token is None else SecretStr(hf_token)
         self.device = _resolve_device(self.options.device)
         if getattr(self.options, "load_in_8bit", False) and self.device.type != "cuda":
             raise UsageError(f"load_in_8bit needs a CUDA GPU, but the model would run on {self.device.type}; "
@@ -157,9 +161,8 @@ class TransformersSource(ActivationSource):
             kwargs["revision"] = opts.revision
         if getattr(opts, "trust_remote_code", False):
             kwargs["trust_remote_code"] = True
-        token = getattr(opts, "hf_token", None)
-        if token is not None:
-            kwargs["token"] = token.get_secret_value()
+        if self._hf_token is not None and self._hf_token.get_secret_value():
+            kwargs["token"] = self._hf_token.get_secret_value()
         return kwargs
 
     def _missing(self, exc: BaseException) -> UsageError:
@@ -578,9 +581,7 @@ def register_commands(cli: click.Group) -> None:
                    hf_token: str | None) -> None:
         """List the valid hookpoints of MODEL (embedded name, hub id or local directory)."""
         options: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-        if hf_token and "hf_token" in resolve("activation_source", model).Options.model_fields:
-            options["hf_token"] = hf_token  # HF_TOKEN from the environment is not an error for smollm2
-        source = load_activation_source(model, **options)
+        source = load_activation_source(model, hf_token=hf_token, **options)
         names = source.hookpoints()
         if as_json:
             click.echo(json.dumps({

@@ -147,7 +147,9 @@ def _unmask_connection_error(exc: BaseException) -> BaseException:
             import aiohttp
 
             if isinstance(root, aiohttp.ClientConnectionError) and not isinstance(root, TimeoutError):
-                return openai.APIConnectionError(request=exc.request)
+                unmasked = openai.APIConnectionError(request=exc.request)
+                unmasked.__cause__ = root
+                return unmasked
     return exc
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from saelab import UsageError, hookimpl
-from saelab.cli import MultiValueOption
+from saelab import FailedWorkError, UsageError, hookimpl
+from saelab.cli import EXIT_CODES_NOTE, MultiValueOption
 from saelab.cli_options import (
     EMBEDDED_NOTE,
     argument_or_flag,
@@ -39,7 +39,13 @@ from saelab.cli_options import (
     store_options,
     verbose_option,
 )
-from saelab.config import config_option, explicit_params, read_run_config, write_run_config
+from saelab.config import (
+    config_option,
+    explicit_params,
+    read_run_config,
+    recorded_invocation,
+    write_run_config,
+)
 from saelab.options import parse_option_value
 
 DEFAULT_SPARSE_MODEL = "EleutherAI/sae-llama-3-8b-32x"
@@ -57,7 +63,7 @@ RUN_NOTE = (
     "sparsify dictionary directory, a directory of them named by hookpoint, or a run directory "
     "(results/<name>). Re-running the same command reuses every result whose inputs match; a killed run "
     "finishes only what is missing. --dry_run builds caches and records but makes no LLM call: it prints "
-    "the calls, estimated prompt tokens and cost."
+    "the calls, estimated prompt tokens and cost. " + EXIT_CODES_NOTE
 )
 
 
@@ -140,6 +146,9 @@ def common_stage_options() -> Any:
                      help="Print the LLM calls, estimated prompt tokens and cost; make no LLM call."),
         click.option("--pipeline_num_proc", type=click.IntRange(min=1), default=_default_proc(),
                      show_default="cpu_count()//2", help="CPU workers for data processing and local scorers."),
+        click.option("--strict", is_flag=True, default=False,
+                     help="Exit with code 3 also when answers could not be parsed or copied the few-shot examples "
+                          "(counted on stderr either way)."),
     )
 
 
@@ -374,7 +383,7 @@ def _select(records: list[Any], feature_num: Sequence[int] | None, max_latents: 
 def interp_stage(values: Mapping[str, Any], layout: Any, record_sets: Sequence[Any], *, explain: bool,
                  score: bool, command: str) -> dict[str, Any]:
     """Explain and/or score ``record_sets`` (or plan it with ``dry_run``); prints and writes the summary."""
-    from saelab.pipeline import AutoInterp, print_plan, print_summary, summarize, write_summary
+    from saelab.pipeline import AutoInterp, outcome, print_plan, print_summary, summarize, write_summary
 
     explainer, scorers, provider = build_stage_plugins(values, layout, explain=explain, score=score)
     engine = AutoInterp(layout, explainer, scorers, provider, overwrite=values.get("overwrite") or (),
@@ -388,6 +397,8 @@ def interp_stage(values: Mapping[str, Any], layout: Any, record_sets: Sequence[A
         return {"dry_run": plan.to_dict()}
     report = engine.run(records)
     selection = {rs.hookpoint: [r.latent for r in rs.records] for rs in record_sets}
+    result = outcome(report, analysed=len(records), missing_requested=_missing_requested(values, record_sets),
+                     no_latents_reason=_no_latents_reason(record_sets))
     skipped = {rs.hookpoint: rs.skipped for rs in record_sets}
     all_scorers = [s.name for s in scorers] if score else []
     if not score:  # keep the run's scorers in the summary when only explaining
@@ -396,6 +407,7 @@ def interp_stage(values: Mapping[str, Any], layout: Any, record_sets: Sequence[A
         all_scorers = scorer_names(values.get("scorers") or []) if values.get("scorers") else []
     summary = summarize(layout, selection, all_scorers, skipped, report)
     summary["command"] = command
+    summary["outcome"] = {"problems": result.problems, "notes": result.notes}
     write_summary(layout, summary)
     if values.get("verbose", True):
         print_summary(summary)
@@ -410,8 +422,52 @@ def interp_stage(values: Mapping[str, Any], layout: Any, record_sets: Sequence[A
     return summary
 
 
+def _missing_requested(values: Mapping[str, Any], record_sets: Sequence[Any]) -> dict[int, str]:
+    """Latents named by ``--feature_num`` that have no record, with why."""
+    missing: dict[int, str] = {}
+    for rs in record_sets:
+        have = {int(r.latent) for r in rs.records}
+        for latent in values.get("feature_num") or ():
+            if int(latent) not in have:
+                missing[int(latent)] = rs.skipped.get(int(latent)) or f"no latent record at {rs.hookpoint}"
+    return missing
+
+
+def _no_latents_reason(record_sets: Sequence[Any]) -> str:
+    """Why no latent was analysed, for the one-line failure summary."""
+    skipped = {reason for rs in record_sets for reason in rs.skipped.values()}
+    n_skipped = sum(len(rs.skipped) for rs in record_sets)
+    if n_skipped:
+        return (f"all {n_skipped} latents considered were skipped ({'; '.join(sorted(skipped))}); read more tokens "
+                "(--n_tokens, a larger dataset or --dataset_split) or lower --min_examples")
+    return "no latent records (no latent fired in the tokens read: check --n_tokens, --dataset_repo, --dataset_split)"
+
+
+def finish_stage(summary: Mapping[str, Any], *, strict: bool) -> None:
+    """Print what failed as one line on stderr (whatever ``--verbose`` says) and raise
+    :class:`saelab.FailedWorkError` (exit code 3) when the invocation failed (see :class:`saelab.pipeline.Outcome`)."""
+    from saelab.pipeline import Outcome
+
+    found = summary.get("outcome")
+    if not found:
+        return
+    result = Outcome(problems=list(found.get("problems") or ()), notes=list(found.get("notes") or ()))
+    if result.failed(strict):
+        raise FailedWorkError(result.line)
+    if result.line:
+        click.echo(f"Warning: {result.line} (exit code 3 only with --strict)", err=True)
+
+
 def stage_command(values: dict[str, Any], *, explain: bool, score: bool) -> dict[str, Any]:
     """``saelab explain`` / ``saelab score`` over an existing run directory."""
+    command = "explain" if explain else "score"
+    with recorded_invocation(Path(values["run_dir"]), command):
+        summary = _stage(values, explain=explain, score=score, command=command)
+        finish_stage(summary, strict=bool(values.get("strict")))
+        return summary
+
+
+def _stage(values: dict[str, Any], *, explain: bool, score: bool, command: str) -> dict[str, Any]:
     from saelab.pipeline import RunLayout, load_records
 
     layout = RunLayout(Path(values["run_dir"]))
@@ -424,34 +480,55 @@ def stage_command(values: dict[str, Any], *, explain: bool, score: bool) -> dict
         rs = load_records(layout, hook)
         rs.records = _select(rs.records, values.get("feature_num"), values.get("max_latents"))
         record_sets.append(rs)
-    command = "explain" if explain else "score"
     if not values.get("dry_run"):
         write_run_config(layout.root, command=command, config={k: v for k, v in values.items() if k != "run_dir"})
     return interp_stage(values, layout, record_sets, explain=explain, score=score, command=command)
 
 
 def run_command(values: dict[str, Any]) -> dict[str, Any]:
-    """The whole delphi-style run with resolved ``values``."""
+    """The whole delphi-style run with resolved ``values``: nothing is written until the model, the
+    hookpoints and the dictionaries are validated and loaded."""
+    from saelab.paths import run_dir
+
+    root = run_dir(values["name"])
+    with recorded_invocation(root, "run"):
+        return _run(values, root)
+
+
+def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
+    from saelab.cli_options import open_or_build_cache
     from saelab.dictionary import load_dictionary
     from saelab.latents import build_latent_cache
     from saelab.models import load_activation_source
-    from saelab.paths import run_dir
-    from saelab.pipeline import RunLayout, example_options, find_dictionaries, hook_dirname, record_set
+    from saelab.pipeline import (
+        RunLayout,
+        canonical_hookpoint,
+        example_options,
+        find_dictionaries,
+        hook_dirname,
+        record_set,
+        sparse_model_path,
+    )
 
-    layout = RunLayout(run_dir(values["name"]))
-    dictionaries = find_dictionaries(values["sparse_model"], values.get("hookpoints") or ())
+    layout = RunLayout(root)
+    sparse_model_path(values["sparse_model"])
     build_stage_plugins(values, layout, explain=True, score=True)  # bad plugin names and options fail early
-    layout.root.mkdir(parents=True, exist_ok=True)
-    write_run_config(layout.root, command="run", config=values,
-                     extra={"dictionaries": {h: str(p) for h, p in dictionaries.items()}})
-    overwrite = set(values.get("overwrite") or ())
     source = load_activation_source(values["model"], **{**source_options(values), "device": values["device"]})
+    requested = [canonical_hookpoint(h) for h in values.get("hookpoints") or ()]
+    if requested:
+        source.check_hookpoints(requested)
+    found = find_dictionaries(values["sparse_model"], values.get("hookpoints") or ())
+    dictionaries = {hook: load_dictionary(path, device=values["device"]) for hook, path in found.items()}
+    for hook, dictionary in dictionaries.items():
+        _place_dictionary(source, hook, dictionary, values["sparse_model"])
+    _check_feature_num(values.get("feature_num"), dictionaries)
+    paths = {hook: str(path) for hook, path in found.items()}
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_run_config(layout.root, command="run", config=values, extra={"dictionaries": paths})
+    overwrite = set(values.get("overwrite") or ())
     contrastive = (values.get("explainer") or "").lower() == "contrastive"
     record_sets, caches = [], {}
-    for hook, path in dictionaries.items():
-        dictionary = load_dictionary(path, device=values["device"])
-        from saelab.cli_options import open_or_build_cache
-
+    for hook, dictionary in dictionaries.items():
         activations = open_or_build_cache({**values, "hookpoints": list(dictionary.sites.inputs)}, source=source)
         caches[hook] = str(activations.path)
         latent_cache = build_latent_cache(
@@ -463,11 +540,38 @@ def run_command(values: dict[str, Any]) -> dict[str, Any]:
                                       tokenizer=source.tokenizer, dictionary=dictionary,
                                       rebuild="cache" in overwrite))
     write_run_config(layout.root, command="run", config=values,
-                     extra={"dictionaries": {h: str(p) for h, p in dictionaries.items()}, "activation_cache": caches})
+                     extra={"dictionaries": paths, "activation_cache": caches})
     summary = interp_stage(values, layout, record_sets, explain=True, score=True, command="run")
     if values.get("enable_visualization") and not values.get("dry_run"):
         write_visualization(layout.root, bool(values.get("verbose", True)))
+    finish_stage(summary, strict=bool(values.get("strict")))
     return summary
+
+
+def _place_dictionary(source: Any, hook: str, dictionary: Any, sparse_model: str) -> None:
+    """Check that ``dictionary`` reads sites ``source`` has, with their widths; a dictionary whose format
+    records no hookpoint is placed at ``hook`` (from ``--hookpoints``), with a note on stderr."""
+    from saelab.pipeline import dictionary_sites_text, records_hookpoint, sites_at
+
+    if not records_hookpoint(dictionary.sites):
+        dictionary.sites = sites_at(hook, dictionary.sites)
+        click.echo(f"note: {sparse_model} records no hookpoint; --hookpoints sets it: the dictionary "
+                   f"{dictionary_sites_text(dictionary.sites)}", err=True)
+    model = getattr(source, "model_id", "the model")
+    source.check_hookpoints([*dictionary.sites.inputs, *dictionary.sites.outputs])
+    for site, width in ((s, dictionary.sites.d_in) for s in dictionary.sites.inputs):
+        have = source.hookpoint_dim(site)
+        if have != width:
+            raise UsageError(f"dictionary {hook!r} reads {width}-wide activations at {site} but {model} has "
+                             f"width {have} there; give a dictionary trained on {model}")
+
+
+def _check_feature_num(feature_num: Sequence[int] | None, dictionaries: Mapping[str, Any]) -> None:
+    for hook, dictionary in dictionaries.items():
+        bad = [i for i in feature_num or () if not 0 <= int(i) < dictionary.d_sae]
+        if bad:
+            raise UsageError(f"--feature_num {' '.join(map(str, bad))} out of range for {hook!r}; accepted: "
+                             f"0..{dictionary.d_sae - 1}")
 
 
 def write_visualization(directory: Path, verbose: bool = True) -> Path | None:

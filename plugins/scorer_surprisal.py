@@ -13,7 +13,7 @@ from saelab import Scorer, hookimpl
 from saelab.autointerp import explanation_text, score_fingerprint
 from saelab.metrics import binary_metrics, roc_auc
 from saelab.options import Options
-from saelab.prompts import fill
+from saelab.prompts import NO_PLACEHOLDERS, Placeholders, fill
 from saelab.records import Example, Failures, LatentRecord, Prediction, ScoreResult, Usage
 
 
@@ -79,6 +79,7 @@ class SurprisalScorer(Scorer):
     name = "surprisal"
     Options = SurprisalOptions
     prompt_prefix = "scorers.surprisal"
+    prompt_placeholders = {"prefix": Placeholders(required=("explanation",)), "baseline_explanation": NO_PLACEHOLDERS}
     uses_provider = False
 
     def _ids(self, tokenizer: Any, text: str) -> list[int]:

@@ -10,6 +10,8 @@ training is data-parallel.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import typing
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from saelab.cli_options import (
     store_options,
     verbose_option,
 )
-from saelab.config import config_option, write_run_config
+from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.options import load_config_file, parse_option_value
 from saelab.paths import run_dir
 from saelab.training import TrainerConfig
@@ -51,7 +53,9 @@ TRAIN_NOTE = (
     "Hookpoints: NAME trains an autoencoder on NAME; IN:OUT (e.g. layers.3.mlp.input:layers.3.mlp) a "
     "dictionary that reads IN and reconstructs OUT (transcoders). Sweeps: several --architecture values, "
     "or --sweep FILE (YAML/JSON list of {architecture, options, name, lr}); -o KEY VALUE options apply to "
-    "every config. A killed run resumes from its last checkpoint when the same command is run again."
+    "every config. A killed run resumes from its last checkpoint when the same command is run again (it says "
+    "'resumed from step N'); checkpoints are written every --checkpoint_every steps and every "
+    "--checkpoint_every_minutes of wall time."
 )
 
 
@@ -201,7 +205,9 @@ def register_commands(cli: click.Group) -> None:
     def train(ctx: click.Context, **params: Any) -> None:
         """Train sparse dictionaries on activations of MODEL at hookpoints (one per hookpoint x config)."""
         values = resolve_params(ctx, params)
-        with one_line_warnings():
+        rank_zero = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 keeps the run history
+        history = recorded_invocation(run_dir(values["name"]), "train") if rank_zero else contextlib.nullcontext()
+        with history, one_line_warnings():
             train_command(values)
 
 
@@ -296,12 +302,16 @@ def train_command(values: dict[str, Any]) -> None:
         from saelab.progress import stdout_console, summary_table
 
         rows = []
+        any_resumed = any(r.resumed_from_step is not None for r in results)
         for r in results:
             m = r.metrics
-            rows.append({"dictionary": r.name, "architecture": r.module.name, "d_sae": r.module.d_sae,
-                         "steps": r.steps, "tokens": r.tokens, "FVU": m.get("fvu"), "L0": m.get("l0"),
-                         "dead %": 100 * m.get("dead_frac", 0.0), "dead last epoch %": 100 * r.dead_final_epoch,
-                         "tokens/s": round(r.history[-1]["tokens_per_s"]) if r.history else None})
+            row = {"dictionary": r.name, "architecture": r.module.name, "d_sae": r.module.d_sae,
+                   "steps": r.steps, "tokens": r.tokens, "FVU": m.get("fvu"), "L0": m.get("l0"),
+                   "dead %": 100 * m.get("dead_frac", 0.0), "dead last epoch %": 100 * r.dead_final_epoch,
+                   "tokens/s": round(r.history[-1]["tokens_per_s"]) if r.history else None}
+            if any_resumed:
+                row["resumed from step"] = r.resumed_from_step
+            rows.append(row)
         for n, _ in skipped:
             rows.append({"dictionary": n, "architecture": "already trained (--overwrite train retrains)"})
         stdout_console.print(summary_table("saelab train", rows))

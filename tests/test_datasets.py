@@ -194,7 +194,9 @@ def _probe_command():
         (["gpt2"], {"dataset_repo": "EleutherAI/SmolLM2-135M-10B", "n_tokens": 10_000_000,
                     "dataset_split": "train[:1%]", "batch_size": 32, "cache_ctx_len": 256, "filter_bos": False}),
         (["--model", "smollm2", "--dataset_repo", "x.jsonl"], {"model": "smollm2", "dataset_repo": "x.jsonl",
-                                                               "dataset_split": "train[:1%]"}),
+                                                               "dataset_split": "train"}),
+        (["gpt2", "--dataset_repo", "x.jsonl", "--dataset_split", "train[:1%]"], {"dataset_split": "train[:1%]"}),
+        (["gpt2", "--dataset_repo", "org/hub-dataset"], {"dataset_split": "train[:1%]"}),
         (["m", "--hookpoints", "layers.1", "layers.2", "--filter_bos", "--overwrite", "cache", "scores"],
          {"hookpoints": ["layers.1", "layers.2"], "filter_bos": True, "overwrite": ["cache", "scores"]}),
         ([], {"model": "meta-llama/Meta-Llama-3-8B"}),
@@ -215,3 +217,46 @@ def test_cache_help_mentions_the_embedded_defaults(cli):
     for option in ("--dataset_repo", "--dataset_split", "--dataset_name", "--dataset_column", "--n_tokens",
                    "--batch_size", "--cache_ctx_len", "--filter_bos", "--name", "--overwrite", "--hf_token"):
         assert option in text
+
+
+def _rows_file(path: Path, n_rows: int = 300) -> Path:
+    path.write_text("".join(json.dumps({"text": f"row {i} of the local file says something new"}) + "\n"
+                            for i in range(n_rows)))
+    return path
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_cli_reads_a_local_dataset_whole_by_default(cli, results_dir, tmp_path, where):
+    """``--dataset_repo my.jsonl`` without --dataset_split reads all 300 rows, not train[:1%] (3 rows)."""
+    if where == "file":
+        repo = _rows_file(tmp_path / "my.jsonl")
+    else:
+        (tmp_path / "mydata").mkdir()
+        _rows_file(tmp_path / "mydata" / "train.jsonl")
+        repo = tmp_path / "mydata"
+    args = ["cache", str(TINY_GPT2), "--hookpoints", "layers.0", "--dataset_repo", str(repo), "--n_tokens", "2000",
+            "--cache_ctx_len", "16", "--verbose", "false"]
+    result = cli(*args, "--name", "whole")
+    assert result.exit_code == 0, result.output
+    assert "ran out" not in result.output
+    assert json.loads((results_dir / "whole" / "run_config.json").read_text())["config"]["dataset_split"] == "train"
+    given = cli(*args, "--name", "given", "--dataset_split", "train[:1%]")
+    assert given.exit_code == 0 and "ran out" in given.stderr  # an explicit split is kept
+
+
+def test_a_split_from_a_config_file_is_kept_for_local_data(tmp_path):
+    from saelab.cli_options import dataset_options, resolve_params
+
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset_split: train[:5]\ndataset_repo: x.jsonl\n")
+
+    @click.command()
+    @click.option("--config", default=None)
+    @dataset_options()
+    @click.pass_context
+    def probe(ctx, **params):
+        seen.update(resolve_params(ctx, params))
+
+    seen: dict = {}
+    probe.main(["--config", str(config)], standalone_mode=False)
+    assert seen["dataset_split"] == "train[:5]"

@@ -166,3 +166,31 @@ def test_faiss_source_offline(cache):
     list(RecordBuilder(cache, {**OPTS, "non_activating_source": "faiss", "feature_num": [3]},
                        tokenizer=tiny_source().tokenizer).iter_records())
     assert stored[0].stat().st_mtime_ns == mtime
+
+
+MULTILINGUAL = ["Η γλώσσα μας είναι ελληνική και όμορφη. 日本語のテキストです。東京は大きい都市です。 "
+                "Emoji 🙂🚀 and marks \u200f\u200e here. Καλημέρα κόσμε, こんにちは世界. " * 3] * 12
+
+
+def test_records_decode_split_characters_whole(tmp_path):
+    from latents_helpers import ListDataset
+
+    source = tiny_source()
+    cache = build_latent_cache(source, tiny_dictionary(), tmp_path / "layers.0", dataset=ListDataset(MULTILINGUAL),
+                               n_tokens=12 * CTX, ctx_len=CTX, n_splits=1, progress=False)
+    builder = RecordBuilder(cache, {**OPTS, "min_examples": 4, "n_examples_train": 4, "n_examples_test": 4,
+                                    "n_non_activating": 2, "n_train_non_activating": 0, "max_latents": 4},
+                            tokenizer=source.tokenizer)
+    examples = [e for r in builder.iter_records() for e in r.examples()]
+    assert examples and any(e.char_spans for e in examples)
+    for e in examples:
+        # the window reads as its sequence does, also where its edge cuts a character (only a character cut
+        # by the sequence's own edge stays broken)
+        row_text = source.tokenizer.decode(cache.tokens()[e.sequence].tolist())
+        assert e.text in row_text, (e.start, e.text)
+        assert "\ufffd" not in e.text or "\ufffd" in row_text, (e.start, e.text)
+        for a, b in e.char_spans:
+            assert e.token_strs[a] and all(s == "" for s in e.token_strs[a + 1:b])
+        decoded = source.tokenizer.decode(e.tokens)
+        if "\ufffd" not in decoded:  # a window that holds whole characters reads exactly as the tokenizer decodes it
+            assert e.text == decoded

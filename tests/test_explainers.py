@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 import saelab
 from interp_helpers import make_example, make_record, openai_provider, user_examples
 from llm_server import Reply, ScriptedLLMServer
-from saelab.autointerp import parse_explanation
+from saelab.autointerp import FewShotContent, parse_explanation
 from saelab.records import Explanation
 
 
@@ -29,7 +31,7 @@ def test_default_explainer_prompt_and_parse(monkeypatch):
     assert result.raw_responses == ["The tokens are all cats.\n[EXPLANATION]: the word \"cat\"\n"]
     body = server.chat_requests[0].body
     assert body["messages"][0]["role"] == "system" and "[EXPLANATION]:" in body["messages"][0]["content"]
-    assert [m["role"] for m in body["messages"]] == ["system", *["user", "assistant"] * 3, "user"]  # 3 few-shot pairs
+    assert [m["role"] for m in body["messages"]] == ["system", *["user", "assistant"] * 2, "user"]  # 2 few-shot pairs
     lines = user_examples(body)
     assert lines == ["the wtr0 <<cat>>", "the wtr1 <<cat>> sat", "the wtr2 <<cat>> sat on"]
     assert "Activations:" not in body["messages"][-1]["content"]
@@ -47,7 +49,8 @@ def test_default_explainer_activations_and_cot(monkeypatch):
     body = server.chat_requests[0].body
     user = body["messages"][-1]["content"]
     # 3.5 > 0.3 * 10: "over the moon" merged; 0.5 not highlighted; 0-10 scale against the latent max (10)
-    assert user == 'Example 1: <<over the moon>> again\nActivations: ("over", 4), (" the", 4), (" moon", 10)'
+    assert 'Example 1: <<over the moon>> again\nActivations: ("over", 4), (" the", 4), (" moon", 10)\n' in user
+    assert 'Activations: (" 1998", 10)' in body["messages"][1]["content"]  # few-shot with activations too
     system = body["messages"][0]["content"]
     assert "step by step" in system and "activation values" in system
     assert "(1) Highlighted" in body["messages"][2]["content"]  # chain-of-thought few-shot answer
@@ -141,3 +144,112 @@ def test_explainers_ask_for_one_explanation_line(monkeypatch):
         assert explainer("default").provider_params(provider)["max_tokens"] == 100
         result = explain("default", make_record(), server, monkeypatch)
     assert result.text == "x" and "answer_format" not in server.chat_requests[0].body  # not sent to APIs
+
+
+# --------------------------------------------------------------------------------------------------
+# Few-shot copies
+
+
+DEMO_ANSWERS = Path(__file__).parent / "fixtures" / "demo_offline_answers.json"
+"""The offline explainer's raw answers in `make demo` with the earlier few-shot prompts (cow, money, adverbs)."""
+
+
+def demo_few_shot():
+    """The few-shot answers and example texts the demo's answers were given."""
+    from saelab.autointerp import FewShotContent
+
+    data = json.loads(DEMO_ANSWERS.read_text())
+    return FewShotContent(tuple(data["few_shot"]["answers"]), tuple(data["few_shot"]["texts"]))
+
+
+def test_demo_answers_replayed_through_the_copy_detector():
+    data = json.loads(DEMO_ANSWERS.read_text())
+    few_shot = demo_few_shot()
+    flagged = [few_shot.copied_by(parse_explanation(a["raw"])[0]) is not None for a in data["answers"]]
+    assert flagged == [a["copied"] for a in data["answers"]]  # the hand check of each answer
+    assert (sum(flagged), len(flagged)) == (17, 20)
+    # the shipped few-shot prompts no longer hold what the demo copied
+    shipped = FewShotContent.from_messages(explainer("default").few_shot())
+    assert not any(shipped.copied_by(parse_explanation(a["raw"])[0]) for a in data["answers"] if a["copied"])
+
+
+@pytest.mark.parametrize("text", [
+    "Adverbs saying how or when an action happens.",  # a few-shot answer word for word
+    "  ADVERBS saying how   or when an action happens",  # case and spacing do not matter
+    "Words like: adverbs saying how or when an action happens!",  # contains a few-shot answer
+    "The cow jumped over the moon",  # quotes a few-shot example text
+    "A cow jumping over the moon.",  # the same words, inflected
+    "Fans on cloud nine after the final whistle",
+    "They left the party early",
+    "Idioms meaning extremely happy",  # the start of a few-shot answer
+])
+def test_copy_detector_flags_few_shot_copies(text):
+    assert demo_few_shot().copied_by(text) is not None
+
+
+@pytest.mark.parametrize("text", [
+    "The word \"moon\"",
+    "Money and banks",  # shares words with an answer, but no run of four
+    "Financial terms such as money, banks and credit cards",
+    "Adverbs of manner",
+    "Words that come after the name of a city",  # a run of generic words only
+    "Dates and years in the text of an article",
+    "The token \"over\" in phrases such as \"over the years\"",
+    "",
+])
+def test_copy_detector_spares_real_explanations(text):
+    assert demo_few_shot().copied_by(text) is None
+
+
+def test_copy_detector_with_the_shipped_few_shot():
+    shipped = FewShotContent.from_messages(explainer("default").few_shot())
+    assert shipped.copied_by("Years.") and shipped.copied_by("city  NAMES")  # a short answer, repeated
+    assert shipped.copied_by("The mayor of Chicago said")  # an example text
+    for text in ("Years and dates in history articles", "Names of cities and countries",
+                 "The highlighted tokens of these examples have in common that they are years"):
+        assert shipped.copied_by(text) is None  # a short answer inside a longer one, the question echoed
+
+
+def test_copied_answer_is_a_failed_explanation(monkeypatch):
+    answer = "[EXPLANATION]: City names."
+    with ScriptedLLMServer(answer) as server:
+        copied = explain("default", make_record(), server, monkeypatch)
+        unseen = explain("default", make_record(), server, monkeypatch, few_shot=False)
+    assert copied.parse_failed and copied.failure == "copied_few_shot" and not copied.usable
+    assert copied.text == "City names." and copied.raw_responses == [answer]
+    assert Explanation.from_json(copied.to_json()).failure == "copied_few_shot"
+    # without few-shot examples in the prompt there is nothing to copy
+    assert not unseen.parse_failed and unseen.failure is None and unseen.usable
+    with ScriptedLLMServer("[EXPLANATION]: The cow jumped over the moon") as server:
+        contrastive = explain("contrastive", make_record(), server, monkeypatch)
+    assert contrastive.usable  # the contrastive few-shot example is about river banks, not the cow
+
+
+def test_explain_command_reports_copies_and_does_not_score_them(cli, results_dir):
+    import json
+
+    from pipeline_helpers import SmartHandler, kind_of
+    from test_prompts import make_stage_run
+
+    layout = make_stage_run(results_dir, n=2)
+    handler = SmartHandler()
+
+    def copying(request):
+        if kind_of(request) == "explain":
+            return "[EXPLANATION]: the mayor of Chicago"
+        return handler(request)
+
+    args = ["--explainer_provider", "openai", "--explainer_model", "test-model", "--verbose", "false",
+            "--provider_option", "max_retries", "0"]
+    with ScriptedLLMServer(copying) as server:
+        env = {"OPENAI_API_KEY": "sk-test"}
+        r = cli("explain", "run", "--explainer_api_base_url", server.base_url, *args, env=env)
+        assert r.exit_code in (0, 3), r.output  # 3 where a run whose every latent failed says so
+        assert len(server.chat_requests) == 2
+        cli("score", "run", "--scorers", "detection", "--explainer_api_base_url", server.base_url, *args, env=env)
+        assert len(server.chat_requests) == 2  # copied explanations are not scored
+    stored = [Explanation.load(layout.explanation_path("layers.1", i)) for i in (0, 1)]
+    assert [(e.failure, e.parse_failed) for e in stored] == [("copied_few_shot", True)] * 2
+    summary = json.loads(layout.summary_json.read_text())
+    row = next(row for row in summary["rows"] if row["name"] == "default")
+    assert row["failure_reasons"] == {"copied_few_shot": 2}

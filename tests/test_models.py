@@ -295,7 +295,8 @@ def test_dtype_option() -> None:
     ({"load_in_8bit": True, "device": "cpu"}, "load_in_8bit needs a CUDA GPU"),
     ({"dtype": "float64"}, "bad value 'float64' for option 'dtype'"),
     ({"device": "tpu"}, "bad value 'tpu' for option 'device'"),
-    ({"n_ctx": 3}, "unknown option 'n_ctx'; accepted options: device, dtype, hf_token"),
+    ({"n_ctx": 3}, "unknown option 'n_ctx'; accepted options: device, dtype, load_in_8bit, revision, "
+                   "trust_remote_code$"),
 ])
 def test_bad_options(options: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match) as err:
@@ -313,6 +314,29 @@ def test_hf_token_is_secret() -> None:
     assert "hf_supersecret123" not in repr(src.options)
     assert "hf_supersecret123" not in json.dumps(src.options.model_dump(mode="json"))
     assert "hf_supersecret123" not in json.dumps(src.identity())
+
+
+def test_hf_token_is_a_credential_not_an_option() -> None:
+    """The token reaches the hub calls of a hub-backed source, and only sources that take it get it."""
+    from saelab.models import takes_credential
+    from saelab.plugins.models import SmolLM2Source, TransformersSource
+
+    src = load_activation_source(str(TINY_GPT2), hf_token="hf_supersecret123")
+    assert src._hub_kwargs()["token"] == "hf_supersecret123"
+    assert "hf_token" not in src.options.model_dump()
+    assert "hf_supersecret123" not in repr(vars(src))
+    assert "token" not in load_activation_source(str(TINY_GPT2))._hub_kwargs()
+    assert takes_credential(TransformersSource) and not takes_credential(SmolLM2Source)
+
+
+def test_hf_token_goes_to_hub_datasets_only(tmp_path: Path) -> None:
+    from saelab.data import load_dataset_source
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    assert load_dataset_source("news-sample", hf_token="hf_x1").options.model_dump().get("hf_token") is None
+    assert load_dataset_source(str(tmp_path / "d.jsonl"), hf_token="hf_x1")._hf_token is None  # local: no hub
+    hub = load_dataset_source(str(tmp_path), hf_token="hf_x1")
+    assert hub._hf_token.get_secret_value() == "hf_x1" and "hf_x1" not in json.dumps(hub.options.model_dump())
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/model/dir", "no-such-org/no-such-model"])

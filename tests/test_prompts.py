@@ -98,3 +98,123 @@ def test_prompt_version_changes_with_a_prompt(tmp_path):
 
 def test_fill_leaves_other_braces():
     assert fill('{explanation}: [1, 0] {"a": 1} {other}', explanation="cats") == 'cats: [1, 0] {"a": 1} {other}'
+
+
+# --------------------------------------------------------------------------------------------------
+# Placeholders: AutoInterp Full's {prompt} and the start-up check of every template
+
+
+def make_stage_run(results_dir, n: int = 2):
+    """A run directory holding ``n`` saved latent records (what `saelab run` writes before explaining)."""
+    import json
+
+    from interp_helpers import make_record
+    from saelab.pipeline import RecordSet, RunLayout, save_records
+
+    layout = RunLayout(results_dir / "run")
+    records = []
+    for i in range(n):
+        record = make_record()
+        record.latent = i
+        records.append(record)
+    save_records(layout, RecordSet("layers.1", records, {}, "fp"))
+    (layout.root / "run_config.json").write_text(json.dumps({"commands": {}}))
+    return layout
+
+
+def stage_args(server, prompt_file, *extra: str) -> list[str]:
+    return ["--explainer_provider", "openai", "--explainer_api_base_url", server.base_url, "--explainer_model",
+            "test-model", "--provider_option", "max_retries", "0", "--verbose", "false",
+            "--prompt_override", "--prompt_config_file", str(prompt_file), *extra]
+
+
+def test_prompt_placeholder_in_system_gets_the_examples_through_the_cli(cli, results_dir, tmp_path):
+    from llm_server import ScriptedLLMServer
+    from saelab.prompts import PROMPT_IN_SYSTEM_REQUEST
+
+    make_stage_run(results_dir, n=1)
+    f = write(tmp_path / "ai.yaml", {"explainers": {"default": {
+        "system": "Explain the latent.\n\n{prompt}\n\nAnswer as [EXPLANATION]: <text>"}}})
+    with ScriptedLLMServer("[EXPLANATION]: the word cat") as server:
+        r = cli("explain", "run", *stage_args(server, f), env={"OPENAI_API_KEY": "sk-test"})
+        assert r.exit_code == 0, r.output
+        messages = server.chat_requests[0].body["messages"]
+    system, user = messages[0]["content"], messages[-1]["content"]
+    assert "{prompt}" not in system
+    assert "Example 1: the wtr0 <<cat>>" in system and system.startswith("Explain the latent.\n\nExamples of a new")
+    assert user == PROMPT_IN_SYSTEM_REQUEST and "<<cat>>" not in user  # the examples are sent once
+    assert [m["role"] for m in messages] == ["system", *["user", "assistant"] * 2, "user"]
+
+
+def test_prompt_placeholder_in_a_scorer_system_template():
+    from interp_helpers import make_record
+    from saelab.prompts import PROMPT_IN_SYSTEM_REQUEST
+
+    p = load_prompts_from({"scorers": {"detection": {"system": "Decide.\n{prompt}"}}})
+    messages = saelab.resolve("scorer", "detection")({"few_shot": False}, p).messages(make_record(), "cats")[0]
+    assert messages[0]["content"].startswith("Decide.\nLatent explanation: cats\n\nText examples:\n\nExample 1:")
+    assert messages[1] == {"role": "user", "content": PROMPT_IN_SYSTEM_REQUEST}
+
+
+def load_prompts_from(data, name: str = "override.yaml"):
+    from pathlib import Path
+
+    return load_prompts(write(Path.cwd() / name, data), enabled=True)
+
+
+@pytest.mark.parametrize("kind,plugin,key,template,expected", [
+    ("scorer", "detection", "scorers.detection.user", "Explanation: {explanation}",
+     "missing placeholder {examples}; accepted placeholders: {explanation} (required), {examples} (required)"),
+    ("scorer", "fuzz", "scorers.fuzz.user", "{explanation}\n{examples}\n{exemples}", "unknown placeholder {exemples}"),
+    ("scorer", "simulation", "scorers.simulation.system", "Simulate {explanation}",
+     "unknown placeholder {explanation}; accepted placeholders: {prompt}"),
+    ("scorer", "intruder", "scorers.intruder.user", "Find the odd one out.", "missing placeholder {examples}"),
+    ("scorer", "surprisal", "scorers.surprisal.prefix", "Some text:\n", "missing placeholder {explanation}"),
+    ("scorer", "embedding", "scorers.embedding.query", "{explanation} {examples}", "unknown placeholder {examples}"),
+    ("explainer", "default", "explainers.default.user", "{prompt}", "unknown placeholder {prompt} and missing "
+     "placeholder {examples}; accepted placeholders: {examples} (required)"),
+    ("explainer", "default", "explainers.default.cot", "Think about {examples}", "accepted placeholders: none"),
+    ("explainer", "contrastive", "explainers.contrastive.user", "{activating}",
+     "missing placeholder {non_activating}"),
+    ("explainer", "single-token", "explainers.single_token.user", "{examples}", "missing placeholder {tokens}"),
+    ("explainer", "np_max_act", "explainers.np_max_act.system", "Label {top_logits}",
+     "unknown placeholder {top_logits}"),
+])
+def test_every_template_is_checked_when_the_plugin_is_built(kind, plugin, key, template, expected):
+    section, name, leaf = key.split(".")
+    p = load_prompts_from({section: {name: {leaf: template}}})
+    with pytest.raises(saelab.UsageError) as err:
+        saelab.resolve(kind, plugin)(prompts=p)
+    message = str(err.value)
+    assert message.startswith(f"prompt {key!r} in ") and expected in message and "\n" not in message
+
+
+def test_valid_overrides_and_the_defaults_pass_the_check():
+    p = load_prompts_from({"explainers": {"np_max_act": {"user": "{examples}"},  # logits are optional
+                                          "single_token": {"system": "{prompt}", "user": "{tokens}"}},
+                           "scorers": {"detection": {"user": "{examples}\n\n{explanation}"}}})
+    for kind in ("explainer", "scorer"):
+        for name in saelab.registry(kind):
+            for prompts in (p, load_prompts()):
+                assert saelab.resolve(kind, name)(prompts=prompts).prompts is prompts
+
+
+def test_template_without_examples_stops_the_score_command_before_any_request(cli, results_dir, tmp_path):
+    from llm_server import ScriptedLLMServer
+
+    make_stage_run(results_dir)
+    f = write(tmp_path / "bad.yaml", {"scorers": {"detection": {"user": "Explanation: {explanation}"}}})
+    with ScriptedLLMServer("[1, 0, 1, 0, 1]") as server:
+        r = cli("score", "run", *stage_args(server, f, "--scorers", "detection"), env={"OPENAI_API_KEY": "sk-test"})
+        assert len(server.requests) == 0
+    assert r.exit_code == 2
+    r.assert_user_error("prompt 'scorers.detection.user'", "missing placeholder {examples}",
+                        "{explanation} (required), {examples} (required)")
+
+
+def test_yaml_parse_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scorers:\n  detection:\n    system: ok\n   user: misindented\n")
+    with pytest.raises(saelab.UsageError) as err:
+        load_prompts(bad, enabled=True)
+    assert "cannot be parsed: line 4, column 4:" in str(err.value) and "\n" not in str(err.value)

@@ -135,3 +135,87 @@ def test_report_command(run: Path, cli) -> None:
 
 def test_report_command_unknown_run(cli) -> None:
     cli("report", "nope").assert_user_error("'nope' not found")
+
+
+def _fail_fuzz(run: Path, latent: int, failed: int, total: int) -> None:
+    """Rewrite the fuzz score of ``latent`` as one whose ``failed`` of ``total`` prompts failed (no value
+    when all did)."""
+    from saelab.records import Failures, ScoreResult
+
+    path = run / "scores" / "fuzz" / HOOK / f"latent_{latent}.json"
+    score = ScoreResult.load(path)
+    score.failures = Failures(prompts=failed, examples=4 * failed, requests=0)
+    score.n_prompts = total
+    if failed == total:
+        score.metrics = {"balanced_accuracy": None, "f1": None, "auc": None}
+    score.save(path)
+
+
+def test_failed_score_prompts_are_shown_not_blank(run: Path, cli) -> None:
+    _fail_fuzz(run, 3, 10, 10)
+    _fail_fuzz(run, 7, 3, 10)
+    assert cli("report", str(run)).exit_code == 0
+    index = run / "report" / "index.html"
+    rows = {r["latent"]: r for r in _data(index)["latents"]}
+    assert rows[3]["scores"]["fuzz"] is None and rows[3]["failures"] == {"fuzz": "failed 10/10 prompts"}
+    assert rows[7]["failures"] == {"fuzz": "failed 3/10 prompts"} and rows[11]["failures"] == {}
+    html = index.read_text(encoding="utf-8")
+    assert re.search(r'id="failures-fuzz"><b>fuzz</b>: failed 13/\d+ prompts; 1 of 4 latents have no score', html)
+    assert "failures-detection" not in html
+    page = (run / "report" / "latents" / HOOK / "latent_3.html").read_text(encoding="utf-8")
+    assert '<span class="failed">failed 10/10 prompts</span></h3>' in page
+    js = (run / "report" / "assets" / "report.js").read_text(encoding="utf-8")
+    assert "r.failures" in js  # the latent table shows the note in the score cell
+
+
+@pytest.mark.parametrize("hook", ["layers.1", "model.layers.10.mlp.down_proj", "x" * 90])
+def test_plot_titles_fit_inside_the_svg(hook: str) -> None:
+    freqs = [10 ** -(i % 5) for i in range(20000)] + [0.0] * 123
+    svg = report.frequency_histogram_svg(freqs, f"{hook} firing frequency")
+    width = int(re.search(r'<svg[^>]* width="(\d+)"', svg).group(1))
+    titles = re.findall(r'<text class="plot-title" x="([\d.]+)" y="([\d.]+)">([^<]*)</text>', svg)
+    assert titles and " ".join(t for _, _, t in titles).replace(" ", "") == \
+        f"{hook} firing frequency (20000 alive, 123 dead)".replace(" ", "")
+    for x, _, text in titles:  # upper estimate of the rendered width of a 12 px semi-bold title
+        assert float(x) + len(text) * report.TITLE_CHAR_WIDTH <= width - report.TITLE_MARGIN + 1e-9
+    bars_top = min(float(y) for y in re.findall(r'<rect class="bar" x="[\d.]+" y="([\d.]+)"', svg))
+    assert bars_top > float(titles[-1][1])  # the plot starts below the (wrapped) title
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_killed_report_writes_are_removed(run: Path, cli) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    # a `saelab report` killed mid-write leaves its .report.tmp-<pid>/ behind
+    killed = subprocess.Popen([sys.executable, "-c", "import os, pathlib, time; "
+                               f"d = pathlib.Path({str(run)!r}) / f'.report.tmp-{{os.getpid()}}'; "
+                               "(d / 'latents').mkdir(parents=True); print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert killed.stdout.readline().strip() == "ready"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        stale = [run / f".report.tmp-{killed.pid}", run / f".report.old-{_dead_pid()}"]
+        stale[1].mkdir()
+        kept = run / f".report.tmp-{live.pid}"
+        kept.mkdir()
+        assert stale[0].is_dir()
+        assert cli("report", str(run)).exit_code == 0
+        assert not any(p.exists() for p in stale) and kept.is_dir()  # a live writer's directory is left alone
+        assert (run / "report" / "index.html").is_file()
+    finally:
+        for proc in (killed, live):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -151,7 +152,13 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+def _log_entries(path: Path) -> tuple[list[dict], list[dict]]:
+    """``(metric entries, event entries)`` of a JSONL training log."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    return [e for e in entries if "event" not in e], [e for e in entries if "event" in e]
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     x, _ = synthetic(n=2048, d=32)
     config = TrainerConfig(epochs=3, checkpoint_every=5, keep_checkpoints=2, **FAST)  # 16 steps per epoch
 
@@ -174,12 +181,59 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     with pytest.raises(_Crash):
         run(tmp_path / "resumed", crash_after=23)  # dies in epoch 1, after the step-20 checkpoint
     assert list_checkpoints(tmp_path / "resumed" / CHECKPOINT_DIR) == [15, 20]
+    capsys.readouterr()
     (resumed,), sae, consumed = run(tmp_path / "resumed")
     assert consumed == full.steps - 20  # resumed at the checkpoint's data position
     assert state_equal(sae, ref)
     assert resumed.metrics == full.metrics
-    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / TRAINING_LOG).read_text().splitlines()]
-    assert log == list(range(4, full.steps + 1, 4))  # no duplicated or missing entries
+    assert (full.resumed_from_step, resumed.resumed_from_step) == (None, 20)
+    assert f"resumed from step 20 of {full.steps}" in capsys.readouterr().err
+    metrics, events = _log_entries(tmp_path / "resumed" / TRAINING_LOG)
+    assert [e["step"] for e in metrics] == list(range(4, full.steps + 1, 4))  # no duplicated or missing entries
+    assert events == [{"event": "resumed", "step": 20, "tokens": 20 * 128, "epoch": 1,
+                       "checkpoint": "checkpoints/step_000000020"}]
+
+
+def test_wall_clock_checkpoints_resume_to_identical_weights(tmp_path: Path) -> None:
+    """``checkpoint_every_minutes`` checkpoints by elapsed time (an injected clock: one minute per batch)
+    whatever ``checkpoint_every`` says, and a run killed after one resumes to the uninterrupted result."""
+    x, _ = synthetic(n=1024, d=16, n_features=48)
+    config = TrainerConfig(epochs=2, checkpoint_every=1000, checkpoint_every_minutes=2.5, keep_checkpoints=100,
+                           **{**FAST, "log_every": 2})  # 8 steps per epoch; the clock is read every 2 steps
+
+    def run(out: Path, crash_after: int | None = None):
+        sae = topk_sae(16, 32, k=4)
+        seen = [0]
+
+        class Source(TensorSource):
+            def batches(self, *args, **kwargs):
+                for batch in super().batches(*args, **kwargs):
+                    if crash_after is not None and seen[0] == crash_after:
+                        raise _Crash
+                    seen[0] += 1
+                    yield batch
+
+        def clock() -> float:
+            return 60.0 * seen[0]
+
+        job = DictionaryJob(name="sae", module=sae, out_dir=out)
+        return Trainer([job], config, progress=False, clock=clock).fit(Source({"h": x})), sae
+
+    (full,), ref = run(tmp_path / "full")
+    assert list_checkpoints(tmp_path / "full" / CHECKPOINT_DIR) == [4, 8, 12]  # 4 min >= 2.5 min > 2 min
+    with pytest.raises(_Crash):
+        run(tmp_path / "resumed", crash_after=11)
+    assert list_checkpoints(tmp_path / "resumed" / CHECKPOINT_DIR) == [4, 8]
+    (resumed,), sae = run(tmp_path / "resumed")
+    assert resumed.resumed_from_step == 8 and resumed.steps == full.steps == 16
+    assert state_equal(sae, ref) and resumed.metrics == full.metrics
+    # after the resume the timer restarts: the next checkpoint comes 4 minutes (4 steps) later
+    assert list_checkpoints(tmp_path / "resumed" / CHECKPOINT_DIR) == [4, 8, 12]
+    # 0 turns wall-time checkpoints off
+    off = config.model_copy(update={"checkpoint_every_minutes": 0.0})
+    job = DictionaryJob(name="sae", module=topk_sae(16, 32, 4), out_dir=tmp_path / "off")
+    Trainer([job], off, progress=False, clock=itertools.count(0.0, 1e6).__next__).fit(TensorSource({"h": x}))
+    assert list_checkpoints(tmp_path / "off" / CHECKPOINT_DIR) == []
 
 
 def test_resume_with_other_options_is_refused(tmp_path: Path) -> None:
@@ -323,6 +377,8 @@ def test_cli_builds_or_reuses_the_cache_and_on_the_fly(cli, tiny_cache, results_
     (["--lr", "fast"], ["'lr'", "fast"]),
     (["--hookpoints", "a:b:c"], ["bad hookpoint 'a:b:c'", "IN:OUT"]),
     (["--hookpoints", "layers.7"], ["layers.7", "not in the activation cache"]),
+    (["--checkpoint_every_minutes", "-1"], ["bad value -1", "checkpoint_every_minutes", "minutes >= 0"]),
+    (["--checkpoint_every", "-5"], ["bad value -5", "checkpoint_every", ">= 0"]),
 ])
 def test_cli_bad_options_are_one_line_errors(cli, tiny_cache, extra: list[str], fragments: list[str]) -> None:
     from training_helpers import train_args
@@ -331,6 +387,35 @@ def test_cli_bad_options_are_one_line_errors(cli, tiny_cache, extra: list[str], 
     if "--hookpoints" not in extra:
         args += ["--hookpoints", "layers.0"]
     cli(args).assert_user_error(*fragments)
+
+
+def test_cli_checkpoints_by_wall_time_and_says_it_resumed(cli, tiny_cache, results_dir: Path) -> None:
+    """A short run (far fewer steps than --checkpoint_every) still checkpoints, by wall time; a rerun of a
+    run that did not finish says "resumed from step N" on stderr and in the training log, and ends equal."""
+    from training_helpers import train_args
+
+    args = train_args(tiny_cache.path, "wall", "--hookpoints", "layers.1", "--checkpoint_every_minutes", "1e-6")
+    res = cli(args)
+    assert res.exit_code == 0, res.stderr
+    assert "resumed" not in res.stderr
+    out = results_dir / "wall" / "dictionaries" / "layers.1"
+    steps = json.loads((out / "cfg.json").read_text())["metadata"]["training"]["steps"]
+    last = (steps - 1) // 5 * 5  # the clock is read every --log_every 5 steps; nothing is saved at the end
+    assert steps < 1000 and list_checkpoints(out / CHECKPOINT_DIR) == [last]
+    first = load_dictionary(out)
+    # as if killed after its last checkpoint: the rerun resumes there instead of starting afresh
+    (out / "cfg.json").unlink()
+    (out / "dictionary.safetensors").unlink()
+    res = cli(*args, "--verbose", "true")
+    assert res.exit_code == 0, res.stderr
+    assert f"resumed from step {last} of {steps}" in res.stderr
+    assert "resumed from step" in res.stdout  # a column of the summary table
+    metrics, events = _log_entries(out / TRAINING_LOG)
+    assert [e["event"] for e in events] == ["resumed"] and events[0]["step"] == last
+    assert metrics[-1]["step"] == steps and len({e["step"] for e in metrics}) == len(metrics)
+    assert state_equal(load_dictionary(out), first)
+    cfg = json.loads((out / "cfg.json").read_text())["metadata"]["training"]
+    assert cfg["trainer"]["checkpoint_every_minutes"] == 1e-6
 
 
 def test_cli_missing_cache_path(cli, tmp_path: Path) -> None:

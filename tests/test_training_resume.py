@@ -1,4 +1,4 @@
-"""A ``saelab train`` run killed with SIGKILL after a checkpoint resumes and ends equal to an
+"""A ``saelab train`` run killed with SIGKILL after a checkpoint resumes, says so, and ends equal to an
 uninterrupted run with the same seed."""
 
 from __future__ import annotations
@@ -56,11 +56,14 @@ def test_sigkill_after_checkpoint_resumes_to_identical_weights(tmp_path: Path, r
     resumed = subprocess.run([sys.executable, "-m", "saelab", *train_args(cache.path, "killed", *extra)],
                              env=env, capture_output=True, text=True, timeout=500)
     assert resumed.returncode == 0, resumed.stderr
+    start = max(partial)
+    assert f"resumed from step {start} of 180" in resumed.stderr
     a = load_file(str(results_dir / "ref" / "dictionaries" / "layers.1" / "dictionary.safetensors"))
     b = load_file(str(out / "dictionary.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "resumed weights differ"
     ref_log = (results_dir / "ref" / "dictionaries" / "layers.1" / TRAINING_LOG).read_text().splitlines()
-    log = (out / TRAINING_LOG).read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in log]
-    assert steps == [json.loads(line)["step"] for line in ref_log]  # no duplicated or lost entries
-    assert [json.loads(line)["loss"] for line in log] == [json.loads(line)["loss"] for line in ref_log]
+    entries = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in entries if "event" in e] == [("resumed", start)]
+    log = [e for e in entries if "event" not in e]
+    assert [e["step"] for e in log] == [json.loads(line)["step"] for line in ref_log]  # none duplicated or lost
+    assert [e["loss"] for e in log] == [json.loads(line)["loss"] for line in ref_log]

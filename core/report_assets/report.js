@@ -30,7 +30,8 @@
     columns.push({ key: "latent", label: "latent", type: "num", get: function (r) { return r.latent; } });
     columns.push({ key: "explanation", label: "explanation", type: "text", get: function (r) { return r.explanation; } });
     data.scorers.forEach(function (s) {
-      columns.push({ key: "score:" + s, label: s, type: "num", get: function (r) { return r.scores[s]; } });
+      columns.push({ key: "score:" + s, label: s, type: "num", get: function (r) { return r.scores[s]; },
+                     failures: function (r) { return (r.failures || {})[s] || null; } });
     });
     columns.push({ key: "frequency", label: "frequency", type: "num", digits: 5, get: function (r) { return r.frequency; } });
     columns.push({ key: "max_activation", label: "max activation", type: "num", get: function (r) { return r.max_activation; } });
@@ -72,6 +73,14 @@
         } else {
           td.textContent = col.type === "num" ? fmt(value, col.digits) : (value || "");
           if (col.type === "num") td.className = "num";
+          var failed = col.failures ? col.failures(r) : null;
+          if (failed) {  // some prompts of this score failed: say so, above all where there is no value
+            var note = document.createElement("span");
+            note.className = "failed";
+            note.textContent = (td.textContent ? " " : "") + failed;
+            td.appendChild(note);
+            td.setAttribute("title", failed);
+          }
         }
         tr.appendChild(td);
       });
