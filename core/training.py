@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .fileio import safetensors_os_errors
 from .interfaces import SiteSpec, SparseDictionary
 from .options import Options
 
@@ -996,7 +997,12 @@ def save_checkpoint(st: _JobState, directory: Path, *, step: int, epoch: int, ba
             tensors[f"rng.cuda.{i}"] = s
     for k, v in st.acc.items():
         tensors[f"acc.{k}"] = v.reshape(1)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    try:
+        with safetensors_os_errors(tmp / "state.safetensors"):  # a full disk: the CLI's one-line error
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     sched = st.scheduler.state_dict()  # lr_lambdas are plain functions: stored as None
     meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "fingerprint": fingerprint,
             "input_scale": st.input_scale, "output_scale": st.output_scale, "optimizer": opt_meta,

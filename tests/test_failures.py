@@ -225,3 +225,46 @@ def test_an_empty_dataset_is_one_line_naming_it(cli, tmp_path, name, content, fr
     data.write_text(content)
     cli("cache", TINY, "--hookpoints", "layers.0", "--dataset_repo", str(data), "--name", "e",
         "--verbose", "false").assert_user_error(*fragments)
+
+
+def _fill(mount: Path, leave_bytes: int) -> None:
+    """Fill the small filesystem until about ``leave_bytes`` are free."""
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    (mount / "filler").write_bytes(b"\0" * max(0, free - leave_bytes))
+
+
+@pytest.mark.parametrize("leave_kib", [16, 160])
+def test_full_disk_during_run_is_one_line_exit_3(cli, small_filesystem, monkeypatch, tmp_path, leave_kib):
+    """A delphi-style run whose results directory fills up (wherever the disk fills: config, latent
+    cache, records, explanations) ends with one line naming the problem and exit code 3."""
+    from llm_server import ScriptedLLMServer
+    from pipeline_helpers import API_KEY, SmartHandler, make_dictionary, run_args
+
+    dictionary = make_dictionary(tmp_path / "layers.0")
+    monkeypatch.setenv("SAELAB_RESULTS_DIR", str(small_filesystem / "results"))
+    _fill(small_filesystem, leave_kib * 1024)
+    with ScriptedLLMServer(SmartHandler()) as server:
+        args = run_args(dictionary, "full", server.base_url, "--store", str(tmp_path / "store"))
+        result = cli(*args, env={"OPENAI_API_KEY": API_KEY, "HF_TOKEN": None})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 3, result.output
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    assert "No space left on device" in lines[0], lines[0]
+
+
+def test_full_disk_while_checkpointing_raises_a_named_oserror_and_leaves_no_partial_checkpoint(small_filesystem):
+    import errno
+
+    import torch
+    from saelab.dictionary import build_dictionary
+    from saelab.training import DictionaryJob, TrainerConfig, _JobState, save_checkpoint
+
+    module = build_dictionary("topk", {"inputs": ["layers.0"], "outputs": ["layers.0"], "d_in": 64, "d_out": 64},
+                              {"d_sae": 4096, "k": 4})
+    state = _JobState(DictionaryJob("d", module), TrainerConfig(), total_steps=10, device=torch.device("cpu"))
+    _fill(small_filesystem, 64 * 1024)
+    with pytest.raises(OSError) as err:
+        save_checkpoint(state, small_filesystem / "checkpoints", step=5, epoch=0, batch_in_epoch=5,
+                        fingerprint="f", keep=1)
+    assert err.value.errno == errno.ENOSPC and "state.safetensors" in str(err.value.filename)
+    assert list((small_filesystem / "checkpoints").iterdir()) == []
