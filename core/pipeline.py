@@ -406,13 +406,13 @@ class AutoInterp:
                     await self._process(record, report)
                 except UsageError:
                     raise
-                except OSError as exc:
+                except OSError as exc:  # summed up in one stderr line by the command (see outcome)
                     line = f"{record.hookpoint} latent {record.latent}: {exc}"
-                    log.warning("%s", line)
+                    log.info("%s", line)
                     report.io_errors.append(line.splitlines()[0])
                 except Exception as exc:  # noqa: BLE001 - one latent's plugin bug must not lose the others
                     line = f"{record.hookpoint} latent {record.latent}: {type(exc).__name__}: {exc}"
-                    log.warning("%s", line)
+                    log.info("%s", line, exc_info=True)
                     report.errors.append(line.splitlines()[0])
                 finally:
                     bar.advance()
@@ -767,8 +767,15 @@ def write_summary(layout: RunLayout, summary: Mapping[str, Any]) -> tuple[Path, 
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+            writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
     return layout.summary_json, layout.summary_csv
+
+
+def _csv_cell(value: Any) -> Any:
+    """A summary value as a CSV cell: empty for None, JSON for dicts and lists."""
+    if value is None:
+        return ""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
 TABLE_METRICS = (("balanced_accuracy", "bal. acc"), ("f1", "F1"), ("auc", "AUC"), ("correlation", "corr"))

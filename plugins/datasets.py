@@ -183,11 +183,16 @@ class _DatasetsBacked(Dataset):
             slice_ = (int(match.group(2) or 0), int(match.group(3)) if match.group(3) else None)
         bars_were_off = datasets.utils.are_progress_bars_disabled()
         datasets.utils.disable_progress_bars()
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity_error()  # its own error logs would add lines before our one-line error
         try:
             ds = datasets.load_dataset(*args, split=split, streaming=streaming,
                                        token=self._hf_token.get_secret_value() if self._hf_token else None, **kwargs)
         except Exception as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
+            cause = exc.__cause__ or exc.__context__
+            if cause is not None and "error occurred while generating" in message:
+                message += ": " + (" ".join(str(cause).split()) or type(cause).__name__)
             if isinstance(exc, StopIteration) or "corresponds to no data" in message:
                 raise UsageError(f"dataset {self.repo!r} (split {self.options.split!r}) holds no rows; give a "
                                  f"dataset with at least one document") from None
@@ -196,6 +201,7 @@ class _DatasetsBacked(Dataset):
                 f"{message[:400]}"
             ) from None
         finally:
+            datasets.logging.set_verbosity(verbosity)
             if not bars_were_off:
                 datasets.utils.enable_progress_bars()
         if slice_ is not None:

@@ -425,11 +425,18 @@ def interp_stage(values: Mapping[str, Any], layout: Any, record_sets: Sequence[A
 def _missing_requested(values: Mapping[str, Any], record_sets: Sequence[Any]) -> dict[int, str]:
     """Latents named by ``--feature_num`` that have no record, with why."""
     missing: dict[int, str] = {}
+    cap = values.get("max_latents")
     for rs in record_sets:
         have = {int(r.latent) for r in rs.records}
         for latent in values.get("feature_num") or ():
-            if int(latent) not in have:
-                missing[int(latent)] = rs.skipped.get(int(latent)) or f"no latent record at {rs.hookpoint}"
+            if int(latent) in have:
+                continue
+            if int(latent) in rs.skipped:
+                missing[int(latent)] = rs.skipped[int(latent)]
+            elif cap and len(rs.records) >= cap:
+                missing[int(latent)] = f"--max_latents {cap} was reached first (raise it to analyse them)"
+            else:
+                missing[int(latent)] = f"no latent record at {rs.hookpoint}"
     return missing
 
 
@@ -523,8 +530,6 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
         _place_dictionary(source, hook, dictionary, values["sparse_model"])
     _check_feature_num(values.get("feature_num"), dictionaries)
     paths = {hook: str(path) for hook, path in found.items()}
-    layout.root.mkdir(parents=True, exist_ok=True)
-    write_run_config(layout.root, command="run", config=values, extra={"dictionaries": paths})
     overwrite = set(values.get("overwrite") or ())
     contrastive = (values.get("explainer") or "").lower() == "contrastive"
     record_sets, caches = [], {}
@@ -539,6 +544,9 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
         record_sets.append(record_set(layout, latent_cache, example_options(values, contrastive),
                                       tokenizer=source.tokenizer, dictionary=dictionary,
                                       rebuild="cache" in overwrite))
+    # only now are the model, dictionaries and dataset loaded and validated: a run rejected earlier leaves
+    # the run_config.json of the results beside it as it was
+    layout.root.mkdir(parents=True, exist_ok=True)
     write_run_config(layout.root, command="run", config=values,
                      extra={"dictionaries": paths, "activation_cache": caches})
     summary = interp_stage(values, layout, record_sets, explain=True, score=True, command="run")

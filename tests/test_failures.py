@@ -227,7 +227,7 @@ def test_an_empty_dataset_is_one_line_naming_it(cli, tmp_path, name, content, fr
         "--verbose", "false").assert_user_error(*fragments)
 
 
-def _fill(mount: Path, leave_bytes: int) -> None:
+def _fill_until(mount: Path, leave_bytes: int) -> None:
     """Fill the small filesystem until about ``leave_bytes`` are free."""
     free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
     (mount / "filler").write_bytes(b"\0" * max(0, free - leave_bytes))
@@ -242,7 +242,7 @@ def test_full_disk_during_run_is_one_line_exit_3(cli, small_filesystem, monkeypa
 
     dictionary = make_dictionary(tmp_path / "layers.0")
     monkeypatch.setenv("SAELAB_RESULTS_DIR", str(small_filesystem / "results"))
-    _fill(small_filesystem, leave_kib * 1024)
+    _fill_until(small_filesystem, leave_kib * 1024)
     with ScriptedLLMServer(SmartHandler()) as server:
         args = run_args(dictionary, "full", server.base_url, "--store", str(tmp_path / "store"))
         result = cli(*args, env={"OPENAI_API_KEY": API_KEY, "HF_TOKEN": None})
@@ -262,7 +262,7 @@ def test_full_disk_while_checkpointing_raises_a_named_oserror_and_leaves_no_part
     module = build_dictionary("topk", {"inputs": ["layers.0"], "outputs": ["layers.0"], "d_in": 64, "d_out": 64},
                               {"d_sae": 4096, "k": 4})
     state = _JobState(DictionaryJob("d", module), TrainerConfig(), total_steps=10, device=torch.device("cpu"))
-    _fill(small_filesystem, 64 * 1024)
+    _fill_until(small_filesystem, 64 * 1024)
     with pytest.raises(OSError) as err:
         save_checkpoint(state, small_filesystem / "checkpoints", step=5, epoch=0, batch_in_epoch=5,
                         fingerprint="f", keep=1)

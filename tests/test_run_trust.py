@@ -152,6 +152,12 @@ def test_a_failed_overwrite_keeps_the_good_explanations_and_their_scores(cli, re
     cli(*args, env=ENV).assert_user_error("no-such-model")
     assert (root / "run_config.json").read_bytes() == config
     assert [(h["outcome"], h["exit_code"]) for h in history(root)] == [("ok", 0), ("failed", 3), ("error", 2)]
+    empty = results_dir / "empty.jsonl"
+    empty.write_text("")
+    args = run_args(dictionary, "keep", DEAD_URL)
+    args[args.index("news-sample")] = str(empty)
+    cli(*args, env=ENV).assert_user_error("empty.jsonl")  # the dataset stage fails
+    assert (root / "run_config.json").read_bytes() == config
 
 
 def test_a_score_of_a_replaced_explanation_is_not_counted(tmp_path):
@@ -187,6 +193,11 @@ def test_io_errors_missing_latents_and_zero_latents_exit_3(cli, results_dir, dic
         assert skipped and index["latents"], index
         assert r.exit_code == 3 and "requested latent" in r.stderr
         assert ", ".join(map(str, skipped)) + " missing" in error_line(r.stderr)
+
+        capped = run_args(dictionary, "capped", server.base_url, "--feature_num", "4", "5", "7", "--max_latents", "2",
+                          "--min_examples", "120")
+        r = cli(*capped, env=ENV)
+        assert r.exit_code == 3 and "requested latent 7 missing: --max_latents 2 was reached" in error_line(r.stderr)
 
 
 def test_out_of_range_feature_num_and_unknown_provider_are_one_line(cli, dictionary):
