@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 import warnings
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from typing import Any
 import click
 
 from . import manager as plugins
-from .errors import EXIT_FAILED_WORK, SaelabError, format_choices
+from .errors import EXIT_FAILED_WORK, SaelabError, exit_code_of, format_choices
 from .registry import normalise_name
 
 DELPHI_COMMAND = "run"
@@ -171,10 +170,6 @@ EXIT_CODES_NOTE = (
 )
 """Sentence for ``--help`` texts and epilogs."""
 
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-"""OSErrors that stop work mid-run (a full disk, a quota, a read-only or failing filesystem): exit code 3."""
-
-
 def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
     """Console entry point: one-line errors on stderr with exit code 2, never a traceback for user errors."""
     args = list(sys.argv[1:] if args is None else args)
@@ -213,12 +208,12 @@ def main(args: Sequence[str] | None = None, prog_name: str = "saelab") -> None:
         click.echo(f"Error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:
-        if exc.errno not in DISK_ERRNOS:
+        if exit_code_of(exc) != EXIT_FAILED_WORK:
             raise
         where = f" writing {exc.filename!r}" if exc.filename else ""
         click.echo(f"Error: {exc.strerror or exc}{where}; what completed before it is kept, free space and "
                    f"re-run to finish", err=True)
-        sys.exit(EXIT_FAILED_WORK)
+        sys.exit(exit_code_of(exc))
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -271,26 +271,19 @@ def append_run_history(run_dir: str | os.PathLike[str], command: str, outcome: s
 @contextlib.contextmanager
 def recorded_invocation(run_dir: str | os.PathLike[str], command: str) -> Iterator[None]:
     """Record this invocation's outcome in ``run_dir``'s run history when the block ends: ``ok``,
-    ``failed`` (exit 3), ``error`` (bad input, exit 2), ``interrupted`` or ``crashed``; exceptions pass on."""
-    from .errors import EXIT_FAILED_WORK, SaelabError
+    ``failed`` (exit 3), ``error`` (bad input, exit 2), ``interrupted`` (130) or ``crashed`` (1), with the exit
+    code :func:`saelab.errors.exit_code_of` gives the CLI; exceptions pass on."""
+    from .errors import EXIT_FAILED_WORK, EXIT_USAGE, SaelabError, exit_code_of
 
+    outcomes = {EXIT_FAILED_WORK: "failed", EXIT_USAGE: "error", 130: "interrupted", 1: "crashed"}
     started = now_iso()
     try:
         yield
-    except SaelabError as exc:
-        outcome = "failed" if exc.exit_code == EXIT_FAILED_WORK else "error"
-        append_run_history(run_dir, command, outcome, exit_code=exc.exit_code, message=str(exc), started=started)
-        raise
-    except KeyboardInterrupt:
-        append_run_history(run_dir, command, "interrupted", exit_code=130, started=started)
-        raise
-    except OSError as exc:
-        append_run_history(run_dir, command, "failed", exit_code=EXIT_FAILED_WORK, message=str(exc),
-                           started=started)
-        raise
-    except Exception as exc:
-        append_run_history(run_dir, command, "crashed", exit_code=1, message=f"{type(exc).__name__}: {exc}",
-                           started=started)
+    except BaseException as exc:
+        code = exit_code_of(exc)
+        message = str(exc) if isinstance(exc, (SaelabError, OSError)) else f"{type(exc).__name__}: {exc}"
+        append_run_history(run_dir, command, outcomes.get(code, "crashed"), exit_code=code,
+                           message="" if isinstance(exc, KeyboardInterrupt) else message, started=started)
         raise
     append_run_history(run_dir, command, "ok", exit_code=0, started=started)
 

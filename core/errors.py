@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 EXIT_OK = 0
@@ -11,6 +12,22 @@ EXIT_USAGE = 2
 EXIT_FAILED_WORK = 3
 """Exit code: work started but failed: LLM requests failed after their retries, an I/O error (e.g. a full
 disk) stopped work, a requested latent is missing, or 0 latents were analysed. What completed is kept."""
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+"""OSErrors that stop work mid-run (a full disk, a quota, a read-only or failing filesystem): exit code 3."""
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code a command ends with when ``exc`` escapes it: a :class:`SaelabError`'s own, 3 for a
+    disk error (:data:`DISK_ERRNOS`), 130 for an interrupt, 1 for anything else (a bug: traceback)."""
+    if isinstance(exc, SaelabError):
+        return exc.exit_code
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return EXIT_FAILED_WORK
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1
 
 
 class SaelabError(Exception):

@@ -42,7 +42,7 @@ from typing import Any
 from .autointerp import explanation_fingerprint, provider_names, score_fingerprint
 from .errors import UsageError
 from .fileio import atomic_write
-from .interfaces import Explainer, Provider, Scorer, SiteSpec
+from .interfaces import Explainer, Provider, Scorer, SiteSpec, SparseDictionary
 from .records import (
     Explanation,
     LatentRecord,
@@ -828,10 +828,10 @@ class Outcome:
         return bool(self.problems or (strict and self.notes))
 
 
-def _reasons(stats: StageStats) -> str:
-    if not stats.failure_reasons:
+def _reasons(reasons: Mapping[str, int]) -> str:
+    if not reasons:
         return ""
-    ranked = sorted(stats.failure_reasons.items(), key=lambda kv: -kv[1])
+    ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
     shown = ranked[0][0] if len(ranked) == 1 else "; ".join(f"{n}x {reason}" for reason, n in ranked[:2])
     return f": {shown}" + (f" (+{len(ranked) - 2} other reasons)" if len(ranked) > 2 else "")
 
@@ -855,11 +855,11 @@ def outcome(report: RunReport, *, analysed: int, missing_requested: Mapping[int,
     explain = report.explain
     request_failures = explain.failed
     if request_failures:
-        result.problems.append(f"{_plural(request_failures, 'explanation')} failed"
-                               + _reasons(_only_requests(explain)))
+        requests = {k: v for k, v in explain.failure_reasons.items() if k not in UNUSABLE_REASONS}
+        result.problems.append(f"{_plural(request_failures, 'explanation')} failed" + _reasons(requests))
     for name, stats in report.scores.items():
         if stats.failed:
-            result.problems.append(f"{_plural(stats.failed, name + ' score')} failed{_reasons(stats)}")
+            result.problems.append(f"{_plural(stats.failed, name + ' score')} failed{_reasons(stats.failure_reasons)}")
     if report.io_errors:
         result.problems.append(f"{_plural(len(report.io_errors), 'latent')} stopped by an I/O error: "
                                f"{report.io_errors[0]}")
@@ -875,10 +875,6 @@ def outcome(report: RunReport, *, analysed: int, missing_requested: Mapping[int,
 
 UNUSABLE_REASONS = ("unparsed", "copied_few_shot")
 """``Explanation.failure`` values: answers that gave no usable explanation (tolerated unless ``--strict``)."""
-
-
-def _only_requests(stats: StageStats) -> StageStats:
-    return StageStats(failure_reasons={k: v for k, v in stats.failure_reasons.items() if k not in UNUSABLE_REASONS})
 
 
 def print_plan(plan_: DryRunPlan) -> None:
@@ -1027,12 +1023,14 @@ def sparse_model_path(sparse_model: str | os.PathLike[str]) -> Path:
     return path
 
 
-def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence[str] = ()) -> dict[str, Path]:
+def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence[str] = (), *,
+                      loaded: dict[Path, SparseDictionary] | None = None) -> dict[str, Path]:
     """Dictionary directories by hookpoint: ``sparse_model`` is one dictionary (saelab, SAELens or
     sparsify format), a directory of them named by hookpoint (sparsify's layout), or a run directory
     (its ``dictionaries/``). ``hookpoints`` (SAELens and module names are translated) picks among
     several (default: all); for one dictionary it must be where the dictionary reads (for a
-    transcoder: its input or output site), or sets that site when the format records none."""
+    transcoder: its input or output site), or sets that site when the format records none. A single
+    dictionary is loaded to read its sites; pass ``loaded`` to keep it (path -> dictionary) for reuse."""
     from .dictionary import detect_format, load_dictionary
 
     path = sparse_model_path(sparse_model)
@@ -1043,7 +1041,10 @@ def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence
     except UsageError:
         single = False
     if single:
-        sites = load_dictionary(path).sites
+        dictionary = load_dictionary(path)
+        if loaded is not None:
+            loaded[path] = dictionary
+        sites = dictionary.sites
         if len(requested) > 1:
             raise UsageError(f"{str(path)!r} holds one dictionary ({dictionary_sites_text(sites)}) but --hookpoints "
                              f"names {' '.join(hookpoints)}; give one hookpoint or a directory of dictionaries")

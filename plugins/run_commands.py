@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from saelab import FailedWorkError, UsageError, hookimpl
+from saelab import FailedWorkError, SparseDictionary, UsageError, hookimpl
 from saelab.cli import EXIT_CODES_NOTE, MultiValueOption
 from saelab.cli_options import (
     EMBEDDED_NOTE,
@@ -524,8 +524,10 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     requested = [canonical_hookpoint(h) for h in values.get("hookpoints") or ()]
     if requested:
         source.check_hookpoints(requested)
-    found = find_dictionaries(values["sparse_model"], values.get("hookpoints") or ())
-    dictionaries = {hook: load_dictionary(path, device=values["device"]) for hook, path in found.items()}
+    loaded: dict[Path, SparseDictionary] = {}
+    found = find_dictionaries(values["sparse_model"], values.get("hookpoints") or (), loaded=loaded)
+    dictionaries = {hook: loaded[path].to(values["device"]) if path in loaded
+                    else load_dictionary(path, device=values["device"]) for hook, path in found.items()}
     for hook, dictionary in dictionaries.items():
         _place_dictionary(source, hook, dictionary, values["sparse_model"])
     _check_feature_num(values.get("feature_num"), dictionaries)

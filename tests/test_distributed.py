@@ -25,7 +25,7 @@ from saelab.training import (
     list_checkpoints,
 )
 from safetensors.torch import load_file
-from training_helpers import build_tiny_cache, synthetic, topk_sae, train_args
+from training_helpers import build_tiny_cache, synthetic, topk_sae, train_args, wait_for_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 """``torchrun`` with two local processes (gloo on CPU)."""
@@ -175,13 +175,8 @@ def test_killed_two_process_run_resumes_from_wall_time_checkpoint(tmp_path: Path
     out = results_dir / "killed" / "dictionaries" / "layers.1"
     proc = subprocess.Popen([*TORCHRUN, "-m", "saelab", *train_args(cache.path, "killed", *extra)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
     try:
-        while not list_checkpoints(out / CHECKPOINT_DIR):
-            assert proc.poll() is None, f"run ended before a checkpoint: {proc.stderr.read() if proc.stderr else ''}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        assert proc.poll() is None
+        wait_for_checkpoint(proc, out)
     finally:
         workers = _kill_torchrun(proc)
     assert len(workers) == 2

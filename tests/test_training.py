@@ -152,6 +152,23 @@ class _Crash(RuntimeError):
     pass
 
 
+class _CrashingSource(TensorSource):
+    """A :class:`TensorSource` that counts the batches it gives (``seen``) and raises :class:`_Crash` before
+    batch ``crash_after`` (never when None)."""
+
+    def __init__(self, data: dict[str, torch.Tensor], crash_after: int | None = None):
+        super().__init__(data)
+        self.crash_after = crash_after
+        self.seen = 0
+
+    def batches(self, *args, **kwargs):
+        for batch in super().batches(*args, **kwargs):
+            if self.crash_after is not None and self.seen == self.crash_after:
+                raise _Crash
+            self.seen += 1
+            yield batch
+
+
 def _log_entries(path: Path) -> tuple[list[dict], list[dict]]:
     """``(metric entries, event entries)`` of a JSONL training log."""
     entries = [json.loads(line) for line in path.read_text().splitlines()]
@@ -164,18 +181,9 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path: Path, capsys: pyte
 
     def run(out: Path, crash_after: int | None = None):
         sae = topk_sae(32, 64, k=4)
-        seen = [0]
-
-        class Source(TensorSource):
-            def batches(self, *args, **kwargs):
-                for batch in super().batches(*args, **kwargs):
-                    if crash_after is not None and seen[0] == crash_after:
-                        raise _Crash
-                    seen[0] += 1
-                    yield batch
-
+        source = _CrashingSource({"h": x}, crash_after)
         job = DictionaryJob(name="sae", module=sae, out_dir=out)
-        return Trainer([job], config, progress=False).fit(Source({"h": x})), sae, seen[0]
+        return Trainer([job], config, progress=False).fit(source), sae, source.seen
 
     (full,), ref, _ = run(tmp_path / "full")
     with pytest.raises(_Crash):
@@ -203,21 +211,13 @@ def test_wall_clock_checkpoints_resume_to_identical_weights(tmp_path: Path) -> N
 
     def run(out: Path, crash_after: int | None = None):
         sae = topk_sae(16, 32, k=4)
-        seen = [0]
-
-        class Source(TensorSource):
-            def batches(self, *args, **kwargs):
-                for batch in super().batches(*args, **kwargs):
-                    if crash_after is not None and seen[0] == crash_after:
-                        raise _Crash
-                    seen[0] += 1
-                    yield batch
+        source = _CrashingSource({"h": x}, crash_after)
 
         def clock() -> float:
-            return 60.0 * seen[0]
+            return 60.0 * source.seen
 
         job = DictionaryJob(name="sae", module=sae, out_dir=out)
-        return Trainer([job], config, progress=False, clock=clock).fit(Source({"h": x})), sae
+        return Trainer([job], config, progress=False, clock=clock).fit(source), sae
 
     (full,), ref = run(tmp_path / "full")
     assert list_checkpoints(tmp_path / "full" / CHECKPOINT_DIR) == [4, 8, 12]  # 4 min >= 2.5 min > 2 min

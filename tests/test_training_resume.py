@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from saelab.training import CHECKPOINT_DIR, TRAINING_LOG, list_checkpoints
 from safetensors.torch import load_file
-from training_helpers import build_tiny_cache, train_args
+from training_helpers import build_tiny_cache, train_args, wait_for_checkpoint
 
 
 def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -36,13 +35,8 @@ def test_sigkill_after_checkpoint_resumes_to_identical_weights(tmp_path: Path, r
 
     out = results_dir / "killed" / "dictionaries" / "layers.1"
     proc = _popen(train_args(cache.path, "killed", *extra), env)
-    deadline = time.monotonic() + 300
     try:
-        while not list_checkpoints(out / CHECKPOINT_DIR):
-            assert proc.poll() is None, f"run ended before a checkpoint: {proc.stderr.read() if proc.stderr else ''}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        assert proc.poll() is None
+        wait_for_checkpoint(proc, out)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

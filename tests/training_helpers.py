@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -132,3 +133,16 @@ def cached_rows(cache, hookpoint: str, exclude: tuple[int, ...] = (0, 1, 2, 3)) 
         keep = [p for p in range(a.shape[1]) if p not in exclude]
         rows.append(a[:, keep].reshape(-1, a.shape[-1]))
     return torch.cat(rows)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen[str], out: Path, timeout_s: float = 300.0) -> None:
+    """Wait until the training run ``proc`` (writing dictionary ``out``) has written a checkpoint, failing
+    when it ends first or none appears within ``timeout_s``; ``proc`` is still running on return."""
+    from saelab.training import CHECKPOINT_DIR, list_checkpoints
+
+    deadline = time.monotonic() + timeout_s
+    while not list_checkpoints(out / CHECKPOINT_DIR):
+        assert proc.poll() is None, f"run ended before a checkpoint: {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    assert proc.poll() is None
