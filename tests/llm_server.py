@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -179,6 +180,13 @@ class ScriptedLLMServer:
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 128  # the default listen backlog (5) drops bursts of concurrent connections
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # a client that closes its connection is normal (a run ending); anything else is reported
+                # as server-side errors instead of a traceback on the test process's stderr
+                error = sys.exc_info()[1]
+                if not isinstance(error, ConnectionError):
+                    server.errors.append(f"{type(error).__name__}: {error}")
 
         httpd = Server(("127.0.0.1", 0), Handler)
         httpd.daemon_threads = True
