@@ -62,7 +62,7 @@ def test_write_run_config_records_values_versions_and_plugins(tmp_path):
     import torch
 
     assert data["torch"]["version"] == torch.__version__
-    assert data["plugins"]["inspect"]["module"] == "saelab.plugins.inspect_commands"
+    assert data["plugins"]["inspect"]["module"] == "saelab.plugins.commands.inspect"
     assert data["plugins"]["inspect"]["distribution"] == "saelab"
     assert data["argv"] == ["smollm2", "--n_tokens", "200"]
     assert data["created"].endswith("+00:00")

@@ -63,7 +63,7 @@ DEFAULTS: list[tuple[str, Any]] = [
 @pytest.fixture
 def captured(monkeypatch):
     """Replace the run's execution by a recorder of its resolved values."""
-    from saelab.plugins import run_commands
+    from saelab.plugins.commands import run as run_commands
 
     seen: list[dict[str, Any]] = []
     monkeypatch.setattr(run_commands, "run_command", lambda values: seen.append(values))

@@ -119,7 +119,7 @@ def test_killed_cache_is_cleaned_by_the_next_run_and_a_second_run_fails_before_l
     store = results_dir / ".activations"
     # a real `saelab cache` process, its forward passes slowed (one sequence per batch, 50 ms each) so that
     # it is still writing its only shard when it is killed; batch size is not in the fingerprint
-    slow = ("import sys, time; from saelab.plugins import models; forward = models.TransformersSource.activations; "
+    slow = ("import sys, time; from saelab.plugins.models import transformers_models as models; forward = models.TransformersSource.activations; "
             "models.TransformersSource.activations = lambda *a, **k: (time.sleep(0.05), forward(*a, **k))[1]; "
             "from saelab.cli import main; main(sys.argv[1:])")
     proc = subprocess.Popen([sys.executable, "-c", slow, *args, "--batch_size", "1"], env=env,

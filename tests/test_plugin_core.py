@@ -325,6 +325,6 @@ def test_discovery_uses_entry_points_of_installed_distribution():
     """Builtins are found through the `saelab` entry points of the installed saelab distribution."""
     infos = {info.name: info for info in saelab.plugin_infos()}
     assert infos["inspect"].distribution == "saelab"
-    assert infos["inspect"].module == "saelab.plugins.inspect_commands"
+    assert infos["inspect"].module == "saelab.plugins.commands.inspect"
     assert infos["inspect"].hooks == ["register_commands"]
-    assert sys.modules["saelab.plugins.inspect_commands"]
+    assert sys.modules["saelab.plugins.commands.inspect"]

@@ -583,7 +583,7 @@ def test_transformers_answer_format_choice_and_prefixed_line() -> None:
 
 def test_generated_repetition_guard_ignores_the_prompt() -> None:
     import torch
-    from saelab.plugins.provider_transformers import GeneratedRepetitionGuard
+    from saelab.plugins.providers.transformers_provider import GeneratedRepetitionGuard
 
     ids = torch.tensor([[7, 8, 9, 7, 8, 5, 7, 8]])  # prompt: 7 8 9 7 8; generated: 5 7 8
     scores = torch.ones(1, 10)

@@ -430,7 +430,7 @@ def test_cli_records_training_data_so_evaluate_holds_it_out(cli, tiny_cache, res
     from dataset flags that did not make it), and ``saelab evaluate`` then skips those tokens."""
     from fixtures.tiny_models import TINY_GPT2
     from saelab.evaluation import skip_tokens_for, training_data
-    from saelab.plugins.evaluate_commands import run_evaluation
+    from saelab.plugins.commands.evaluate import run_evaluation
     from training_helpers import train_args
 
     res = cli(train_args(tiny_cache.path, "prov", "--hookpoints", "layers.1", "--max_steps", "2",

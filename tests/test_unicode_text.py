@@ -26,7 +26,7 @@ def _tokenizer(path: Path | str):
 
 
 def _smollm2_dir() -> Path:
-    from saelab.plugins.models import smollm2_dir
+    from saelab.plugins.models.transformers_models import smollm2_dir
 
     path = smollm2_dir()
     if not (path / "tokenizer.json").is_file():

@@ -1,0 +1,1 @@
+"""Builtin non activating plugins."""

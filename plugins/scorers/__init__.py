@@ -1,0 +1,1 @@
+"""Builtin scorers plugins."""
