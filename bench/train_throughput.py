@@ -118,13 +118,15 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float((x - x_hat).double().pow(2).sum() / (x - x.mean(0)).double().pow(2).sum())
 
 
-def mmcs(W_dec: torch.Tensor, truth: torch.Tensor | None) -> float | None:
+@torch.no_grad()
+def mmcs(W_dec: torch.Tensor, truth: torch.Tensor | None, chunk: int = 4096) -> float | None:
     """Mean over true directions of the best cosine with a decoder row."""
     if truth is None:
         return None
-    from saelab.dictionary import mmcs as saelab_mmcs
-
-    return saelab_mmcs(W_dec, truth)
+    learned = torch.nn.functional.normalize(W_dec.detach().float(), dim=1)
+    truth = torch.nn.functional.normalize(truth.detach().float(), dim=1)
+    best = torch.cat([(truth[i:i + chunk] @ learned.T).max(dim=1).values for i in range(0, len(truth), chunk)])
+    return float(best.mean())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Public API for plugins and users. Plugins import only from here (and the documen
 ``saelab.options``, ``saelab.errors``, ``saelab.interfaces``, ``saelab.cli`` and later stage modules).
 """
 
+from . import hookpoints as _hookpoints
 from .errors import (
     CorruptCacheError,
     DuplicateNameError,
@@ -12,6 +13,7 @@ from .errors import (
     UnknownNameError,
     UsageError,
 )
+from .formats import hookpoint_from_external as _hookpoint_from_external
 from .hookspecs import hookimpl
 from .interfaces import (
     ActivationSource,
@@ -40,6 +42,8 @@ from .manager import (
 )
 from .options import Options
 from .registry import Registry
+
+_hookpoints.use_external_names(_hookpoint_from_external)  # error hints name other libraries' hooks via formats
 
 __all__ = [
     "FailedWorkError",

@@ -1,9 +1,13 @@
-"""Shared machinery of explainers and scorers: LLM calls, answer parsing, batching and base classes.
+"""Public bases of explainer and scorer plugins: LLM calls, answer parsing, batching and base classes.
 
-Builtin and third-party explainer/scorer plugins subclass :class:`LLMExplainer` or
-:class:`PromptScorer` (or the bare :class:`saelab.Explainer` / :class:`saelab.Scorer`) and reuse the
-parsers here. Scorer prompts for one latent are sent concurrently (``asyncio.gather``); the
-provider's own concurrency limit bounds what is in flight.
+Builtin and third-party explainer/scorer plugins subclass :class:`LLMExplainer` (one prompt per latent,
+``[EXPLANATION]:`` answers), :class:`PromptScorer` (examples shuffled into prompts, sent concurrently) or
+:class:`BinaryPromptScorer` (a 0/1 answer per example), or the bare :class:`saelab.Explainer` /
+:class:`saelab.Scorer`, and reuse the parsers and example formatting here; the builtins use them exactly
+as a third party would. Each plugin ships its prompts next to its module (``prompt_file``, see
+:mod:`saelab.prompts`). Scorer prompts for one latent are sent concurrently (``asyncio.gather``); the
+provider's own concurrency limit bounds what is in flight. :func:`checked_result` is how the engine
+rejects a plugin result of the wrong type.
 """
 
 from __future__ import annotations
@@ -14,17 +18,14 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import Field
 
+from .errors import UsageError
 from .highlight import (
-    activation_line,
     display_spans,
     highlight,
-    highlight_mask,
-    highlight_tokens,
-    random_mask,
     span_activations,
     span_texts,
     visible,
@@ -44,7 +45,23 @@ from .records import (
     content_hash,
 )
 
+if TYPE_CHECKING:
+    from .llm import Completion
+
 Messages = list[dict[str, str]]
+
+_Result = TypeVar("_Result", Explanation, ScoreResult)
+
+
+def checked_result(value: object, expected: type[_Result], kind: str, plugin: Explainer | Scorer) -> _Result:
+    """``value`` when it is an ``expected`` instance (what :meth:`saelab.Explainer.explain` /
+    :meth:`saelab.Scorer.score` must return), else a one-line :class:`saelab.UsageError` naming the plugin."""
+    if isinstance(value, expected):
+        return value
+    cls = type(plugin)
+    raise UsageError(f"{kind} {plugin.name!r} ({cls.__module__}.{cls.__qualname__}) returned "
+                     f"{type(value).__module__}.{type(value).__qualname__}; expected "
+                     f"saelab.records.{expected.__name__} (fix or disable the plugin with -p no:NAME)")
 
 # --------------------------------------------------------------------------------------------------
 # LLM calls
@@ -54,8 +71,8 @@ Messages = list[dict[str, str]]
 class CallResult:
     """A finished LLM call: the completion, or the error that ended it after retries."""
 
-    completion: Any | None
-    """A :class:`saelab.llm.Completion`, or None when the request failed."""
+    completion: Completion | None
+    """The provider's completion, or None when the request failed."""
     error: str | None = None
     """The provider's one-line error when the request failed."""
 
@@ -68,10 +85,10 @@ class CallResult:
 async def call_llm(provider: Provider, messages: Messages, **params: Any) -> CallResult:
     """One chat completion; a provider failure (after its retries) is returned, not raised, so one bad
     prompt does not lose a latent's other prompts."""
-    from .llm import ProviderError
+    from .llm import ProviderError, check_completion
 
     try:
-        return CallResult(await provider.generate(messages, **params))
+        return CallResult(check_completion(provider, await provider.generate(messages, **params)))
     except ProviderError as exc:
         return CallResult(None, str(exc))
 
@@ -328,13 +345,6 @@ def number_examples(texts: Sequence[str], start: int = 1) -> str:
     return "\n".join(f"Example {i}: {t}" for i, t in enumerate(texts, start))
 
 
-def record_max_activation(record: LatentRecord) -> float:
-    """The latent's max activation: from its stats, else the max over its activating examples."""
-    if record.stats is not None and record.stats.max_activation > 0:
-        return float(record.stats.max_activation)
-    return max((e.max_activation or 0.0 for e in (*record.train, *record.test)), default=0.0)
-
-
 def latent_rng(seed: int, *parts: Any) -> random.Random:
     """A deterministic RNG for one latent and purpose (same seed and parts -> same draws)."""
     return random.Random(":".join(str(p) for p in (seed, *parts)))
@@ -545,9 +555,10 @@ class PromptScorer(Scorer):
         """The shuffled items cut into prompts."""
         return batched(self.items(record), self.options.num_examples_per_scorer_prompt)
 
-    def messages(self, record: LatentRecord, explanation: str) -> list[Messages]:
+    def messages(self, record: LatentRecord, explanation: Explanation | None) -> list[Messages]:
         """Every prompt :meth:`score` sends."""
-        return [self.prompt(explanation, batch) for batch in self.batches(record)]
+        text = explanation_text(explanation)
+        return [self.prompt(text, batch) for batch in self.batches(record)]
 
     def call_params(self) -> dict[str, Any]:
         """Per-call provider parameters (logprobs when ``log_probs``)."""
@@ -586,12 +597,10 @@ class PromptScorer(Scorer):
         return [Prediction(example_id=item.example.id, truth=item.truth, quantile=item.example.quantile,
                            raw=raw, parse_failed=True, prompt_index=index) for item in batch]
 
-    async def score(self, record: LatentRecord, explanation: Explanation | str | None,
+    async def score(self, record: LatentRecord, explanation: Explanation | None,
                     provider: Provider | None) -> ScoreResult:
         """Send every prompt concurrently, parse each answer, compute metrics and count failures."""
         if provider is None:
-            from .errors import UsageError
-
             raise UsageError(f"scorer {self.name!r} needs an LLM provider")
         text = explanation_text(explanation)
         batches = self.batches(record)
@@ -651,18 +660,6 @@ class BinaryPromptScorer(PromptScorer):
         return out
 
 
-def mean_highlighted(examples: Sequence[Example], threshold: float) -> int:
-    """Rounded mean number of highlighted spans (tokens) per activating example (at least 1)."""
-    counts = [sum(highlight_mask(display_activations(e), threshold)) for e in examples]
-    return max(1, round(sum(counts) / len(counts))) if counts else 1
-
-
-def random_highlight(example: Example, n_tokens: int, rng: random.Random) -> str:
-    """``example`` with ``n_tokens`` random spans (tokens) highlighted."""
-    tokens = display_tokens(example)
-    return highlight_tokens(tokens, random_mask(len(tokens), n_tokens, rng))
-
-
 __all__ = [
     "EXPLANATION_PREFIX",
     "BinaryPromptScorer",
@@ -673,24 +670,21 @@ __all__ = [
     "ScorerOptions",
     "ScoringItem",
     "accepts_answer_format",
-    "activation_line",
     "batched",
     "binary_probabilities",
     "call_llm",
+    "checked_result",
     "display_activations",
     "display_tokens",
     "explanation_fingerprint",
     "explanation_text",
     "highlighted_text",
     "latent_rng",
-    "mean_highlighted",
     "number_examples",
     "parse_binary_list",
     "parse_explanation",
     "plain_text",
     "provider_identity",
     "provider_names",
-    "random_highlight",
-    "record_max_activation",
     "score_fingerprint",
 ]

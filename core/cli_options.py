@@ -11,12 +11,14 @@ Commands stack the decorators they need::
     def cache(**params): ...
 
 and resolve the values with :func:`resolve_params`, which merges ``--config FILE`` (defaults <
-file < explicit flags) and applies the embedded-model rule: when MODEL is an embedded name
-(``smollm2``) the defaults that need a network or a GPU are replaced: ``--dataset_repo`` becomes
-``wikipedia-sample`` and ``--n_tokens`` 200000. Whatever is given explicitly still wins. An
-embedded dataset (``wikipedia-sample``, ``news-sample``) and a local file or directory read the
-whole split ``train`` unless ``--dataset_split`` is given (the hub default ``train[:1%]`` would keep
-one article, or 3 rows of a 300-row file). Keys set by a ``--config`` file count as given.
+file < explicit flags) and applies the defaults the plugins declare (:func:`apply_embedded_defaults`):
+the activation source MODEL resolves to may bring CLI defaults (``ActivationSource.default_values``;
+the embedded ``smollm2`` replaces the defaults that need a network or a GPU: ``--dataset_repo``
+becomes ``wikipedia-sample`` and ``--n_tokens`` 200000), and a dataset that says it is read whole
+(``Dataset.reads_whole``: the embedded samples ``wikipedia-sample`` and ``news-sample``, local files and
+directories) gets the split ``train`` unless ``--dataset_split`` is given (the hub default
+``train[:1%]`` would keep one article, or 3 rows of a 300-row file). Whatever is given explicitly
+still wins; keys set by a ``--config`` file count as given.
 """
 
 from __future__ import annotations
@@ -44,14 +46,6 @@ DEFAULT_SPLIT = "train[:1%]"
 """CLI.md default for ``--dataset_split``."""
 DEFAULT_N_TOKENS = 10_000_000
 """CLI.md default for ``--n_tokens``."""
-EMBEDDED_MODELS = ("smollm2", "smollm2-135m-instruct")
-"""Model names that trigger the embedded (offline, CPU) defaults."""
-EMBEDDED_DATASETS = ("wikipedia-sample", "news-sample")
-"""Datasets shipped offline; their default split is ``train``."""
-LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
-"""Suffixes of local data files (``--dataset_repo my.jsonl``); their default split is ``train``."""
-EMBEDDED_DEFAULTS: dict[str, Any] = {"dataset_repo": "wikipedia-sample", "n_tokens": 200_000}
-"""Defaults replaced when MODEL is embedded and the option was not given."""
 OVERWRITE_CHOICES = ("cache", "neighbours", "scores")
 """What ``--overwrite`` may recompute."""
 
@@ -60,26 +54,39 @@ EMBEDDED_NOTE = (
     "--n_tokens 200000 (offline, CPU); embedded datasets and local files or directories are read whole (split "
     "'train') unless --dataset_split is given."
 )
-"""Sentence for ``--help`` epilogs."""
+"""Sentence for ``--help`` epilogs (what the builtin ``smollm2`` and dataset plugins declare)."""
+
+
+def _resolved(kind: str, value: str | None) -> type | None:
+    """The plugin class ``value`` resolves to, or None (no value, or nothing registered takes it: the
+    command's own loading then reports that with its one-line error)."""
+    from .errors import SaelabError
+    from .manager import resolve
+
+    if not value or not str(value).strip():
+        return None
+    try:
+        return resolve(kind, str(value).strip())
+    except SaelabError:
+        return None
+
+
+def model_defaults(model: str | None) -> dict[str, str | int | float | bool]:
+    """The CLI defaults the activation source of ``model`` declares (``ActivationSource.default_values``;
+    ``{}`` when it declares none or nothing registered loads ``model``)."""
+    cls = _resolved("activation_source", model)
+    return dict(getattr(cls, "default_values", None) or {})
 
 
 def is_embedded_model(model: str | None) -> bool:
-    """Whether ``model`` names an embedded model (case-insensitive)."""
-    return bool(model) and str(model).strip().lower() in EMBEDDED_MODELS
+    """Whether ``model``'s activation source brings its own CLI defaults (the embedded ``smollm2``)."""
+    return bool(model_defaults(model))
 
 
-def is_embedded_dataset(repo: str | None) -> bool:
-    """Whether ``repo`` names an embedded dataset (case-insensitive, ``_`` = ``-``)."""
-    return bool(repo) and str(repo).strip().lower().replace("_", "-") in EMBEDDED_DATASETS
-
-
-def is_local_dataset(repo: str | None) -> bool:
-    """Whether ``repo`` is a local data file or dataset directory (an existing path, or a name ending in
-    one of :data:`LOCAL_DATA_SUFFIXES`, so that a missing file gets the file error, not a hub lookup)."""
-    if not repo or not str(repo).strip():
-        return False
-    path = Path(str(repo).strip()).expanduser()
-    return path.suffix.lower() in LOCAL_DATA_SUFFIXES or path.exists()
+def dataset_reads_whole(repo: str | None) -> bool:
+    """Whether the dataset ``repo`` resolves to is read whole by default (``Dataset.reads_whole``)."""
+    cls = _resolved("dataset", repo)
+    return cls is not None and bool(cls.reads_whole(str(repo).strip()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +242,8 @@ def store_options() -> F:
 def example_options() -> F:
     """delphi's latent-cache and example options: ``--n_splits``, ``--min_examples``, ``--n_examples_*``,
     ``--n_non_activating``, ``--example_ctx_len``, ``--center_examples``, ``--non_activating_source``,
-    ``--neighbours_type``, ``--n_quantiles``, ``--train_type``, ``--test_type``, ``--ratio_top``."""
+    ``--neighbours_type``, ``--n_quantiles``, ``--train_type``, ``--test_type``, ``--ratio_top`` and the
+    ``--sampler_option`` / ``--non_activating_option`` / ``--neighbour_option`` pairs."""
     return stack_options(
         click.option("--n_splits", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Shards of the latent cache (latent ranges; reading a latent loads one split)."),
@@ -260,7 +268,18 @@ def example_options() -> F:
         click.option("--test_type", default="quantiles", show_default=True, help="Sampler of the test examples."),
         click.option("--ratio_top", type=click.FloatRange(0, 1), default=0.2, show_default=True,
                      help="Share of top examples in mix."),
+        *(click.option(f"--{kind}_option", f"{kind}_option", type=(str, str), multiple=True,
+                       metavar="PLUGIN.KEY VALUE",
+                       help=f"An option of one {what} plugin, e.g. --{kind}_option {example} (repeatable; a key "
+                            f"the plugin does not take is an error).")
+          for kind, what, example in ADDRESSED_OPTION_FLAGS),
     )
+
+
+ADDRESSED_OPTION_FLAGS = (("sampler", "sampler", "mix.ratio_top 0.3"),
+                          ("non_activating", "non-activating source", "faiss.batch_size 64"),
+                          ("neighbour", "neighbour finder", "co-occurrence.block_latents 512"))
+"""``(flag stem, plugin kind, example)`` of the ``--<stem>_option PLUGIN.KEY VALUE`` flags."""
 
 
 class _LateRequiredOption(click.Option):
@@ -303,14 +322,13 @@ def verbose_option() -> F:
 
 
 def apply_embedded_defaults(values: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """Apply the embedded-model rule (see the module docstring) to ``values`` in place; returns it."""
-    if is_embedded_model(values.get("model")):
-        for key, value in EMBEDDED_DEFAULTS.items():
+    """Apply the defaults the plugins declare (see the module docstring) to ``values`` in place: those of
+    MODEL's activation source, then the whole split ``train`` for a dataset read whole; returns it."""
+    if "model" in values:
+        for key, value in model_defaults(values.get("model")).items():
             if key in values and key not in explicit:
                 values[key] = value
-    repo = values.get("dataset_repo")
-    if "dataset_split" in values and "dataset_split" not in explicit and (
-            is_embedded_dataset(repo) or is_local_dataset(repo)):
+    if "dataset_split" in values and "dataset_split" not in explicit and dataset_reads_whole(values.get("dataset_repo")):
         values["dataset_split"] = "train"
     return values
 

@@ -27,7 +27,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +61,9 @@ _TOKEN_OWNERS = {
 }
 _ENV_SECRET = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD)", re.IGNORECASE)
 _MIN_ENV_SECRET_LEN = 6
+_MIN_SECRET_LEN = 4
+_BEARER = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=:\s]+)[A-Za-z0-9._\-]{8,}")
+"""A bearer token or ``api_key=...`` value in a message (an HTTP error echoing the request)."""
 
 OptionsT = TypeVar("OptionsT", bound=Options)
 
@@ -95,49 +98,52 @@ def env_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact(value: Any, *, secrets: Sequence[str] | None = None, _key: str | None = None) -> Any:
-    """A JSON-ready copy of ``value`` with every secret replaced by ``"<redacted>"``.
+def redact(value: Any, *, secrets: Iterable[str] | None = None, by_key: bool = True, _key: str | None = None) -> Any:
+    """A JSON-ready copy of ``value`` with every secret replaced by ``"<redacted>"``: saelab's one redaction
+    (run configs, run history, LLM raw responses and error messages).
 
-    Mappings are walked key by key (secret-named keys are redacted unless their value is empty),
-    pydantic models are dumped first, ``SecretStr`` values are redacted wherever they are, and any
-    string containing one of ``secrets`` (default: :func:`env_secrets`) has it replaced.
+    Mappings are walked key by key (with ``by_key``, secret-named keys are redacted unless their value is
+    empty), pydantic models are dumped first, ``SecretStr`` values are redacted wherever they are, and any
+    string has each of ``secrets`` (default: :func:`env_secrets`; ones shorter than 4 characters are
+    ignored) and bearer tokens / ``api_key=...`` values replaced. ``by_key=False`` keeps values under
+    secret-looking keys (e.g. the ``token`` fields of an LLM's logprobs) unless they hold a secret.
     """
-    secrets = env_secrets() if secrets is None else list(secrets)
+    secrets = env_secrets() if secrets is None else [s for s in secrets if s and len(s) >= _MIN_SECRET_LEN]
     if isinstance(value, (SecretStr, SecretBytes)):
         return REDACTED
-    if _key is not None and is_secret_key(_key) and value not in (None, "", False):
+    if by_key and _key is not None and is_secret_key(_key) and value not in (None, "", False):
         return REDACTED
     if isinstance(value, BaseModel):
         # mode="python" keeps SecretStr objects so that they are seen (and redacted) above
-        return redact(value.model_dump(mode="python"), secrets=secrets)
+        return redact(value.model_dump(mode="python"), secrets=secrets, by_key=by_key)
     if isinstance(value, Mapping):
-        return {str(k): redact(v, secrets=secrets, _key=str(k)) for k, v in value.items()}
+        return {str(k): redact(v, secrets=secrets, by_key=by_key, _key=str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [redact(v, secrets=secrets) for v in items]
+        return [redact(v, secrets=secrets, by_key=by_key) for v in items]
     if isinstance(value, str):
         for secret in secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        return value
-    return _jsonable_scalar(value, secrets)
+        return _BEARER.sub(lambda m: m.group(1) + REDACTED, value)
+    return _jsonable_scalar(value, secrets, by_key)
 
 
-def _jsonable_scalar(value: Any, secrets: Sequence[str]) -> Any:
+def _jsonable_scalar(value: Any, secrets: Sequence[str], by_key: bool) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if isinstance(value, enum.Enum):
-        return redact(value.value, secrets=secrets)
+        return redact(value.value, secrets=secrets, by_key=by_key)
     if isinstance(value, os.PathLike):
-        return redact(os.fspath(value), secrets=secrets)
+        return redact(os.fspath(value), secrets=secrets, by_key=by_key)
     if isinstance(value, (_dt.datetime, _dt.date)):
         return value.isoformat()
     if hasattr(value, "tolist") and callable(value.tolist):  # numpy / torch scalars and small arrays
         try:
-            return redact(value.tolist(), secrets=secrets)
+            return redact(value.tolist(), secrets=secrets, by_key=by_key)
         except Exception:  # noqa: BLE001 - fall back to the string form below
             pass
-    return redact(str(value), secrets=secrets)
+    return redact(str(value), secrets=secrets, by_key=by_key)
 
 
 def redact_argv(argv: Sequence[str], *, secrets: Sequence[str] | None = None) -> list[str]:

@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from .errors import UsageError
-from .interfaces import Dataset
-from .options import Options
+from .interfaces import Dataset, DatasetOptions
 
 TOKENIZATION_SCHEME = "concat-eos/bos-per-window/v1"
 """Name and version of the tokenisation scheme described in this module's docstring."""
@@ -42,20 +41,7 @@ class DataExhaustedWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------------
-# Dataset options and loading
-
-
-class DatasetOptions(Options):
-    """Options every dataset plugin takes (the ``--dataset_*`` flags)."""
-
-    split: str = "train"
-    """Split expression, e.g. ``train``, ``train[:1%]``, ``train[100:200]``, ``train[:50%]+test``."""
-    name: str | None = None
-    """Dataset configuration name (``--dataset_name``); empty means none."""
-    column: str = "text"
-    """Column holding the text (``--dataset_column``)."""
-    streaming: bool = False
-    """Stream a hub dataset instead of downloading it (simple ``split[a:b]`` slices are supported)."""
+# Dataset loading
 
 
 def load_dataset_source(
@@ -72,6 +58,8 @@ def load_dataset_source(
     Resolution: a registered dataset name (``wikipedia-sample``, ``news-sample``...), else the first
     dataset class whose ``accepts(repo)`` is true (``local-files`` for data files, ``huggingface``
     for hub ids and dataset directories). Unknown values are one-line errors listing the names.
+    The class must follow the :class:`~saelab.Dataset` contract (``cls(repo, options)`` with ``Options``
+    a :class:`DatasetOptions`); one that does not is a one-line error naming it and what to change.
     ``hf_token`` is a credential, not an option: it goes to the dataset class's constructor when that
     takes one (``cls(repo, options, hf_token=...)``, the hub-backed classes) and is never written anywhere.
     """
@@ -81,11 +69,30 @@ def load_dataset_source(
     if not repo or not str(repo).strip():
         raise UsageError("empty --dataset_repo; give a dataset name (e.g. wikipedia-sample), hub id or local file")
     cls = resolve("dataset", str(repo))
+    check_dataset_class(cls)
     options = cls.Options.parse(
         {"split": split, "name": name or None, "column": column, "streaming": streaming},
         where=f"dataset {repo}",
     )
     return cls(str(repo), options, **credential_kwargs(cls, hf_token))
+
+
+def check_dataset_class(cls: type[Dataset]) -> None:
+    """One-line error when dataset class ``cls`` breaks the contract the factory relies on: ``Options``
+    subclassing :class:`DatasetOptions`, a constructor taking ``(repo, options)``."""
+    import inspect
+
+    where = f"dataset plugin {getattr(cls, 'name', cls.__name__)!r} ({cls.__module__}.{cls.__qualname__})"
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, DatasetOptions)):
+        raise UsageError(f"{where} cannot take the --dataset_split/--dataset_name/--dataset_column options: its "
+                         f"Options ({cls.Options.__qualname__}) must subclass saelab.data.DatasetOptions")
+    try:
+        inspect.signature(cls).bind("repo", None)
+    except TypeError:
+        raise UsageError(f"{where} cannot be built as cls(repo, options): its constructor takes "
+                         f"{inspect.signature(cls)}; take (repo, options) and call Dataset.__init__") from None
+    except ValueError:  # no signature to inspect (a builtin); the call itself will tell
+        pass
 
 
 def split_rows(split: str, n_rows: int, split_name: str = "train", where: str = "") -> list[tuple[int, int]]:

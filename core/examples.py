@@ -31,20 +31,21 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from .errors import UsageError
-from .interfaces import NeighbourFinder, NonActivatingSource, SparseDictionary
+from .interfaces import NeighbourFinder, NonActivatingSource, Plugin, Sampler, SparseDictionary
 from .latents import LatentActivations, LatentCache
 from .options import Options
 from .records import Example, LatentRecord, Neighbour, content_hash, write_json_atomic
+from .registry import normalise_name
 
 # --------------------------------------------------------------------------------------------------
 # Windows and candidates
@@ -286,6 +287,13 @@ class ExampleOptions(Options):
     """Random seed (each latent's draws depend on it and the latent index only)."""
     overwrite_neighbours: bool = False
     """Recompute neighbours even when ``latents/<hook>/neighbours/`` has them."""
+    sampler_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Options addressed to one sampler, by its name (``{"mix": {"ratio_top": 0.3}}``): it must be the train
+    or test sampler, and every key one its options model accepts."""
+    non_activating_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Options addressed to the non-activating source, by its name (``{"FAISS": {"batch_size": 64}}``)."""
+    neighbour_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Options addressed to the neighbour finder, by its name (``{"co-occurrence": {"block_latents": 512}}``)."""
 
 
 @dataclass
@@ -474,14 +482,20 @@ class RecordBuilder:
         self.decode = TokenDecoder(tokenizer)
         first = 1 if (options.filter_bos and cache.bos_token_id is not None) else 0
         self.geometry = WindowGeometry(cache.ctx_len, options.example_ctx_len, first, options.center_examples)
-        sampler_opts = {"n_quantiles": options.n_quantiles, "ratio_top": options.ratio_top}
-        self.train_sampler = _make(resolve("sampler", options.train_type), sampler_opts)
-        self.test_sampler = _make(resolve("sampler", options.test_type), sampler_opts)
+        samplers = [resolve("sampler", options.train_type), resolve("sampler", options.test_type)]
         source_cls = resolve("non_activating_source", options.non_activating_source)
-        self.source: NonActivatingSource = _make(source_cls, {"embedding_model": options.faiss_embedding_model})
+        finder_cls = resolve("neighbour_finder", options.neighbours_type) if source_cls.needs_neighbours else None
+        sampler_opts = _addressed("sampler", options.sampler_options, samplers)
+        shared = {"n_quantiles": options.n_quantiles, "ratio_top": options.ratio_top}
+        self.train_sampler: Sampler = _make("sampler", samplers[0], shared, sampler_opts)
+        self.test_sampler: Sampler = _make("sampler", samplers[1], shared, sampler_opts)
+        self.source: NonActivatingSource = _make(
+            "non-activating source", source_cls, {"embedding_model": options.faiss_embedding_model},
+            _addressed("non-activating source", options.non_activating_options, [source_cls]))
+        finder_opts = _addressed("neighbour finder", options.neighbour_options, [finder_cls] if finder_cls else [])
         self.finder: NeighbourFinder | None = None
-        if source_cls.needs_neighbours:
-            self.finder = resolve("neighbour_finder", options.neighbours_type)()
+        if finder_cls is not None:
+            self.finder = _make("neighbour finder", finder_cls, {}, finder_opts)
         self.neighbours: dict[int, list[tuple[int, float]]] = {}
         self.summary = RecordsSummary(cache.hookpoint)
         """Counts of the last :meth:`iter_records` run."""
@@ -638,10 +652,51 @@ class RecordBuilder:
             yield record
 
 
-def _make(cls: type[Any], options: dict[str, Any]) -> Any:
-    """Instantiate a plugin with the subset of ``options`` its Options model declares."""
-    fields = getattr(cls.Options, "model_fields", {})
-    return cls({k: v for k, v in options.items() if k in fields})
+def addressed_options(pairs: Sequence[Sequence[str]] | Mapping[str, Mapping[str, Any]] | None,
+                      flag: str) -> dict[str, dict[str, Any]]:
+    """``{plugin name: {key: value}}`` from ``NAME.KEY VALUE`` pairs (``--sampler_option mix.ratio_top 0.3``;
+    values parsed as JSON where they parse), or the mapping itself when already nested (a config file)."""
+    from .options import parse_option_value
+
+    if isinstance(pairs, Mapping):
+        return {str(name): dict(values) for name, values in pairs.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in pairs or ():
+        name, dot, option = str(key).partition(".")
+        if not dot or not name or not option:
+            raise UsageError(f"bad {flag} key {key!r}; accepted: PLUGIN.KEY, e.g. {flag} mix.ratio_top 0.3")
+        out.setdefault(name, {})[option] = parse_option_value(str(value))
+    return out
+
+
+_ExamplePlugin = TypeVar("_ExamplePlugin", Sampler, NonActivatingSource, NeighbourFinder)
+
+
+def _addressed(kind: str, options: Mapping[str, Mapping[str, Any]], selected: Sequence[type[Plugin]]
+               ) -> dict[str, dict[str, Any]]:
+    """``options`` keyed by the canonical name of the selected plugin each one addresses; options for a plugin
+    that is not selected are a one-line :class:`UsageError`."""
+    names = {normalise_name(alias): cls.name for cls in selected for alias in (cls.name, *cls.aliases)}
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in options.items():
+        canonical = names.get(normalise_name(name))
+        if canonical is None:
+            chosen = ", ".join(dict.fromkeys(cls.name for cls in selected)) or "none"
+            raise UsageError(f"{kind} options given for {name!r}, which this run does not use; accepted: "
+                             f"options of the selected {kind} ({chosen})")
+        out.setdefault(canonical, {}).update(values)
+    return out
+
+
+def _make(kind: str, cls: type[_ExamplePlugin], shared: Mapping[str, Any],
+          addressed: Mapping[str, Mapping[str, Any]]) -> _ExamplePlugin:
+    """``cls`` with the run-level ``shared`` options its options model declares (others are not its own)
+    and every option addressed to it by name (an unknown key is a one-line :class:`UsageError` naming the
+    key, the plugin and the accepted keys)."""
+    fields = cls.Options.model_fields
+    values = {k: v for k, v in shared.items() if k in fields}
+    values.update(addressed.get(cls.name, {}))
+    return cls(cls.Options.parse(values, where=f"{kind} {cls.name!r} options"))
 
 
 def build_records(cache: LatentCache | str | Path, options: ExampleOptions | dict[str, Any] | None = None, *,
@@ -673,6 +728,7 @@ __all__ = [
     "TokenDecoder",
     "Window",
     "WindowGeometry",
+    "addressed_options",
     "assign_quantiles",
     "build_records",
     "candidate_windows",

@@ -1,4 +1,12 @@
-"""Helpers shared by the dictionary-format plugins that read and write other libraries' files.
+"""Dictionary formats seen from the engine: finding dictionaries on disk, other libraries' hook names,
+and helpers shared by the format plugins that read and write other libraries' files.
+
+Discovery (:func:`find_dictionaries`, :func:`dictionaries_by_hookpoint`) is the one place that turns a
+path (one dictionary in any registered format, a directory of them such as a sparsify run, a saelab run
+directory with its ``dictionaries/``) into dictionary directories, for ``evaluate``, ``convert``,
+``latents`` and ``run`` alike. Hook names of other libraries (SAELens ``blocks.8.hook_resid_post``,
+module paths ``model.layers.8``) are translated by the format plugins that know them
+(``DictionaryFormat.hookpoint_from_external``), asked in registration order by :func:`hookpoint_from_external`.
 
 saelab's linear dictionaries (:class:`saelab.dictionary.LinearDictionary`) use SAELens's weight layout:
 ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]`` and, for skip
@@ -10,7 +18,7 @@ a loaded dictionary computes the same latents and reconstructions as the library
 from __future__ import annotations
 
 import json
-import re
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,28 +26,34 @@ from typing import Any
 import torch
 
 from .errors import UsageError
-from .interfaces import SparseDictionary
+from .hookpoints import is_hookpoint
+from .interfaces import SiteSpec, SparseDictionary
 
-_TL_SITES = {"": "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out",
-             "self_attn.input": "ln1.hook_normalized", "mlp.input": "ln2.hook_normalized"}
-
-
-def to_external_name(hookpoint: str) -> str:
-    """A saelab hookpoint as a TransformerLens / SAELens hook name (``layers.8`` ->
-    ``blocks.8.hook_resid_post``, ``embed`` -> ``blocks.0.hook_resid_pre``); other names unchanged."""
-    if hookpoint == "embed":
-        return "blocks.0.hook_resid_pre"
-    m = re.fullmatch(r"layers\.(\d+)(?:\.(.+))?", hookpoint)
-    if m and (m.group(2) or "") in _TL_SITES:
-        return f"blocks.{m.group(1)}.{_TL_SITES[m.group(2) or '']}"
-    return hookpoint
+# --------------------------------------------------------------------------------------------------
+# Other libraries' hook names
 
 
-def from_external_name(name: str) -> str:
-    """A SAELens hook name or Hugging Face module path as a saelab hookpoint (unknown names unchanged)."""
-    from .models import from_external_name as translate
+def hookpoint_from_external(name: str) -> str | None:
+    """The saelab hookpoint another library's hook name stands for (SAELens ``blocks.8.hook_resid_post``
+    -> ``layers.8``, module path ``model.layers.8.mlp`` -> ``layers.8.mlp``), asked of every registered
+    dictionary format in registration order; None when none knows ``name``."""
+    from .manager import registry
 
-    return translate(name) or name
+    text = str(name).strip()
+    for entry in registry("dictionary_format").entries():
+        hookpoint = entry.cls.hookpoint_from_external(text)
+        if hookpoint is not None:
+            return hookpoint
+    return None
+
+
+def canonical_hookpoint(name: str) -> str:
+    """``name`` as a saelab hookpoint: saelab names unchanged, other libraries' names translated
+    (:func:`hookpoint_from_external`); else unchanged."""
+    text = str(name).strip()
+    if is_hookpoint(text):
+        return text
+    return hookpoint_from_external(text) or text
 
 
 def has_files(path: str | Path, *names: str) -> bool:
@@ -133,33 +147,108 @@ def module_threshold(module: SparseDictionary) -> torch.Tensor | None:
     return None
 
 
-__all__ = ["assign_weights", "find_dictionaries", "fold_pre_encoder_bias", "from_external_name", "has_files",
-           "module_threshold", "read_json", "read_safetensors", "require_format_dir", "require_weights", "threshold_weights", "to_external_name"]
+# --------------------------------------------------------------------------------------------------
+# Discovery
 
 
-def find_dictionaries(path: str | Path) -> list[Path]:
+def records_hookpoint(sites: SiteSpec) -> bool:
+    """True when a dictionary's sites name real hookpoints (some formats record none)."""
+    return all(isinstance(site, str) and is_hookpoint(site) for site in (*sites.inputs, *sites.outputs))
+
+
+def dictionary_sites_text(sites: SiteSpec) -> str:
+    """``reads layers.3.mlp.input and writes layers.3.mlp`` / ``reads layers.15``."""
+    reads = " ".join(map(str, sites.inputs))
+    return f"reads {reads}" if sites.is_autoencoder else f"reads {reads} and writes {' '.join(map(str, sites.outputs))}"
+
+
+def _recognised(path: Path) -> bool:
+    from .manager import registry
+
+    return path.is_dir() and any(entry.cls.detect(path) for entry in registry("dictionary_format").entries())
+
+
+def find_dictionaries(path: str | os.PathLike[str]) -> list[Path]:
     """Dictionary directories at ``path``: itself when a registered format recognises it, else its
     sub-directories that one does (a sparsify run holding one directory per hookpoint, a saelab run's
     ``dictionaries/``), sorted by name. A path that holds none is a one-line error."""
-    from .dictionary import detect_format, dictionary_formats
+    from .dictionary import dictionary_formats
     from .errors import format_choices
-    from .manager import registry
 
     path = Path(path)
     if not path.exists():
         raise UsageError(f"dictionary path {str(path)!r} does not exist")
-    formats = [entry.cls for entry in registry("dictionary_format").entries()]
-
-    def recognised(p: Path) -> bool:
-        return p.is_dir() and any(cls.detect(p) for cls in formats)
-
-    if recognised(path):
-        detect_format(path)
+    if _recognised(path):
         return [path]
     roots = [path / "dictionaries", path] if (path / "dictionaries").is_dir() else [path]
     for root in roots:
-        found = sorted((p for p in root.iterdir() if recognised(p)), key=lambda p: p.name) if root.is_dir() else []
+        found = sorted((p for p in root.iterdir() if _recognised(p)), key=lambda p: p.name) if root.is_dir() else []
         if found:
             return found
     raise UsageError(f"{str(path)!r} holds no dictionary in a known format (nor sub-directories that do); "
                      f"known formats: {format_choices(dictionary_formats())}")
+
+
+def dictionaries_by_hookpoint(path: str | os.PathLike[str], hookpoints: Sequence[str] = (), *,
+                              loaded: dict[Path, SparseDictionary] | None = None) -> dict[str, Path]:
+    """The dictionaries of :func:`find_dictionaries` by hook name, selected by ``hookpoints`` (other
+    libraries' names are translated; default: all), in order.
+
+    One dictionary (``path`` itself) is loaded to read its sites: it is named by the requested hookpoint,
+    which must be a site it reads or writes (or sets the site when its format records none), else by its
+    first input site. In a directory of several each is named by its directory; a hookpoint selects the
+    directory of that name (as given or translated), else the one whose sites include it. A hookpoint
+    that selects nothing is a one-line error saying what was found. Dictionaries loaded along the way
+    are kept in ``loaded`` (path -> dictionary) when given, for reuse."""
+    from .dictionary import load_dictionary
+
+    loaded = {} if loaded is None else loaded
+
+    def load(directory: Path) -> SparseDictionary:
+        if directory not in loaded:
+            loaded[directory] = load_dictionary(directory)
+        return loaded[directory]
+
+    path = Path(path)
+    dirs = find_dictionaries(path)
+    hookpoints = list(dict.fromkeys(hookpoints))
+    requested = [canonical_hookpoint(h) for h in hookpoints]
+    if dirs == [path]:
+        sites = load(path).sites
+        if len(requested) > 1:
+            raise UsageError(f"{str(path)!r} holds one dictionary ({dictionary_sites_text(sites)}) but --hookpoints "
+                             f"names {' '.join(hookpoints)}; give one hookpoint or a directory of dictionaries")
+        if not records_hookpoint(sites):
+            if not requested:
+                raise UsageError(f"{str(path)!r} does not record the hookpoint it reads; give it with --hookpoints, "
+                                 f"e.g. --hookpoints layers.15")
+            return {requested[0]: path}
+        accepted = list(dict.fromkeys([*sites.inputs, *sites.outputs]))
+        if not requested:
+            return {str(sites.inputs[0]): path}
+        if requested[0] not in accepted:
+            shown = hookpoints[0] + (f" (= {requested[0]})" if requested[0] != hookpoints[0] else "")
+            raise UsageError(f"--hookpoints {shown} does not match {str(path)!r}: found one dictionary, which "
+                             f"{dictionary_sites_text(sites)}; accepted: {', '.join(accepted)}")
+        return {requested[0]: path}
+    found = {d.name: d for d in dirs}
+    if not requested:
+        return found
+    by_site = {canonical_hookpoint(name): name for name in found}
+    out: dict[str, Path] = {}
+    for given, hook in zip(hookpoints, requested, strict=True):
+        name = given if given in found else (hook if hook in found else by_site.get(hook))
+        if name is None:
+            name = next((n for n, d in found.items() if hook in (*load(d).sites.inputs, *load(d).sites.outputs)),
+                        None)
+        if name is None:
+            have = ", ".join(f"{n} ({dictionary_sites_text(load(d).sites)})" for n, d in found.items())
+            raise UsageError(f"no dictionary for hookpoint {given!r} in {str(dirs[0].parent)!r}; found: {have}")
+        out[name] = found[name]
+    return out
+
+
+__all__ = ["assign_weights", "canonical_hookpoint", "dictionaries_by_hookpoint", "dictionary_sites_text",
+           "find_dictionaries", "fold_pre_encoder_bias", "has_files", "hookpoint_from_external", "module_threshold",
+           "read_json", "read_safetensors", "records_hookpoint", "require_format_dir", "require_weights",
+           "threshold_weights"]

@@ -6,15 +6,22 @@ Every hook here must be documented in ``docs/plugins/hooks.md`` (a test checks i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import pluggy
+
+if TYPE_CHECKING:
+    import click
 
 PROJECT = "saelab"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[[type], Any]
+PluginClass = TypeVar("PluginClass", bound=type)
+
+Register = Callable[[PluginClass], PluginClass]
+"""What a ``register_<kind>s`` hook receives: ``register(cls)`` adds ``cls`` to the kind's registry and
+returns it."""
 
 
 @hookspec
@@ -68,5 +75,5 @@ def register_providers(register: Register) -> None:
 
 
 @hookspec
-def register_commands(cli: Any) -> None:
+def register_commands(cli: click.Group) -> None:
     """Add click commands to the ``saelab`` command group ``cli``."""

@@ -10,15 +10,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from .hookpoints import validate_hookpoints
 from .options import Options
 
 if TYPE_CHECKING:
-    from .prompts import Placeholders
+    from transformers import PreTrainedTokenizerBase
+
+    from .examples import Candidates, NeighbourContext, NonActivatingContext, Window
+    from .llm import ChatMessage, Completion, ParamValue
+    from .prompts import Placeholders, Prompts, PromptValue
+    from .records import Explanation, LatentRecord, ScoreResult, Usage
 
 
 class Plugin:
@@ -46,12 +52,16 @@ class ActivationSource(Plugin, ABC):
 
     Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.mlp`` /
     ``layers.N.mlp.input``, ``layers.N.self_attn`` / ``layers.N.self_attn.input`` (see
-    :mod:`saelab.models`). Created as ``cls(model_id, options)`` with ``options`` an instance of
+    :mod:`saelab.hookpoints`). Created as ``cls(model_id, options)`` with ``options`` an instance of
     ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a name, adding the
     credential ``hf_token=...`` (not an option) when the constructor takes that keyword.
     """
 
-    tokenizer: Any
+    default_values: ClassVar[Mapping[str, str | int | float | bool]] = {}
+    """CLI defaults this source brings when MODEL names it: option name -> value, used for the options
+    the user did not give (the embedded ``smollm2`` brings ``dataset_repo`` and ``n_tokens`` that need no
+    network or GPU). Empty for sources that keep the delphi defaults."""
+    tokenizer: PreTrainedTokenizerBase
     """The model's tokenizer (a Hugging Face tokenizer)."""
     model_id: str
     """The id, path or embedded name the source was created from."""
@@ -62,7 +72,7 @@ class ActivationSource(Plugin, ABC):
         return False
 
     @abstractmethod
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, object]:
         """What identifies the model's values: id, weights hash or revision, dtype (for fingerprints)."""
 
     @abstractmethod
@@ -76,8 +86,6 @@ class ActivationSource(Plugin, ABC):
     def check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
         """Validate names and return them deduplicated; an unknown one raises a one-line error saying
         what is wrong (bad form, layer out of range, a close match) and listing the valid names."""
-        from .models import validate_hookpoints
-
         return validate_hookpoints(hookpoints, self.hookpoints(), self.model_id)
 
     @property
@@ -106,14 +114,32 @@ class ActivationSource(Plugin, ABC):
         return None
 
 
+class DatasetOptions(Options):
+    """Options every dataset plugin takes (the ``--dataset_*`` flags); a dataset's own ``Options``
+    subclass this."""
+
+    split: str = "train"
+    """Split expression, e.g. ``train``, ``train[:1%]``, ``train[100:200]``, ``train[:50%]+test``."""
+    name: str | None = None
+    """Dataset configuration name (``--dataset_name``); empty means none."""
+    column: str = "text"
+    """Column holding the text (``--dataset_column``)."""
+    streaming: bool = False
+    """Stream a hub dataset instead of downloading it (simple ``split[a:b]`` slices are supported)."""
+
+
 class Dataset(Plugin, ABC):
     """A source of text documents (embedded samples, hub datasets, local files).
 
-    Instances are created as ``cls(repo, cls.Options.parse({...}))`` by
-    :func:`saelab.data.load_dataset_source`; ``Options`` should subclass
-    :class:`saelab.data.DatasetOptions` (split, name, column, streaming). A class that downloads takes
-    the hub credential as a constructor keyword ``hf_token`` (not an option), given when there is one.
+    The contract :func:`saelab.data.load_dataset_source` (the factory every command uses) relies on:
+    the constructor takes ``(repo, options)``, ``repo`` being what the user typed (a registered name,
+    a hub id, a path, or anything :meth:`accepts` claims) and ``options`` an instance of ``cls.Options``,
+    which must subclass :class:`DatasetOptions` (split, name, column, streaming: the ``--dataset_*``
+    flags); the base ``__init__`` stores both. A class that downloads takes the hub credential as a
+    constructor keyword ``hf_token`` (not an option), given when there is one.
     """
+
+    Options: ClassVar[type[Options]] = DatasetOptions
 
     def __init__(self, repo: str, options: Options | None = None):
         self.repo = repo
@@ -126,12 +152,18 @@ class Dataset(Plugin, ABC):
         """Whether this class can read ``repo`` when it is not one of the registered names."""
         return False
 
+    @classmethod
+    def reads_whole(cls, repo: str) -> bool:
+        """Whether ``repo`` is read whole (split ``train``) unless ``--dataset_split`` is given: True for
+        small local or embedded data, where the hub default ``train[:1%]`` would keep a handful of rows."""
+        return False
+
     @abstractmethod
     def texts(self) -> Iterator[str]:
         """Documents in a fixed order."""
 
     @abstractmethod
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, object]:
         """What identifies the documents (repo, name, split, column, file hash...) for fingerprints."""
 
 
@@ -246,10 +278,24 @@ class DictionaryOutput:
         return f"DictionaryOutput(reconstruction={shape}, losses={sorted(self.losses)})"
 
 
-class SparseDictionary(nn.Module, Plugin):
+class SparseDictionary(nn.Module, Plugin, ABC):
     """An architecture: encoder to ``d_sae`` sparse latents and decoder back to the output sites.
 
-    Subclasses implement ``encode`` and ``decode``; ``forward`` adds architecture-specific loss terms.
+    **Must implement** (abstract): :attr:`d_sae`, :meth:`encode` and :meth:`decode`. A class that lacks
+    one is refused with a one-line error when it is built by name (``build_dictionary``, the CLI) and
+    cannot be instantiated directly.
+
+    **Working defaults** (override where the architecture needs more): :meth:`forward` (encode, decode,
+    loss ``mse``), the training hooks :meth:`initialize_from_data`, :meth:`before_optimizer_step`,
+    :meth:`after_optimizer_step`, :meth:`synchronize` (no-ops), and :meth:`config`.
+
+    **Needed for normalised training**: :meth:`fold_scaling` has no generic default (the base raises:
+    how scales enter the weights depends on the architecture). The trainer normalises by default
+    (``normalise="norm"``) and checks this before the first step: a class without it is refused with a
+    one-line error (train with ``normalise="none"``, or implement it).
+    :class:`saelab.dictionary.LinearDictionary` implements it (and everything but ``encode``) for any
+    linear encoder/decoder; third-party architectures normally subclass it.
+
     ``requires_sequences`` marks architectures (e.g. Lorsa) that need ``[batch, seq, n_sites, d]``.
     """
 
@@ -261,18 +307,39 @@ class SparseDictionary(nn.Module, Plugin):
         self.sites = sites
         self.options = options
 
+    @classmethod
+    def missing_methods(cls, *, fold_scaling: bool = False) -> list[str]:
+        """Names of the required methods ``cls`` does not implement (with ``fold_scaling``: also that one)."""
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if fold_scaling and cls.fold_scaling is SparseDictionary.fold_scaling:
+            missing.append("fold_scaling")
+        return missing
+
+    @classmethod
+    def check_contract(cls, *, fold_scaling: bool = False, why: str = "") -> None:
+        """One-line :class:`~saelab.UsageError` naming ``cls`` and the required methods it lacks (see
+        :meth:`missing_methods`); ``why`` says what needs them."""
+        missing = cls.missing_methods(fold_scaling=fold_scaling)
+        if missing:
+            from .errors import UsageError
+
+            label = f"architecture {getattr(cls, 'name', '?')!r} (class {cls.__module__}.{cls.__qualname__})"
+            raise UsageError(f"{label} does not implement {', '.join(missing)}{why}; a SparseDictionary must "
+                             f"implement d_sae, encode and decode (and fold_scaling for normalised training), "
+                             f"or subclass saelab.dictionary.LinearDictionary")
+
     @property
+    @abstractmethod
     def d_sae(self) -> int:
         """Number of latents."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations ``[batch, d_sae]`` for inputs ``[batch, n_inputs, d_in]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``[batch, n_outputs, d_out]`` from latents ``[batch, d_sae]``."""
-        raise NotImplementedError
 
     def forward(
         self, x: torch.Tensor, target: torch.Tensor | None = None, dead_mask: torch.Tensor | None = None
@@ -301,12 +368,14 @@ class SparseDictionary(nn.Module, Plugin):
     def synchronize(self, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Average global training state (e.g. BatchTopK thresholds) across data-parallel ranks."""
 
-    def fold_scaling(self, input_scale: float, output_scale: float) -> None:
+    def fold_scaling(self, input_scales: torch.Tensor, output_scales: torch.Tensor) -> None:
         """Fold activation normalisation into the weights, so that the saved dictionary takes raw
-        activations: training saw ``x * input_scale`` and reconstructed ``y * output_scale``."""
+        activations: training saw ``x[:, i] * input_scales[i]`` and reconstructed
+        ``y[:, j] * output_scales[j]``. Both are 1-D tensors, one scale per input (output) site in
+        :class:`SiteSpec` order. No generic default: required for normalised training (see the class)."""
         raise NotImplementedError(f"{type(self).__name__} cannot fold activation scaling")
 
-    def config(self) -> dict[str, Any]:
+    def config(self) -> dict[str, object]:
         """Everything needed to rebuild the module (architecture name, sites, options) as JSON data."""
         return {
             "architecture": self.name,
@@ -328,6 +397,14 @@ class DictionaryFormat(Plugin, ABC):
     def load(self, path: Path, device: str | torch.device = "cpu") -> SparseDictionary:
         """Load the dictionary stored at ``path``."""
 
+    @classmethod
+    def hookpoint_from_external(cls, name: str) -> str | None:
+        """The saelab hookpoint that ``name``, a hook name in the library this format reads (SAELens
+        ``blocks.8.hook_resid_post``, a module path ``model.layers.8.mlp``...), stands for; None when
+        ``name`` is not one of its names. Asked of every registered format by
+        :func:`saelab.formats.hookpoint_from_external`."""
+        return None
+
     def save(self, dictionary: SparseDictionary, path: Path) -> None:
         """Write ``dictionary`` to ``path`` in this format."""
         from .errors import UsageError
@@ -343,7 +420,7 @@ class _OptionedPlugin(Plugin):
     """Shared construction of samplers, non-activating sources and neighbour finders: ``cls(options)``
     with ``options`` an instance of ``cls.Options`` or a mapping validated into one."""
 
-    def __init__(self, options: Options | Mapping[str, Any] | None = None):
+    def __init__(self, options: Options | Mapping[str, object] | None = None):
         if not isinstance(options, Options):
             options = self.Options.parse(dict(options or {}), where=f"{self.name} options")
         self.options = options
@@ -359,7 +436,7 @@ class Sampler(_OptionedPlugin, ABC):
     """
 
     @abstractmethod
-    def sample(self, candidates: Any, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
         """Indices (int64, into ``candidates``, no repeats) of at most ``n`` chosen windows."""
 
 
@@ -375,7 +452,7 @@ class NonActivatingSource(_OptionedPlugin, ABC):
     """True when the source reads ``context.neighbours`` (the builder then computes them)."""
 
     @abstractmethod
-    def non_activating(self, latent: int, n: int, context: Any) -> list[Any]:
+    def non_activating(self, latent: int, n: int, context: NonActivatingContext) -> list[Window]:
         """At most ``n`` :class:`saelab.examples.Window` s where ``latent`` does not fire, none of them
         in ``context.exclude``."""
 
@@ -387,7 +464,8 @@ class NeighbourFinder(_OptionedPlugin, ABC):
     """
 
     @abstractmethod
-    def neighbours(self, latents: Sequence[int], k: int, context: Any) -> dict[int, list[tuple[int, float]]]:
+    def neighbours(self, latents: Sequence[int], k: int,
+                   context: NeighbourContext) -> dict[int, list[tuple[int, float]]]:
         """For each latent, its ``k`` nearest other latents with their similarity, most similar first."""
 
 
@@ -398,36 +476,67 @@ class Provider(Plugin, ABC):
     the concurrency limit, retries and usage accounting around one ``_complete`` attempt.
     """
 
+    usage: Usage | None = None
+    """Calls, tokens and cost so far (:class:`saelab.records.Usage`; :class:`saelab.llm.LLMProvider` keeps
+    one per instance); None for a provider that does not count (the run summary then shows no usage)."""
+
     @abstractmethod
-    async def generate(self, messages: list[dict[str, str]], **params: Any) -> Any:
-        """One chat completion for ``messages``: a :class:`saelab.llm.Completion` (text, logprobs, tokens,
-        cost, cached...), or :class:`saelab.llm.ProviderError` after retries. ``params`` override the
-        provider's options per call (``temperature``, ``max_tokens``, ``logprobs``, ``top_logprobs``...)."""
+    async def generate(self, messages: Sequence[ChatMessage], **params: ParamValue) -> Completion:
+        """One chat completion for ``messages`` (``{"role", "content"}`` dicts): a
+        :class:`saelab.llm.Completion` (text, logprobs, tokens, cost, cached...), never another type (the
+        engine rejects it with a one-line error), or :class:`saelab.llm.ProviderError` after retries.
+        ``params`` override the provider's options per call (``temperature``, ``max_tokens``, ``logprobs``,
+        ``top_logprobs``, ``answer_format``...)."""
 
 
 class _PromptedPlugin(Plugin):
-    """Shared construction of explainers and scorers: typed options plus resolved prompts."""
+    """Shared construction of explainers and scorers: typed options plus resolved prompts.
+
+    A class ships its default prompts with it: ``prompt_file`` names a YAML file next to its module (in its
+    package, read with :mod:`importlib.resources`) holding the templates under ``prompt_prefix`` without the
+    prefix (``system: ...``, ``user: ...``, ``examples: [...]``); or it overrides :meth:`default_prompts`.
+    Users override them by dotted key (``scorers.detection.user``) with ``--prompt_override``.
+    """
 
     prompt_prefix: ClassVar[str] = ""
-    """Dotted prefix of this class's prompts in ``prompts.yaml`` (e.g. ``"scorers.detection"``)."""
+    """Dotted prefix of this class's prompt keys (e.g. ``"scorers.detection"``)."""
+    prompt_file: ClassVar[str] = ""
+    """YAML file of the default prompts, next to the module of the class that sets it (e.g.
+    ``"detection.yaml"``); empty when the class has no shipped prompts."""
+    prompt_key_aliases: ClassVar[Mapping[str, str]] = {}
+    """Keys of other prompt files (delphi / AutoInterp Full) -> the template name under ``prompt_prefix`` each
+    one sets (e.g. ``{"explainers.default.system_contrastive": "system"}``)."""
     prompt_placeholders: ClassVar[Mapping[str, Placeholders]] = {}
     """Template name under ``prompt_prefix`` -> :class:`saelab.prompts.Placeholders` it takes; checked when
     the plugin is built (a template missing a required placeholder or holding an unknown one is a UsageError)."""
 
-    def __init__(self, options: Options | Mapping[str, Any] | None = None, prompts: Mapping[str, Any] | None = None):
+    def __init__(self, options: Options | Mapping[str, object] | None = None,
+                 prompts: Mapping[str, PromptValue] | None = None):
+        from .prompts import Prompts, check_templates
+
         if not isinstance(options, Options):
             options = self.Options.parse(dict(options or {}), where=f"{self.name} options")
         self.options = options
+        defaults = self.default_prompts()
         if prompts is None:
-            from .prompts import load_prompts
-
-            prompts = load_prompts()
-        self.prompts = prompts
-        """Resolved prompts (:class:`saelab.prompts.Prompts`)."""
+            prompts = Prompts(defaults)
+        elif not isinstance(prompts, Prompts):
+            prompts = Prompts({**defaults, **prompts})
+        self.prompts: Prompts = prompts.with_defaults(defaults)
+        """Resolved prompts: the ones given (the same object when it has every key this class needs),
+        completed with this class's defaults."""
         if self.prompt_placeholders:
-            from .prompts import check_templates
+            check_templates(self.prompts, self.prompt_prefix, self.prompt_placeholders)
 
-            check_templates(prompts, self.prompt_prefix, self.prompt_placeholders)
+    @classmethod
+    def default_prompts(cls) -> dict[str, PromptValue]:
+        """The shipped default prompts as ``{dotted key: value}`` (keys under ``prompt_prefix``): read from
+        ``prompt_file``, ``{}`` without one."""
+        if not cls.prompt_file:
+            return {}
+        from .prompts import read_prompt_file
+
+        return read_prompt_file(cls, cls.prompt_file, cls.prompt_prefix)
 
     def prompt_version(self) -> str:
         """Hash of the prompts this instance uses (stored with every result)."""
@@ -436,7 +545,7 @@ class _PromptedPlugin(Plugin):
         prefix = self.prompt_prefix.rstrip(".") + "."
         return prompt_version({k: v for k, v in self.prompts.items() if k.startswith(prefix)})
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, object]:
         """What determines this instance's results besides its inputs: name, options, prompt version
         (part of every explanation and score fingerprint)."""
         return {"name": self.name, "options": self.options.model_dump(mode="json"),
@@ -449,13 +558,14 @@ class Explainer(_PromptedPlugin, ABC):
     Constructed as ``cls(options, prompts)`` (both optional: defaults and the shipped prompts).
     """
 
-    def messages(self, record: Any) -> list[list[dict[str, str]]]:
+    def messages(self, record: LatentRecord) -> list[list[dict[str, str]]]:
         """The chat prompts :meth:`explain` would send for ``record`` (for dry runs and token estimates)."""
         return []
 
     @abstractmethod
-    async def explain(self, record: Any, provider: Provider) -> Any:
-        """The :class:`saelab.records.Explanation` of one :class:`saelab.records.LatentRecord`."""
+    async def explain(self, record: LatentRecord, provider: Provider) -> Explanation:
+        """The :class:`saelab.records.Explanation` of one :class:`saelab.records.LatentRecord` (the engine
+        rejects any other return type)."""
 
 
 class Scorer(_PromptedPlugin, ABC):
@@ -469,12 +579,13 @@ class Scorer(_PromptedPlugin, ABC):
     uses_provider: ClassVar[bool] = True
     """False for scorers that run local models instead of the LLM provider (surprisal, embedding)."""
 
-    def messages(self, record: Any, explanation: str) -> list[list[dict[str, str]]]:
-        """The chat prompts :meth:`score` would send (for dry runs and token estimates)."""
+    def messages(self, record: LatentRecord, explanation: Explanation | None) -> list[list[dict[str, str]]]:
+        """The chat prompts :meth:`score` would send for ``explanation`` (for dry runs and token estimates)."""
         return []
 
     @abstractmethod
-    async def score(self, record: Any, explanation: Any, provider: Provider | None) -> Any:
-        """The :class:`saelab.records.ScoreResult` of one latent: per-example predictions and metrics.
-        ``explanation`` is an :class:`saelab.records.Explanation` or its text (None for
-        explanation-free scorers)."""
+    async def score(self, record: LatentRecord, explanation: Explanation | None,
+                    provider: Provider | None) -> ScoreResult:
+        """The :class:`saelab.records.ScoreResult` of one latent: per-example predictions and metrics (the
+        engine rejects any other return type). ``explanation`` is None for explanation-free scorers
+        (``requires_explanation = False``); ``provider`` is None when ``uses_provider`` is False."""

@@ -224,6 +224,13 @@ class LatentCache:
         """The cache's fingerprint."""
         return str(self.manifest["fingerprint"])
 
+    @property
+    def activation_cache_path(self) -> str | None:
+        """The activation cache the latents were computed from (its tokens are read from it), or None
+        when they were computed from the model's forward pass."""
+        tokens = self.manifest.get("tokens") or {}
+        return str(tokens["path"]) if tokens.get("kind") == "activation_cache" else None
+
     def split_of(self, latent: int) -> int:
         """Index of the split holding ``latent``."""
         if not 0 <= latent < self.d_sae:
@@ -365,21 +372,51 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def find_activation_cache(source: ActivationSource, dataset: Dataset, hookpoints: Sequence[str], *, n_tokens: int,
-                          ctx_len: int, store: str | Path) -> Any:
-    """A complete activation cache in ``store`` holding exactly ``hookpoints`` over the same data and
-    token count (float32 first, then float16), or None."""
-    from .activation_cache import MANIFEST as CACHE_MANIFEST
-    from .activation_cache import ActivationCache, cache_dir_for, fingerprint_inputs
+                          ctx_len: int, store: str | Path, dtype: str = "float32", checksums: bool = False) -> Any:
+    """A complete activation cache in ``store`` over the same model, data, ``n_tokens`` and ``ctx_len`` that
+    covers ``hookpoints``, or None.
 
-    for dtype in ("float32", "float16"):
-        inputs = fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=dtype)
-        directory = cache_dir_for(store, inputs)
+    A cache of exactly ``hookpoints`` is looked up by fingerprint first (``dtype`` first, then the other
+    storage dtype); else the store's manifests are read for a cache holding more hookpoints (fewest extra
+    first). ``checksums`` checks every shard's sha256 of the cache found; a damaged cache is skipped."""
+    from .activation_cache import DTYPES, ActivationCache, cache_dir_for, fingerprint_inputs
+    from .activation_cache import MANIFEST as CACHE_MANIFEST
+
+    dtypes = [dtype, *(d for d in DTYPES if d != dtype)] if dtype in DTYPES else list(DTYPES)
+    wanted = {d: fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=d)
+              for d in dtypes}
+    candidates = [cache_dir_for(store, wanted[d]) for d in dtypes]
+    candidates += _covering_caches(Path(store), wanted[dtypes[0]], set(hookpoints), dtypes, CACHE_MANIFEST)
+    for directory in dict.fromkeys(candidates):
         if (directory / CACHE_MANIFEST).is_file():
             try:
-                return ActivationCache.open(directory)
+                return ActivationCache.open(directory, checksums=checksums)
             except (UsageError, CorruptCacheError):
                 continue
     return None
+
+
+def _covering_caches(store: Path, wanted: dict[str, Any], hookpoints: set[str], dtypes: Sequence[str],
+                     manifest_name: str) -> list[Path]:
+    """Complete caches in ``store`` whose fingerprint inputs equal ``wanted`` but for more hookpoints and
+    any storage dtype: ``dtypes`` order, then fewest hookpoints first."""
+    same = json.loads(json.dumps({k: v for k, v in wanted.items() if k not in ("hookpoints", "dtype")}, default=str))
+    found: list[tuple[int, int, Path]] = []
+    try:
+        directories = [p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    for directory in directories:
+        try:
+            manifest = json.loads((directory / manifest_name).read_text(encoding="utf-8"))
+            inputs = dict(manifest["fingerprint_inputs"])
+            held = set(inputs.pop("hookpoints"))
+            stored_dtype = inputs.pop("dtype")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if manifest.get("complete") and held > hookpoints and inputs == same and stored_dtype in dtypes:
+            found.append((list(dtypes).index(stored_dtype), len(held), directory))
+    return [directory for _, _, directory in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -852,44 +889,39 @@ __all__ = [
 def select_dictionaries(sparse_model: str | Path, hookpoints: Sequence[str] = (),
                         device: str = "cpu") -> list[tuple[str, SparseDictionary, Path]]:
     """``(hook name, dictionary, directory)`` for each dictionary at ``sparse_model`` (a dictionary
-    directory in any format, a sparsify run, a saelab run) selected by ``hookpoints``.
+    directory in any format, a sparsify run, a saelab run) selected by ``hookpoints``, loaded on ``device``.
 
-    A hookpoint selects a dictionary whose directory name, input site or output site it is, and names
-    its ``latents/<hook>/`` directory. Without hookpoints every dictionary is taken, named by its
-    directory when that is a hookpoint-like name inside a multi-dictionary folder, else by its first
-    input site. A hookpoint that selects nothing is a one-line error listing what is there.
+    The selection and the hook names (which name the ``latents/<hook>/`` directories) are those of
+    :func:`saelab.formats.dictionaries_by_hookpoint`, the one discovery ``saelab run`` uses too.
     """
     from .dictionary import load_dictionary
-    from .formats import find_dictionaries
+    from .formats import dictionaries_by_hookpoint
 
-    root = Path(sparse_model)
-    dirs = find_dictionaries(root)
-    loaded = [(d, load_dictionary(d, device=device)) for d in dirs]
-    if not hookpoints:
-        return [(d.name if d != root and d.name.startswith(("layers.", "embed")) else m.sites.inputs[0], m, d)
-                for d, m in loaded]
-    out = []
-    for hp in dict.fromkeys(hookpoints):
-        match = [(d, m) for d, m in loaded if hp == d.name] or \
-                [(d, m) for d, m in loaded if hp in m.sites.inputs or hp in m.sites.outputs]
-        if not match:
-            have = ", ".join(f"{d.name} ({'+'.join(m.sites.inputs)} -> {'+'.join(m.sites.outputs)})" for d, m in loaded)
-            raise UsageError(f"no dictionary at {str(root)!r} for hookpoint {hp!r}; found: {have}")
-        out.append((hp, match[0][1], match[0][0]))
-    return out
+    loaded: dict[Path, SparseDictionary] = {}
+    found = dictionaries_by_hookpoint(sparse_model, hookpoints, loaded=loaded)
+    return [(hook, loaded[path].to(device) if path in loaded else load_dictionary(path, device=device), path)
+            for hook, path in found.items()]
 
 
 def latents_dir(run_directory: str | Path, hook: str) -> Path:
-    """``results/<name>/latents/<hook>/``."""
-    return Path(run_directory) / "latents" / hook
+    """``results/<name>/latents/<hook>/`` (the hook's directory name: path separators replaced)."""
+    from .pipeline import hook_dirname
+
+    return Path(run_directory) / "latents" / hook_dirname(hook)
 
 
 def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: SparseDictionary, hook: str,
                          run_directory: str | Path, *, store: str | Path | None = None) -> LatentCache:
     """Build, resume or reuse ``latents/<hook>/`` of a run from resolved command values (the
-    ``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``, ``--batch_size``, ``--filter_bos``, ``--n_splits``,
-    ``--n_quantiles``, ``--overwrite`` options). An activation cache of exactly the dictionary's input
-    sites over the same data is read instead of running the LM when one exists in ``store``."""
+    ``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``, ``--batch_size``, ``--filter_bos``,
+    ``--exclude_positions``, ``--n_splits``, ``--n_quantiles``, ``--overwrite``, ``--store``, ``--dtype``,
+    ``--verify`` options): the one path of ``saelab latents`` and ``saelab run``.
+
+    A complete activation cache in ``store`` covering the dictionary's input sites over the same model and
+    data (see :func:`find_activation_cache`) is read instead of running the LM; else the latents are
+    computed from the model's forward pass batch by batch and no dense activation is written to disk.
+    ``--overwrite cache`` always recomputes from the model. :attr:`LatentCache.activation_cache_path` says
+    which was used."""
     from pydantic import SecretStr
 
     from .data import load_dataset_source
@@ -906,7 +938,8 @@ def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: Spar
     if not overwrite:
         activation_cache = find_activation_cache(source, dataset, list(dictionary.sites.inputs),
                                                  n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"),
-                                                 store=store or get("store") or activation_store())
+                                                 store=store or get("store") or activation_store(),
+                                                 dtype=get("dtype") or "float32", checksums=bool(get("verify")))
     return build_latent_cache(
         source, dictionary, latents_dir(run_directory, hook), hookpoint=hook, dataset=dataset,
         n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"), activation_cache=activation_cache,

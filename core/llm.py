@@ -19,69 +19,73 @@ API keys are read from the environment only, and never logged, cached or written
 from raw responses and error messages).
 
 A provider plugin subclasses :class:`LLMProvider` and implements ``_complete`` (one attempt, mapping its
-backend's failures to :class:`TransientError` / :class:`ProviderError`).
+backend's failures to :class:`TransientError` / :class:`ProviderError`); the builtin ``openai``, ``vllm``,
+``openrouter``, ``litellm``, ``transformers`` and ``offline`` providers are plugins built on it exactly so.
+Each registers under its own name; :func:`make_provider` resolves names through the registry only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import functools
 import json
 import logging
 import math
 import os
 import random
-import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeAlias, TypedDict, TypeVar
 
 from pydantic import Field
 
+from .config import redact
 from .errors import SaelabError, UsageError
-from .fileio import canonical_json, json_sha256, write_json_atomic
+from .fileio import json_sha256, write_json_atomic
 from .interfaces import Provider
 from .options import Options
+from .records import Usage
 
 __all__ = [
-    "OPENROUTER_URL",
-    "PROVIDER_ALIASES",
+    "CALL_PARAMS",
+    "ChatMessage",
     "Completion",
     "LLMProvider",
+    "ParamValue",
     "ProviderError",
     "ProviderOptions",
     "ResponseCache",
     "TokenLogprob",
     "TransientError",
-    "UsageTotals",
     "answer_format_bound",
     "cache_key",
     "check_answer_format",
-    "litellm_prices",
+    "check_completion",
     "make_provider",
     "parse_retry_after",
-    "redact",
     "with_retries",
 ]
 
 T = TypeVar("T")
 log = logging.getLogger("saelab.llm")
 
-OPENROUTER_URL = "https://openrouter.ai/api/v1"
-"""OpenRouter's OpenAI-compatible endpoint (default base URL of ``--explainer_provider openrouter``)."""
-VLLM_URL = "http://localhost:8000/v1"
-"""Default base URL of ``--explainer_provider vllm`` (``vllm serve``'s default port)."""
-
-PROVIDER_ALIASES: dict[str, str] = {"offline": "transformers", "vllm": "openai", "openrouter": "openai"}
-"""delphi's provider names and the saelab provider each one means."""
-
 # --------------------------------------------------------------------------------------------------
-# Results
+# Messages and results
+
+
+class ChatMessage(TypedDict):
+    """One chat message: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
+
+    role: str
+    content: str
+
+
+ParamValue: TypeAlias = str | int | float | bool | list[str] | dict[str, str | int | list[str]] | None
+"""Value of a per-call parameter of ``generate`` (``temperature``, ``stop``, ``answer_format``...)."""
 
 
 @dataclass
@@ -111,8 +115,11 @@ class Completion:
     raw: dict[str, Any] = field(default_factory=dict)
     """The backend's raw response (JSON data), secrets redacted."""
     provider: str = ""
+    """Name of the provider that answered (for a preset such as ``vllm``, the one it presets: ``openai``)."""
     model: str = ""
+    """The model that answered."""
     finish_reason: str | None = None
+    """Why generation stopped (``stop``, ``length``...), when the backend says."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON data (the cache format)."""
@@ -220,44 +227,7 @@ async def with_retries(
 
 
 # --------------------------------------------------------------------------------------------------
-# Secrets
-
-
-def redact(value: Any, secrets: Iterable[str]) -> Any:
-    """``value`` with every occurrence of each secret (in strings, nested dicts and lists) replaced."""
-    secrets = [s for s in secrets if s and len(s) >= 4]
-    if not secrets:
-        return value
-
-    def walk(item: Any) -> Any:
-        if isinstance(item, str):
-            for secret in secrets:
-                if secret in item:
-                    item = item.replace(secret, "***")
-            return item
-        if isinstance(item, dict):
-            return {walk(k): walk(v) for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return type(item)(walk(v) for v in item)
-        return item
-
-    return walk(value)
-
-
-_BEARER = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=:\s]+)[A-Za-z0-9._\-]{8,}")
-
-
-def _scrub_message(text: str, secrets: Iterable[str]) -> str:
-    text = redact(text, secrets)
-    return _BEARER.sub(lambda m: m.group(1) + "***", text)
-
-
-# --------------------------------------------------------------------------------------------------
 # Response cache
-
-
-def _canonical(data: Any) -> str:
-    return canonical_json(data, default=str)
 
 
 def cache_key(provider: str, model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
@@ -298,84 +268,6 @@ class ResponseCache:
 
 
 # --------------------------------------------------------------------------------------------------
-# Usage accounting and prices
-
-
-@dataclass
-class UsageTotals:
-    """Calls, tokens and cost of one provider (answers from the cache cost nothing and are counted apart)."""
-
-    calls: int = 0
-    """Completions obtained from the backend."""
-    cached_calls: int = 0
-    """Completions served from the response cache."""
-    failed_calls: int = 0
-    """``generate`` calls that raised after retries."""
-    retries: int = 0
-    """Attempts that were retried (429, 5xx, timeouts...)."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    """USD, summed over calls with known prices."""
-    unpriced_calls: int = 0
-    """Calls whose cost is unknown (not in ``cost``)."""
-
-    def record(self, completion: Completion) -> None:
-        """Add one completion."""
-        if completion.cached:
-            self.cached_calls += 1
-            return
-        self.calls += 1
-        self.prompt_tokens += completion.prompt_tokens
-        self.completion_tokens += completion.completion_tokens
-        if completion.cost is None:
-            self.unpriced_calls += 1
-        else:
-            self.cost += completion.cost
-
-    def __add__(self, other: UsageTotals) -> UsageTotals:
-        return UsageTotals(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON data."""
-        return asdict(self)
-
-
-@functools.lru_cache(maxsize=1)
-def _litellm_cost_map() -> dict[str, Any]:
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("litellm")
-    except (ImportError, ValueError):
-        return {}
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    path = Path(next(iter(spec.submodule_search_locations))) / "model_prices_and_context_window_backup.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def litellm_prices(model: str) -> tuple[float, float] | None:
-    """USD per 1k (prompt, completion) tokens of ``model`` from litellm's bundled cost map (read as a file,
-    without importing litellm), trying ``model`` and the name without its ``provider/`` prefix."""
-    cost_map = _litellm_cost_map()
-    candidates = [model]
-    if "/" in model:
-        candidates.append(model.split("/", 1)[1])
-    for name in candidates:
-        entry = cost_map.get(name)
-        if isinstance(entry, dict) and "input_cost_per_token" in entry and "output_cost_per_token" in entry:
-            try:
-                return float(entry["input_cost_per_token"]) * 1000, float(entry["output_cost_per_token"]) * 1000
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
 # Options and the provider base class
 
 
@@ -411,9 +303,10 @@ class ProviderOptions(Options):
     cache_dir: str | None = None
     """Response cache directory (default: ``<saelab cache dir>/llm_responses``)."""
     input_price_per_1k: float | None = Field(default=None, ge=0)
-    """USD per 1k prompt tokens (default: litellm's cost map when the model is in it)."""
+    """USD per 1k prompt tokens (default: the provider's price table, e.g. litellm's cost map for the API
+    providers, when the model is in it)."""
     output_price_per_1k: float | None = Field(default=None, ge=0)
-    """USD per 1k completion tokens (default: litellm's cost map when the model is in it)."""
+    """USD per 1k completion tokens (default: the provider's price table when the model is in it)."""
 
 
 CALL_PARAMS = ("temperature", "max_tokens", "logprobs", "top_logprobs", "answer_format")
@@ -472,7 +365,6 @@ class LLMProvider(Provider):
     """Base class of saelab's providers: caching, concurrency limit, retries and accounting around
     ``_complete`` (one attempt of one chat completion)."""
 
-    name: ClassVar[str] = "llm"
     Options: ClassVar[type[ProviderOptions]] = ProviderOptions
     default_model: ClassVar[str | None] = None
     """Model used when ``options.model`` is unset (None: the option is required)."""
@@ -485,6 +377,11 @@ class LLMProvider(Provider):
     accepted, kept in the response-cache key and not passed to ``_complete`` (nothing non-standard is
     sent to an API)."""
     default_api_key_env: ClassVar[str | None] = None
+    """Environment variable of the API key when ``api_key_env`` is unset (None: no key)."""
+    preset_of: ClassVar[str | None] = None
+    """For a provider that is another one with other defaults (``vllm`` and ``openrouter`` of ``openai``,
+    ``offline`` of ``transformers``): that provider's name. Fingerprints and response-cache keys use it, so
+    answers and stored results are shared with it."""
 
     def __init__(self, options: ProviderOptions | Mapping[str, Any] | None = None, **kwargs: Any):
         if options is None or isinstance(options, Mapping):
@@ -497,7 +394,8 @@ class LLMProvider(Provider):
             raise UsageError(f"provider {self.name!r} needs a model; give one with --explainer_model")
         self.model: str = model
         self.max_concurrency: int = options.max_concurrency or self.default_concurrency
-        self.usage = UsageTotals()
+        self.usage: Usage = Usage(cost=0.0)
+        """Calls, tokens and cost so far (a response-cache hit counts only in ``cached_calls``)."""
         self.response_cache: ResponseCache | None = None
         if options.cache:
             from .paths import cache_dir
@@ -511,9 +409,14 @@ class LLMProvider(Provider):
 
     # -- identity and secrets
 
+    @property
+    def backend_name(self) -> str:
+        """The name this provider's answers are keyed by: ``preset_of``, else ``name``."""
+        return self.preset_of or self.name
+
     def identity(self) -> dict[str, Any]:
         """What identifies this provider's answers (for input fingerprints): provider, model, base URL."""
-        return {"provider": self.name, "model": self.model, "base_url": self.options.base_url}
+        return {"provider": self.backend_name, "model": self.model, "base_url": self.options.base_url}
 
     def api_key(self, required: bool = False) -> str | None:
         """The API key from ``options.api_key_env`` (or the provider default); remembered for redaction."""
@@ -526,13 +429,10 @@ class LLMProvider(Provider):
             self._secrets.append(key)
         return key
 
-    def redact(self, value: Any) -> Any:
-        """``value`` with this provider's secrets removed."""
-        return redact(value, self._secrets)
-
-    def scrub(self, text: str) -> str:
-        """An error message with secrets and bearer tokens removed."""
-        return _scrub_message(text, self._secrets)
+    def redact(self, value: T) -> T:
+        """``value`` (a raw response or an error message) with this provider's API keys, bearer tokens and
+        ``api_key=...`` values replaced by ``<redacted>`` (:func:`saelab.config.redact`)."""
+        return redact(value, secrets=self._secrets, by_key=False)  # type: ignore[no-any-return]
 
     # -- the call
 
@@ -558,7 +458,7 @@ class LLMProvider(Provider):
         return {k: v for k, v in resolved.items() if v is not None}
 
     @staticmethod
-    def check_messages(messages: Any) -> list[dict[str, str]]:
+    def check_messages(messages: object) -> list[ChatMessage]:
         """Validate chat messages (a list of ``{"role", "content"}`` with string content)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise UsageError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
@@ -567,12 +467,12 @@ class LLMProvider(Provider):
             if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
                     or not isinstance(message.get("content"), str)):
                 raise UsageError(f"bad chat message {message!r:.80}; each needs a 'role' and a string 'content'")
-            out.append({"role": message["role"], "content": message["content"]})
+            out.append(ChatMessage(role=message["role"], content=message["content"]))
         return out
 
     def cache_key(self, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
         """Response-cache key of one call (``params`` as resolved, ``answer_format`` included)."""
-        return cache_key(self.name, self.model, messages, params)
+        return cache_key(self.backend_name, self.model, messages, params)
 
     def backend_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The resolved params passed to ``_complete``: ``answer_format`` only when enforced here."""
@@ -589,7 +489,7 @@ class LLMProvider(Provider):
             sem = self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
         return sem
 
-    async def generate(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+    async def generate(self, messages: Sequence[ChatMessage], **params: ParamValue) -> Completion:
         """One chat completion (cached, concurrency-limited, retried); see the module docstring."""
         messages = self.check_messages(messages)
         resolved = self.resolve_params(params)
@@ -610,19 +510,19 @@ class LLMProvider(Provider):
                 try:
                     return await self._complete(messages, backend)
                 except TransientError as exc:
-                    exc.reason = self.scrub(exc.reason)
+                    exc.reason = self.redact(exc.reason)
                     if exc.retry_after:
                         self._cooldown_until = max(self._cooldown_until, time.monotonic() + exc.retry_after)
                     raise
                 except ProviderError as exc:
-                    raise ProviderError(self.scrub(f"{what} failed: {exc}")) from None
+                    raise ProviderError(self.redact(f"{what} failed: {exc}")) from None
 
         what = f"{self.name} request to model {self.model!r}"
 
         def count_retry(_n: int, exc: BaseException, delay: float) -> None:
             self.usage.retries += 1
             reason = exc.reason if isinstance(exc, TransientError) else f"{type(exc).__name__}: {exc}"
-            log.info("%s: %s; retrying in %.2f s", what, self.scrub(reason), delay)
+            log.info("%s: %s; retrying in %.2f s", what, self.redact(reason), delay)
 
         try:
             completion = await with_retries(
@@ -635,9 +535,9 @@ class LLMProvider(Provider):
             )
         except ProviderError as exc:
             self.usage.failed_calls += 1
-            raise ProviderError(self.scrub(str(exc))) from None
+            raise ProviderError(self.redact(str(exc))) from None
         completion.raw = self.redact(completion.raw)
-        completion.provider = completion.provider or self.name
+        completion.provider = completion.provider or self.backend_name
         completion.model = completion.model or self.model
         completion.cached = False
         if completion.cost is None:
@@ -648,15 +548,20 @@ class LLMProvider(Provider):
         self.usage.record(completion)
         return completion
 
-    def generate_sync(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+    def generate_sync(self, messages: Sequence[ChatMessage], **params: ParamValue) -> Completion:
         """Blocking :meth:`generate` (runs its own event loop)."""
         return asyncio.run(self.generate(messages, **params))
 
     def prices(self) -> tuple[float, float] | None:
-        """USD per 1k (prompt, completion) tokens: the options' prices, else litellm's map, else None."""
+        """USD per 1k (prompt, completion) tokens: the options' prices, else :meth:`price_table`'s."""
         if self.options.input_price_per_1k is not None or self.options.output_price_per_1k is not None:
             return (self.options.input_price_per_1k or 0.0, self.options.output_price_per_1k or 0.0)
-        return litellm_prices(self.model)
+        return self.price_table()
+
+    def price_table(self) -> tuple[float, float] | None:
+        """The provider's own prices of ``model`` (USD per 1k prompt, completion tokens); None: unknown.
+        Override to price a backend (the ``openai`` and ``litellm`` providers read litellm's cost map)."""
+        return None
 
     def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float | None:
         """USD cost of a call, None when prices are unknown."""
@@ -665,7 +570,7 @@ class LLMProvider(Provider):
             return None
         return (prompt_tokens * prices[0] + completion_tokens * prices[1]) / 1000.0
 
-    async def _complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+    async def _complete(self, messages: list[ChatMessage], params: dict[str, Any]) -> Completion:
         """One attempt; raise :class:`TransientError` for retryable failures, :class:`ProviderError` else."""
         raise NotImplementedError
 
@@ -674,106 +579,27 @@ class LLMProvider(Provider):
 
 
 # --------------------------------------------------------------------------------------------------
-# OpenAI wire format (shared by the openai and litellm providers)
+# Construction and the engine's check
 
 
-def completion_from_openai(data: Mapping[str, Any]) -> Completion:
-    """A :class:`Completion` from an OpenAI chat-completion response (JSON data); a malformed one raises
-    :class:`TransientError` (servers under load sometimes answer garbage; it is retried)."""
-    if not isinstance(data, Mapping):
-        raise TransientError(f"malformed answer: expected a JSON object, got {type(data).__name__}")
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        raise TransientError(f"malformed answer: no choices in {_canonical(data)[:200]}")
-    choice = choices[0]
-    message = choice.get("message")
-    text = message.get("content") if isinstance(message, Mapping) else None
-    if not isinstance(text, str):
-        raise TransientError(f"malformed answer: choice has no message content: {_canonical(choice)[:200]}")
-    logprobs = None
-    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), Mapping) else None
-    if isinstance(content, list):
-        logprobs = []
-        for entry in content:
-            if not isinstance(entry, Mapping) or "token" not in entry or entry.get("logprob") is None:
-                continue
-            tops = {str(t["token"]): float(t["logprob"]) for t in entry.get("top_logprobs") or []
-                    if isinstance(t, Mapping) and "token" in t and t.get("logprob") is not None}
-            logprobs.append(TokenLogprob(str(entry["token"]), float(entry["logprob"]), tops))
-    usage = data.get("usage") if isinstance(data.get("usage"), Mapping) else {}
-    return Completion(
-        text=text,
-        logprobs=logprobs,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        raw=dict(data),
-        finish_reason=choice.get("finish_reason"),
-    )
-
-
-def _connection_cause(exc: BaseException) -> str:
-    """The innermost cause of a connection error (e.g. ``connection refused``) and the URL it was for."""
-    cause: BaseException = exc
-    seen: set[int] = set()
-    while id(cause) not in seen and (cause.__cause__ or cause.__context__) is not None:
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-    if isinstance(cause, OSError) and (cause.errno or cause.strerror):
-        reason = os.strerror(cause.errno) if cause.errno else str(cause.strerror)
-        text = reason[0].lower() + reason[1:]
-    else:
-        text = str(cause).splitlines()[0] if str(cause).strip() else str(exc)
-    request = getattr(exc, "request", None)
-    url = getattr(request, "url", None)
-    return f"{text} at {url}" if url is not None else text
-
-
-def classify_openai_error(exc: BaseException, timeout_s: float | None = None) -> BaseException | None:
-    """Map an ``openai`` (or litellm, whose errors subclass openai's) exception to :class:`TransientError`
-    (429/5xx with ``Retry-After``, timeouts, connection errors, unparseable answers) or
-    :class:`ProviderError` (other statuses: bad request, auth...); None when ``exc`` is not one of them."""
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
-        return TransientError(f"timed out after {timeout_s:g} s" if timeout_s else "timed out")
-    if isinstance(exc, openai.APIConnectionError):
-        return TransientError(f"connection error: {_connection_cause(exc)}")
-    if isinstance(exc, openai.APIResponseValidationError):
-        return TransientError(f"malformed answer: {exc}")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        headers: Mapping[str, str] | None = None
-        response = getattr(exc, "response", None)
-        if response is not None and getattr(response, "headers", None) is not None:
-            headers = response.headers
-        extra = getattr(exc, "litellm_response_headers", None)
-        if not headers and extra is not None:
-            headers = extra
-        message = str(getattr(exc, "message", "") or exc).splitlines()[0][:300]
-        if status in RETRYABLE_STATUS:
-            return TransientError(f"HTTP {status}: {message}", parse_retry_after(headers), status)
-        return ProviderError(f"HTTP {status}: {message}")
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Construction from delphi's names
-
-
-def make_provider(name: str, **options: Any) -> LLMProvider:
-    """A provider instance from a registered name or delphi's names (``offline`` -> ``transformers``,
-    ``vllm`` / ``openrouter`` -> ``openai``; openrouter defaults to OpenRouter's URL and
-    ``OPENROUTER_API_KEY``). Options that are None are left at their defaults."""
+def make_provider(name: str, **options: Any) -> Provider:
+    """The registered provider ``name`` (``openai``, ``vllm``, ``openrouter``, ``litellm``, ``transformers``,
+    ``offline`` or a third party's) built with ``options``, validated by its options model (an unknown key
+    is a one-line :class:`UsageError`). Options that are None are left at their defaults."""
     from .manager import resolve
 
-    key = name.strip().lower()
-    target = PROVIDER_ALIASES.get(key, key)
-    options = {k: v for k, v in options.items() if v is not None}
-    if key == "openrouter":
-        options.setdefault("base_url", OPENROUTER_URL)
-        options.setdefault("api_key_env", "OPENROUTER_API_KEY")
-    elif key == "vllm":
-        options.setdefault("base_url", VLLM_URL)
-    cls = resolve("provider", target)
-    opts = cls.Options.parse(options, where=f"provider {name}")
+    cls = resolve("provider", name.strip())
+    opts = cls.Options.parse({k: v for k, v in options.items() if v is not None}, where=f"provider {cls.name!r}")
     return cls(opts)
+
+
+def check_completion(provider: Provider, value: object) -> Completion:
+    """``value`` when it is the :class:`Completion` a provider's ``generate`` must return, else a one-line
+    :class:`UsageError` naming the provider and the expected type (the engine never guesses at a
+    provider's answer)."""
+    if isinstance(value, Completion):
+        return value
+    cls = type(provider)
+    raise UsageError(f"provider {getattr(cls, 'name', cls.__qualname__)!r} ({cls.__module__}.{cls.__qualname__}) "
+                     f"returned {type(value).__module__}.{type(value).__qualname__} from generate(); expected "
+                     f"saelab.llm.Completion (fix or disable the plugin with -p no:NAME)")

@@ -39,14 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .autointerp import explanation_fingerprint, provider_names, score_fingerprint
+from .autointerp import checked_result, explanation_fingerprint, provider_names, score_fingerprint
 from .errors import UsageError
 from .fileio import atomic_write
+from .formats import canonical_hookpoint, dictionaries_by_hookpoint, dictionary_sites_text, records_hookpoint
 from .interfaces import Explainer, Provider, Scorer, SiteSpec, SparseDictionary
 from .records import (
     Explanation,
     LatentRecord,
     ScoreResult,
+    Usage,
     content_hash,
     now_iso,
     score_is_current,
@@ -429,13 +431,13 @@ class AutoInterp:
 
     async def _process(self, record: LatentRecord, report: RunReport) -> None:
         explanation = await self._explanation(record, report)
-        text = explanation.text if explanation is not None and explanation.usable else None
+        usable = explanation if explanation is not None and explanation.usable else None
         jobs = []
         for scorer in self.scorers:
-            if scorer.requires_explanation and text is None:
+            if scorer.requires_explanation and usable is None:
                 report.scores[scorer.name].skipped += 1
                 continue
-            jobs.append(self._score(record, scorer, text if scorer.requires_explanation else "", report))
+            jobs.append(self._score(record, scorer, usable if scorer.requires_explanation else None, report))
         await asyncio.gather(*jobs)
 
     async def _explanation(self, record: LatentRecord, report: RunReport) -> Explanation | None:
@@ -454,7 +456,8 @@ class AutoInterp:
         prepared, dropped = self.prepared(record)
         report.trimmed_latents += int(dropped > 0)
         try:
-            explanation = await self.explainer.explain(prepared, self.provider)
+            explanation = checked_result(await self.explainer.explain(prepared, self.provider), Explanation,
+                                         "explainer", self.explainer)
         except Exception:
             stats.crashed += 1
             raise
@@ -475,13 +478,17 @@ class AutoInterp:
             stats.computed += 1
         return explanation
 
-    async def _score(self, record: LatentRecord, scorer: Scorer, text: str, report: RunReport) -> None:
+    async def _score(self, record: LatentRecord, scorer: Scorer, explanation: Explanation | None,
+                     report: RunReport) -> None:
         stats = report.scores[scorer.name]
+        text = "" if explanation is None else explanation.text
         if self.reusable_score(record, scorer, text) is not None:
             stats.reused += 1
             return
         try:
-            result = await scorer.score(record, text, self.provider if scorer.uses_provider else None)
+            result = checked_result(
+                await scorer.score(record, explanation, self.provider if scorer.uses_provider else None),
+                ScoreResult, "scorer", scorer)
         except Exception:
             stats.crashed += 1
             raise
@@ -534,7 +541,9 @@ class AutoInterp:
                     row.latents += 1
                     continue
                 max_tokens = _max_tokens(scorer)
-                row.add(scorer.messages(record, shown), max_tokens)
+                shown_explanation = (Explanation(hookpoint=record.hookpoint, latent=record.latent, text=shown)
+                                     if shown else None)
+                row.add(scorer.messages(record, shown_explanation), max_tokens)
         prices = self.provider.prices() if self.provider is not None and hasattr(self.provider, "prices") else None
         for row in rows.values():
             if prices is not None and not row.local:
@@ -945,54 +954,39 @@ def make_scorers(names: Sequence[str], shared: Mapping[str, Any] | None = None,
 def make_run_provider(name: str, *, model: str | None, base_url: str | None = None,
                       max_concurrency: int | None = None, api_key_env: str | None = None,
                       cache: bool = True, cache_dir: str | os.PathLike[str] | None = None,
-                      device: str | None = None, extra: Mapping[str, Any] | None = None) -> Provider:
-    """A provider from ``--explainer_provider`` and friends (``offline`` -> transformers, ``vllm`` /
-    ``openrouter`` -> openai; see :func:`saelab.llm.make_provider`); options its model lacks (e.g.
-    ``device`` for API providers) are left out."""
-    from .errors import UnknownNameError
-    from .llm import PROVIDER_ALIASES, make_provider
-    from .manager import registry, resolve
+                      device: str | None = None, extra: Mapping[str, Any] | None = None,
+                      given: Iterable[str] = ()) -> Provider:
+    """A provider from ``--explainer_provider`` and friends, resolved through the provider registry only
+    (delphi's ``offline``, ``vllm`` and ``openrouter`` are registered providers).
 
-    key = str(name).strip().lower()
-    try:
-        cls = resolve("provider", PROVIDER_ALIASES.get(key, key))
-    except UnknownNameError as exc:  # name delphi's aliases (offline, vllm, openrouter) too
-        raise UnknownNameError("provider", str(name), [*registry("provider").names(), *PROVIDER_ALIASES]) from exc
-    options: dict[str, Any] = {"model": model, "base_url": base_url, "max_concurrency": max_concurrency,
-                               "api_key_env": api_key_env, "cache": cache,
-                               "cache_dir": None if cache_dir is None else str(cache_dir), "device": device,
-                               **dict(extra or {})}
-    fields = _fields(cls)
-    return make_provider(name, **{k: v for k, v in options.items() if k in fields})
+    Options are validated by the provider's options model, never dropped when the user gave them: every
+    ``extra`` key (``--provider_option``) and every option named in ``given`` (run flags set explicitly:
+    ``model``, ``base_url``, ``max_concurrency``, ``api_key_env``, ``cache``) that the provider does not
+    accept is a one-line :class:`UsageError` naming the key, the provider and the accepted options. The
+    run's own settings (defaults, ``cache_dir``, and ``device``, the subject model's device) are passed
+    only where the provider takes them; None values leave the provider's defaults."""
+    from .llm import make_provider
+    from .manager import resolve
+
+    cls = resolve("provider", str(name).strip())
+    accepted = _fields(cls)
+    given = set(given)
+    settings: dict[str, Any] = {"model": model, "base_url": base_url, "max_concurrency": max_concurrency,
+                                "api_key_env": api_key_env, "cache": cache,
+                                "cache_dir": None if cache_dir is None else str(cache_dir), "device": device}
+    options = {k: v for k, v in settings.items()
+               if v is not None and (k in accepted or (k in given and k not in RUN_PROVIDER_SETTINGS))}
+    options.update(extra or {})
+    return make_provider(cls.name, **options)
+
+
+RUN_PROVIDER_SETTINGS = ("cache_dir", "device")
+"""Run settings handed to a provider only when it takes them (``device`` is the subject model's, and is
+also the local provider's device)."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Dictionaries and records of a full run
-
-
-def canonical_hookpoint(name: str) -> str:
-    """``name`` as a saelab hookpoint: saelab names unchanged, SAELens hook names
-    (``blocks.15.hook_resid_post``) and module paths (``model.layers.15``) translated; else unchanged."""
-    from .models import from_external_name, parse_hookpoint
-
-    text = str(name).strip()
-    try:
-        parse_hookpoint(text)
-        return text
-    except UsageError:
-        return from_external_name(text) or text
-
-
-def records_hookpoint(sites: SiteSpec) -> bool:
-    """True when a dictionary's sites name real hookpoints (some formats record none)."""
-    from .models import parse_hookpoint
-
-    try:
-        for site in (*sites.inputs, *sites.outputs):
-            parse_hookpoint(str(site))
-    except (UsageError, TypeError):
-        return False
-    return True
 
 
 def sites_at(hookpoint: str, sites: SiteSpec) -> SiteSpec:
@@ -1008,12 +1002,6 @@ def sites_at(hookpoint: str, sites: SiteSpec) -> SiteSpec:
     return SiteSpec(inputs=inputs, outputs=outputs, d_in=sites.d_in, d_out=sites.d_out)
 
 
-def dictionary_sites_text(sites: SiteSpec) -> str:
-    """``reads layers.3.mlp.input and writes layers.3.mlp`` / ``reads layers.15``."""
-    reads = " ".join(map(str, sites.inputs))
-    return f"reads {reads}" if sites.is_autoencoder else f"reads {reads} and writes {' '.join(map(str, sites.outputs))}"
-
-
 def sparse_model_path(sparse_model: str | os.PathLike[str]) -> Path:
     """``sparse_model`` as a path; one-line error when it does not exist."""
     path = Path(sparse_model).expanduser()
@@ -1025,69 +1013,20 @@ def sparse_model_path(sparse_model: str | os.PathLike[str]) -> Path:
 
 def find_dictionaries(sparse_model: str | os.PathLike[str], hookpoints: Sequence[str] = (), *,
                       loaded: dict[Path, SparseDictionary] | None = None) -> dict[str, Path]:
-    """Dictionary directories by hookpoint: ``sparse_model`` is one dictionary (saelab, SAELens or
-    sparsify format), a directory of them named by hookpoint (sparsify's layout), or a run directory
-    (its ``dictionaries/``). ``hookpoints`` (SAELens and module names are translated) picks among
-    several (default: all); for one dictionary it must be where the dictionary reads (for a
-    transcoder: its input or output site), or sets that site when the format records none. A single
-    dictionary is loaded to read its sites; pass ``loaded`` to keep it (path -> dictionary) for reuse."""
-    from .dictionary import detect_format, load_dictionary
-
-    path = sparse_model_path(sparse_model)
-    requested = [canonical_hookpoint(h) for h in hookpoints]
-    try:
-        detect_format(path)
-        single = True
-    except UsageError:
-        single = False
-    if single:
-        dictionary = load_dictionary(path)
-        if loaded is not None:
-            loaded[path] = dictionary
-        sites = dictionary.sites
-        if len(requested) > 1:
-            raise UsageError(f"{str(path)!r} holds one dictionary ({dictionary_sites_text(sites)}) but --hookpoints "
-                             f"names {' '.join(hookpoints)}; give one hookpoint or a directory of dictionaries")
-        if not records_hookpoint(sites):
-            if not requested:
-                raise UsageError(f"{str(path)!r} does not record the hookpoint it reads; give it with --hookpoints, "
-                                 f"e.g. --hookpoints layers.15")
-            return {requested[0]: path}
-        accepted = list(dict.fromkeys([*sites.inputs, *sites.outputs]))
-        if not requested:
-            return {str(sites.inputs[0]): path}
-        if requested[0] not in accepted:
-            shown = hookpoints[0] + (f" (= {requested[0]})" if requested[0] != hookpoints[0] else "")
-            raise UsageError(f"--hookpoints {shown} does not match {str(path)!r}, which "
-                             f"{dictionary_sites_text(sites)}; accepted: {', '.join(accepted)}")
-        return {requested[0]: path}
-    base = path / "dictionaries" if (path / "dictionaries").is_dir() else path
-    found: dict[str, Path] = {}
-    for child in sorted(p for p in base.iterdir() if p.is_dir()):
-        try:
-            detect_format(child)
-        except UsageError:
-            continue
-        found[child.name] = child
-    if not found:
-        raise UsageError(f"no dictionary found in {str(base)!r}; expected a dictionary directory (cfg.json + "
-                         f"weights) or subdirectories named by hookpoint")
-    if not requested:
-        return found
-    by_site = {canonical_hookpoint(name): name for name in found}
-    out = {}
-    for given, hook in zip(hookpoints, requested, strict=True):
-        name = given if given in found else (hook if hook in found else by_site.get(hook))
-        if name is None:
-            raise UsageError(f"no dictionary for hookpoint {given!r} in {str(base)!r}; found: {', '.join(found)}")
-        out[name] = found[name]
-    return out
+    """Dictionary directories of SPARSE_MODEL by hookpoint: :func:`saelab.formats.dictionaries_by_hookpoint`
+    (one discovery for every command), after the SPARSE_MODEL check of :func:`sparse_model_path`."""
+    return dictionaries_by_hookpoint(sparse_model_path(sparse_model), hookpoints, loaded=loaded)
 
 
 EXAMPLE_KEYS = ("example_ctx_len", "center_examples", "min_examples", "n_examples_train", "n_examples_test",
                 "n_non_activating", "n_quantiles", "train_type", "test_type", "ratio_top", "non_activating_source",
                 "neighbours_type", "filter_bos", "max_latents", "feature_num", "seed")
 """Run options that go to :class:`saelab.examples.ExampleOptions` unchanged."""
+
+
+PLUGIN_OPTION_KEYS = ("sampler_options", "non_activating_options", "neighbour_options")
+"""Example options addressed to one sampler / non-activating source / neighbour finder by name; left out of
+the records' fingerprint when empty (records built before they existed stay valid)."""
 
 
 def example_options(values: Mapping[str, Any], contrastive: bool = False) -> dict[str, Any]:
@@ -1098,6 +1037,12 @@ def example_options(values: Mapping[str, Any], contrastive: bool = False) -> dic
     if contrastive:
         options["n_train_non_activating"] = int(values.get("n_examples_train", 40))
     options["overwrite_neighbours"] = "neighbours" in set(values.get("overwrite") or ())
+    from .examples import addressed_options
+
+    for flag, key in zip(("sampler_option", "non_activating_option", "neighbour_option"), PLUGIN_OPTION_KEYS,
+                         strict=True):
+        if values.get(flag):
+            options[key] = addressed_options(values[flag], f"--{flag}")
     return options
 
 
@@ -1110,7 +1055,8 @@ def record_set(layout: RunLayout, latent_cache: Any, options: Mapping[str, Any],
     opts = ExampleOptions.parse(dict(options), where="examples")
     hook = latent_cache.hookpoint
     fp = inputs_fingerprint({"latent_cache": latent_cache.fingerprint, "text_decoding": TEXT_DECODING,
-                             "examples": opts.model_dump(mode="json", exclude={"overwrite_neighbours"})})
+                             "examples": opts.model_dump(mode="json", exclude={"overwrite_neighbours", *(
+                                 k for k in PLUGIN_OPTION_KEYS if not getattr(opts, k))})})
     index = read_index(layout, hook)
     if index is not None and index.get("fingerprint") == fp and not rebuild and not opts.overwrite_neighbours:
         try:
@@ -1128,15 +1074,16 @@ def record_set(layout: RunLayout, latent_cache: Any, options: Mapping[str, Any],
 # Helpers
 
 
-def _usage_snapshot(provider: Provider | None) -> dict[str, Any]:
-    usage = getattr(provider, "usage", None)
-    if usage is None:
+def _usage_snapshot(provider: Provider | None) -> Usage | None:
+    """A copy of the provider's usage totals now (None without a provider or when it does not count)."""
+    return None if provider is None or provider.usage is None else provider.usage.snapshot()
+
+
+def _usage_delta(before: Usage | None, after: Usage | None) -> dict[str, Any]:
+    """What was counted between two snapshots, as the run summary's ``usage`` (empty when not counted)."""
+    if after is None:
         return {}
-    return dict(usage.to_json()) if hasattr(usage, "to_json") else dict(getattr(usage, "__dict__", {}))
-
-
-def _usage_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (v - before.get(k, 0)) if isinstance(v, (int, float)) else v for k, v in after.items()}
+    return (after - before if before is not None else after).to_json()
 
 
 class _Progress:

@@ -1,43 +1,50 @@
-"""Prompts of explainers and scorers: the shipped defaults (``prompts.yaml``) and user overrides.
+"""Prompts of explainers and scorers: the mechanism that gathers their shipped defaults and applies user
+overrides.
 
-Prompts are addressed by dotted keys (``explainers.default.system``, ``scorers.detection.system``...).
-:func:`load_prompts` returns the defaults, with any subset overridden from a YAML file when override is
-on: ``--prompt_override --prompt_config_file F``, else the env variable ``PROMPT_CONFIG_FILE``, else
-``prompts.yaml`` in the working directory. Giving a file turns override on. Unknown keys are one-line
-errors listing the valid keys. :func:`prompt_version` hashes the prompts a result used; every
-explanation and score stores it.
+Each explainer or scorer plugin ships its default prompts with it: a YAML file next to its module named by
+its class's ``prompt_file`` (e.g. ``saelab/plugins/scorers/detection.yaml``) holding the templates under its
+``prompt_prefix`` (``system``, ``user``, few-shot ``examples``...), read with :mod:`importlib.resources`
+(:func:`read_prompt_file`), or whatever its ``default_prompts()`` classmethod returns. Prompts are addressed
+by dotted keys (``explainers.default.system``, ``scorers.detection.user``...): prefix plus template name.
+
+:func:`load_prompts` returns the defaults of every registered explainer and scorer, with any subset
+overridden from a YAML file when override is on: ``--prompt_override --prompt_config_file F``, else the
+env variable ``PROMPT_CONFIG_FILE``, else ``prompts.yaml`` in the working directory. Giving a file turns
+override on. Unknown keys (including those of a disabled plugin) are one-line errors listing the valid
+keys. Templates use ``{name}`` placeholders filled by plain substitution (:func:`fill`; other braces stay);
+few-shot ``examples`` are lists of ``{user, assistant}`` entries sent before the real question.
+:func:`prompt_version` hashes the prompts a result used; every explanation and score stores it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import UsageError, format_choices
 from .fileio import json_sha256
 
+if TYPE_CHECKING:
+    from .interfaces import _PromptedPlugin
+
 ENV_VAR = "PROMPT_CONFIG_FILE"
 """Environment variable naming a prompt override file."""
 CWD_FILE = "prompts.yaml"
 """Override file looked up in the working directory."""
+PROMPT_KINDS = ("explainer", "scorer")
+"""The plugin kinds whose registered classes contribute default prompts."""
 
-KEY_ALIASES: dict[str, str] = {
-    "explainers.default.system_contrastive": "explainers.contrastive.system",
-    "explainers.default.system_single_token": "explainers.single_token.system",
-    "explainers.np_max_act.system_concise": "explainers.np_max_act.system",
-    "explainers.single-token.system": "explainers.single_token.system",
-    "scorers.recall.system": "scorers.detection.system",
-}
-"""Keys of delphi / AutoInterp Full prompt files and the saelab key each one sets."""
-
-PromptValue = Any
+PromptValue = str | list[dict[str, str]]
 """A prompt is a string template, or a list of few-shot ``{user, assistant, ...}`` dicts."""
 
 
@@ -50,10 +57,84 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, A
             yield dotted, value
 
 
+def _declaring_module(cls: type, attribute: str) -> str:
+    for klass in cls.__mro__:
+        if attribute in vars(klass):
+            return klass.__module__
+    return cls.__module__
+
+
+def prompt_file_location(cls: type, filename: str) -> Traversable | Path:
+    """Where ``filename`` of ``cls``'s ``prompt_file`` lives: in the package of the module of the class that
+    declares ``prompt_file`` (a subclass inheriting it reads its parent's file), or, for a module outside any
+    package (a script), in that module's directory."""
+    module_name = _declaring_module(cls, "prompt_file")
+    module = sys.modules.get(module_name)
+    spec = getattr(module, "__spec__", None)
+    package = module_name if hasattr(module, "__path__") else (spec.parent if spec is not None else "")
+    if package:
+        return resources.files(package).joinpath(filename)
+    module_file = getattr(module, "__file__", None)
+    return Path(module_file).parent / filename if module_file else Path(filename)
+
+
+@functools.cache
+def _read_yaml_resource(cls: type, filename: str) -> dict[str, Any]:
+    location = prompt_file_location(cls, filename)
+    try:
+        text = location.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise UsageError(f"{cls.__qualname__} declares prompt_file {filename!r}, but {str(location)!r} does "
+                         f"not exist; accepted: a YAML file next to the module {_declaring_module(cls, 'prompt_file')!r}"
+                         ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"prompt file {str(location)!r} cannot be parsed: {yaml_error_line(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise UsageError(f"prompt file {str(location)!r} must hold a mapping of template names to templates")
+    return dict(data)
+
+
+def read_prompt_file(cls: type, filename: str, prefix: str) -> dict[str, PromptValue]:
+    """``{prefix.name: value}`` of the YAML file ``filename`` shipped next to ``cls``'s module (see
+    :func:`prompt_file_location`); read once per process."""
+    dotted = prefix.rstrip(".") + "."
+    return dict(_flatten(_read_yaml_resource(cls, filename), dotted))
+
+
+def _prompted_classes() -> list[type[_PromptedPlugin]]:
+    from .manager import registry
+
+    return [entry.cls for kind in PROMPT_KINDS for entry in registry(kind).entries()]
+
+
 def default_prompts() -> dict[str, PromptValue]:
-    """The shipped defaults as ``{dotted key: value}``."""
-    text = resources.files("saelab").joinpath("prompts.yaml").read_text(encoding="utf-8")
-    return dict(_flatten(yaml.safe_load(text)))
+    """The shipped defaults of every registered explainer and scorer as ``{dotted key: value}``."""
+    values: dict[str, PromptValue] = {}
+    for cls in _prompted_classes():
+        values.update(cls.default_prompts())
+    return values
+
+
+def key_aliases() -> dict[str, str]:
+    """Other keys a prompt file may use -> the saelab key each one sets: the keys of delphi / AutoInterp Full
+    prompt files that registered classes declare (``prompt_key_aliases``), and each template under a
+    registered name or alias of its plugin (``scorers.recall.system`` -> ``scorers.detection.system``)."""
+    aliases: dict[str, str] = {}
+    for cls in _prompted_classes():
+        prefix = cls.prompt_prefix.rstrip(".")
+        if not prefix:
+            continue
+        section, _, own = prefix.rpartition(".")
+        leaves = [key[len(prefix) + 1:] for key in cls.default_prompts()]
+        for name in (cls.name, *cls.aliases):
+            if name != own and section:
+                aliases.update({f"{section}.{name}.{leaf}": f"{prefix}.{leaf}" for leaf in leaves})
+        aliases.update({key: f"{prefix}.{leaf}" for key, leaf in cls.prompt_key_aliases.items()})
+    return aliases
 
 
 class Prompts(Mapping[str, PromptValue]):
@@ -70,11 +151,24 @@ class Prompts(Mapping[str, PromptValue]):
         except KeyError:
             raise UsageError(f"unknown prompt key {key!r}; valid keys: {format_choices(self._values)}") from None
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def get(self, key: str, default: PromptValue | None = None) -> PromptValue | None:
+        """The prompt under ``key``, or ``default``."""
+        return self._values.get(key, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 
     def __len__(self) -> int:
         return len(self._values)
+
+    def with_defaults(self, defaults: Mapping[str, PromptValue]) -> Prompts:
+        """These prompts plus the keys of ``defaults`` they lack (``self`` when they lack none), e.g. the
+        defaults of a plugin class that was not registered when these prompts were loaded."""
+        missing = {k: v for k, v in defaults.items() if k not in self._values}
+        return Prompts({**self._values, **missing}, self.source) if missing else self
 
     def subset(self, prefix: str) -> dict[str, PromptValue]:
         """Every prompt under ``prefix`` (e.g. ``"scorers.detection"``), keyed by full dotted key."""
@@ -133,12 +227,13 @@ def load_prompts(
             f"--prompt_override needs a prompt file: pass --prompt_config_file FILE, set {ENV_VAR}, or put "
             f"{CWD_FILE} in {str(Path(cwd or os.getcwd()))!r}"
         )
-    overrides = read_override_file(path)
+    aliases = key_aliases()
+    overrides = read_override_file(path, aliases)
     for key, value in overrides.items():
         if key not in values:
             raise UsageError(
-                f"unknown prompt key {key!r} in {str(path)!r}; valid keys: "
-                f"{format_choices(list(values) + list(KEY_ALIASES), limit=80)}"
+                f"unknown prompt key {key!r} in {str(path)!r}{_disabled_hint()}; valid keys: "
+                f"{format_choices(list(values) + list(aliases), limit=80)}"
             )
         default = values[key]
         if isinstance(default, str) != isinstance(value, str):
@@ -148,8 +243,22 @@ def load_prompts(
     return Prompts(values, source=str(path))
 
 
-def read_override_file(path: str | os.PathLike[str]) -> dict[str, PromptValue]:
-    """Flattened ``{dotted key: value}`` of an override file, with delphi/AutoInterp keys mapped."""
+def _disabled_hint() -> str:
+    from .manager import disabled_plugins
+
+    disabled = sorted(disabled_plugins())
+    if not disabled:
+        return ""
+    return (f" (no enabled explainer or scorer declares it; the prompts of disabled plugins "
+            f"({', '.join(disabled)}) cannot be overridden)")
+
+
+def read_override_file(path: str | os.PathLike[str], aliases: Mapping[str, str] | None = None
+                       ) -> dict[str, PromptValue]:
+    """Flattened ``{dotted key: value}`` of an override file, with the keys of ``aliases`` (default:
+    :func:`key_aliases`) mapped to saelab's."""
+    if aliases is None:
+        aliases = key_aliases()
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"prompt file {str(path)!r} does not exist; give a YAML file of prompt overrides")
@@ -161,7 +270,7 @@ def read_override_file(path: str | os.PathLike[str]) -> dict[str, PromptValue]:
         return {}
     if not isinstance(data, Mapping):
         raise UsageError(f"prompt file {str(path)!r} must hold a mapping such as 'scorers: {{detection: {{system: ...}}}}'")
-    return {KEY_ALIASES.get(k, k): v for k, v in _flatten(data)}
+    return {aliases.get(k, k): v for k, v in _flatten(data)}
 
 
 def yaml_error_line(exc: yaml.YAMLError) -> str:

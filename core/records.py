@@ -16,13 +16,16 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .errors import UsageError
 from .fileio import json_default as _json_default
 from .fileio import json_sha256, now_iso, write_json_atomic
+
+if TYPE_CHECKING:
+    from .llm import Completion
 
 EXAMPLE_SCHEMA = "saelab.example/1"
 LATENT_RECORD_SCHEMA = "saelab.latent_record/1"
@@ -349,40 +352,86 @@ class LatentRecord(_Record):
 
 @dataclass
 class Usage:
-    """LLM usage of one result: calls, tokens and cost."""
+    """LLM usage: calls, tokens and cost. The one accumulator of saelab: a provider's running totals
+    (:attr:`saelab.llm.LLMProvider.usage`, counted with :meth:`record`), the share of one invocation
+    (``after - before``) and the usage of one explanation or score (counted with :meth:`add`)."""
 
     calls: int = 0
-    """LLM requests made (cache hits included)."""
+    """LLM requests: in a result, every answer it used (cache hits included); in provider totals, the
+    answers obtained from the backend."""
     cached_calls: int = 0
-    """Requests answered from the response cache."""
+    """Answers served from the response cache."""
     prompt_tokens: int = 0
-    """Prompt tokens over all calls."""
+    """Prompt tokens over the counted calls."""
     completion_tokens: int = 0
-    """Completion tokens over all calls."""
+    """Completion tokens over the counted calls."""
     cost: float | None = None
-    """Cost in USD where the provider knows prices; None otherwise."""
+    """Cost in USD of the calls with known prices; None when no price is known."""
+    failed_calls: int = 0
+    """``generate`` calls that raised after retries (provider totals)."""
+    retries: int = 0
+    """Attempts that were retried: 429, 5xx, timeouts... (provider totals)."""
+    unpriced_calls: int = 0
+    """Calls whose cost is unknown, not in ``cost`` (provider totals)."""
 
-    def add(self, completion: Any) -> None:
-        """Add one completion's counts (any object with ``prompt_tokens``, ``completion_tokens``,
-        ``cost`` and ``cached`` attributes, e.g. :class:`saelab.llm.Completion`)."""
+    RESULT_KEYS: ClassVar[tuple[str, ...]] = ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "cost")
+    """The keys stored in explanation and score files (:meth:`to_dict`)."""
+
+    def _count(self, completion: Completion) -> None:
+        self.prompt_tokens += int(completion.prompt_tokens or 0)
+        self.completion_tokens += int(completion.completion_tokens or 0)
+        if completion.cost is not None:
+            self.cost = (self.cost or 0.0) + float(completion.cost)
+
+    def add(self, completion: Completion) -> None:
+        """Count one answer a result used: every answer is a call (a cache hit in ``cached_calls`` too),
+        with its tokens and cost (the :attr:`RESULT_KEYS`)."""
         self.calls += 1
-        self.cached_calls += int(bool(getattr(completion, "cached", False)))
-        self.prompt_tokens += int(getattr(completion, "prompt_tokens", 0) or 0)
-        self.completion_tokens += int(getattr(completion, "completion_tokens", 0) or 0)
-        cost = getattr(completion, "cost", None)
-        if cost is not None:
-            self.cost = (self.cost or 0.0) + float(cost)
+        self.cached_calls += int(bool(completion.cached))
+        self._count(completion)
+
+    def record(self, completion: Completion) -> None:
+        """Count one answer a provider served: a cache hit only in ``cached_calls`` (it cost nothing), a
+        backend answer in ``calls``, tokens and cost, or ``unpriced_calls`` when its cost is unknown."""
+        if completion.cached:
+            self.cached_calls += 1
+            return
+        self.calls += 1
+        self._count(completion)
+        self.unpriced_calls += int(completion.cost is None)
+
+    def __add__(self, other: Usage) -> Usage:
+        values = {}
+        for name in (f.name for f in fields(self)):
+            a, b = getattr(self, name), getattr(other, name)
+            values[name] = a if b is None else b if a is None else a + b
+        return Usage(**values)
+
+    def __sub__(self, other: Usage) -> Usage:
+        """What was counted since ``other`` (an earlier :meth:`snapshot` of the same totals)."""
+        values = {}
+        for name in (f.name for f in fields(self)):
+            a, b = getattr(self, name), getattr(other, name)
+            values[name] = a if a is None or b is None else a - b
+        return Usage(**values)
+
+    def snapshot(self) -> Usage:
+        """A copy of the counts now (subtract it from a later state to get what happened in between)."""
+        return replace(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
+        """JSON-ready dict of a result's usage: the :attr:`RESULT_KEYS`."""
+        return {key: getattr(self, key) for key in self.RESULT_KEYS}
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict of every count (provider totals, a run summary's ``usage``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Usage:
-        """Build from :meth:`to_dict` output."""
+        """Build from :meth:`to_dict` or :meth:`to_json` output."""
         data = data or {}
-        return cls(**{k: data[k] for k in ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "cost")
-                      if k in data})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 # --------------------------------------------------------------------------------------------------

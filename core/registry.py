@@ -62,7 +62,8 @@ class Registry(Generic[T]):
                 other = self._entries[self._keys[norm]]
                 raise DuplicateNameError(
                     f"{self.kind} name {key!r} is registered twice: by {qualified_name(other.cls)} "
-                    f"(plugin {other.plugin!r}) and by {qualified_name(cls)} (plugin {plugin!r})"
+                    f"(plugin {other.plugin!r}) and by {qualified_name(cls)} (plugin {plugin!r}); "
+                    f"disable one with -p no:{other.plugin} or -p no:{plugin}"
                 )
         entry = Entry(name=name, cls=cls, plugin=plugin, aliases=aliases)
         primary = normalise_name(name)

@@ -4,12 +4,13 @@ Every architecture (:class:`~saelab.SparseDictionary`) trains through this modul
 
 * streams ``{hookpoint: [rows, d]}`` batches from a :class:`BatchSource` (an activation cache, in-memory
   tensors, or the LM on the fly), deterministic in ``(seed, epoch)``;
-* **normalises** activations (``normalise="norm"``): each dictionary's inputs are multiplied by
-  ``input_scale = sqrt(d_in / E[|x|^2])`` and its targets by ``output_scale`` (the same for an
-  autoencoder), estimated on ``init_rows`` rows of the stream, so that the mean squared norm of a row
-  equals its width. Losses, FVU and learning rates are therefore comparable across models and layers.
-  The scales are folded back into the saved weights (``SparseDictionary.fold_scaling``): a saved
-  dictionary takes and returns **raw** activations, and ``cfg.json`` records the scales;
+* **normalises** activations (``normalise="norm"``), per site: each input site ``i`` of a dictionary is
+  multiplied by ``input_scales[i] = sqrt(d_in / E[|x_i|^2])`` and each output site ``j`` by
+  ``output_scales[j]`` (the same for an autoencoder), estimated on ``init_rows`` rows of the stream,
+  so that the mean squared norm of a site's row equals its width. Losses, FVU and learning rates are
+  therefore comparable across models and layers. The scales are folded back into the saved weights
+  (``SparseDictionary.fold_scaling``, checked before the first step): a saved dictionary takes and
+  returns **raw** activations, and ``cfg.json`` records the scales;
 * initialises the dictionary from data (``initialize_from_data``: e.g. ``b_dec`` at the geometric median);
 * minimises ``sum(output.losses.values())`` with Adam (fused kernel), linear warm-up and a linear or
   cosine decay to 0 over the last ``decay_fraction`` of the run; the default learning rate is 4e-3,
@@ -514,8 +515,10 @@ class TrainResult:
     """Averages over the last logging window: loss terms, ``fvu``, ``l0``, ``dead_frac``."""
     dead_final_epoch: float
     """Fraction of latents that never fired during the final epoch (the whole run when 1 epoch)."""
-    input_scale: float
-    output_scale: float
+    input_scales: list[float]
+    """One normalisation scale per input site (``SiteSpec`` order); 1.0 when not normalised."""
+    output_scales: list[float]
+    """One normalisation scale per output site (equal to ``input_scales`` for an autoencoder)."""
     folded: bool
     lr: float = 0.0
     """Base learning rate (before warm-up and decay)."""
@@ -526,6 +529,23 @@ class TrainResult:
     """``[d_sae]`` tokens since each latent last fired, at the end of the run (the AuxK counters)."""
     resumed_from_step: int | None = None
     """The checkpoint step this run resumed from (None: it started afresh)."""
+
+    @property
+    def input_scale(self) -> float:
+        """The input scale when every input site has the same one (a single site); see ``input_scales``."""
+        return _single_scale(self.input_scales, "input")
+
+    @property
+    def output_scale(self) -> float:
+        """The output scale when every output site has the same one (a single site); see ``output_scales``."""
+        return _single_scale(self.output_scales, "output")
+
+
+def _single_scale(scales: Sequence[float], what: str) -> float:
+    if len(set(scales)) != 1:
+        raise ValueError(f"the {len(scales)} {what} sites have different scales {list(scales)}; "
+                         f"read {what}_scales")
+    return scales[0]
 
 
 class _JobState:
@@ -555,8 +575,8 @@ class _JobState:
         d_sae = job.module.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.fired_epoch = torch.zeros(d_sae, dtype=torch.bool, device=device)
-        self.input_scale = 1.0
-        self.output_scale = 1.0
+        self.input_scales = [1.0] * len(self.sites.inputs)
+        self.output_scales = [1.0] * len(self.sites.outputs)
         self.acc: dict[str, torch.Tensor] = {}
         self.acc_steps = 0
         self.last: dict[str, float] = {}
@@ -567,8 +587,12 @@ class _JobState:
                    "lr": self.lr, "data": source_identity}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def stack(self, batch: Batch, sites: Sequence[str], scale: float, device: torch.device) -> torch.Tensor:
-        return torch.stack([batch[hp] for hp in sites], dim=1).to(device, non_blocking=True) * scale
+    def stack(self, batch: Batch, sites: Sequence[str], scales: Sequence[float], device: torch.device) -> torch.Tensor:
+        return _scaled(torch.stack([batch[hp] for hp in sites], dim=1).to(device, non_blocking=True), scales)
+
+    def scales_folded(self) -> bool:
+        """Whether some site was scaled (then ``fold_scaling`` must run at the end)."""
+        return any(s != 1.0 for s in (*self.input_scales, *self.output_scales))
 
 
 class Trainer:
@@ -585,6 +609,11 @@ class Trainer:
             raise UsageError(f"dictionary names must be unique; got {names}")
         self.jobs = list(jobs)
         self.config = config or TrainerConfig()
+        for job in self.jobs:  # a missing method is named now, not after the last step
+            type(job.module).check_contract(
+                fold_scaling=self.config.normalise == "norm",
+                why=" (normalised training, the default, folds its scales into the saved weights with it; "
+                    "implement it or train with --normalise none)")
         self.dist = dist or current_dist()
         self.progress = progress
         self.run_name = run_name
@@ -745,10 +774,10 @@ class Trainer:
             x = torch.stack([sample[hp] for hp in sites.inputs], dim=1).float().to(self.device)
             y = x if sites.is_autoencoder else torch.stack([sample[hp] for hp in sites.outputs], dim=1).float().to(self.device)
             if cfg.normalise == "norm":
-                st.input_scale = _norm_scale(x, self.dist)
-                st.output_scale = st.input_scale if sites.is_autoencoder else _norm_scale(y, self.dist)
-            x = x * st.input_scale
-            y = x if sites.is_autoencoder else y * st.output_scale
+                st.input_scales = _norm_scales(x, self.dist)
+                st.output_scales = list(st.input_scales) if sites.is_autoencoder else _norm_scales(y, self.dist)
+            x = _scaled(x, st.input_scales)
+            y = x if sites.is_autoencoder else _scaled(y, st.output_scales)
             with torch.no_grad():
                 st.module.initialize_from_data(x, y)
             # Every rank must start from rank 0's weights.
@@ -757,8 +786,8 @@ class Trainer:
 
     def _train_step(self, st: _JobState, batch: Batch, dead_tokens: int) -> None:
         sites = st.sites
-        x = st.stack(batch, sites.inputs, st.input_scale, self.device)
-        y = None if sites.is_autoencoder else st.stack(batch, sites.outputs, st.output_scale, self.device)
+        x = st.stack(batch, sites.inputs, st.input_scales, self.device)
+        y = None if sites.is_autoencoder else st.stack(batch, sites.outputs, st.output_scales, self.device)
         dead_mask = st.tokens_since_fired >= dead_tokens
         out = st.module(x, target=y, dead_mask=dead_mask)
         loss = sum(out.losses.values())
@@ -877,13 +906,14 @@ class Trainer:
     def _finish(self, st: _JobState, step: int) -> TrainResult:
         module = st.module
         module.eval()
-        if st.input_scale != 1.0 or st.output_scale != 1.0:
+        if st.scales_folded():
             with torch.no_grad():
-                module.fold_scaling(st.input_scale, st.output_scale)
+                module.fold_scaling(torch.tensor(st.input_scales, dtype=torch.float64),
+                                    torch.tensor(st.output_scales, dtype=torch.float64))
         result = TrainResult(
             name=st.job.name, module=module, steps=step, tokens=step * self.config.batch_size,
             metrics=dict(st.last), dead_final_epoch=float(1.0 - st.fired_epoch.float().mean().item()),
-            input_scale=st.input_scale, output_scale=st.output_scale, folded=True, lr=st.lr, history=st.history,
+            input_scales=list(st.input_scales), output_scales=list(st.output_scales), folded=True, lr=st.lr, history=st.history,
             out_dir=st.job.out_dir, tokens_since_fired=st.tokens_since_fired.detach().cpu(),
             resumed_from_step=self.resumed_from_step)
         if self.dist.is_main and st.job.out_dir is not None:
@@ -927,14 +957,26 @@ class _Display:
             self.prog.update(task, completed=step, metrics=text)
 
 
-def _norm_scale(x: torch.Tensor, dist: DistContext) -> float:
-    """``sqrt(d / E|x|^2)`` over rows and sites of ``x [N, n_sites, d]`` (averaged over ranks)."""
-    mean_sq = x.pow(2).sum(-1).mean().reshape(1).double()
-    dist.all_reduce_mean(mean_sq)
-    value = float(mean_sq.item())
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError("cannot normalise activations: their mean squared norm is zero or not finite")
-    return math.sqrt(x.shape[-1] / value)
+def _norm_scales(x: torch.Tensor, dist: DistContext) -> list[float]:
+    """``sqrt(d / E|x_i|^2)`` for each site ``i`` of ``x [N, n_sites, d]`` (averaged over ranks)."""
+    scales = []
+    for i in range(x.shape[1]):
+        mean_sq = x[:, i:i + 1].pow(2).sum(-1).mean().reshape(1).double()
+        dist.all_reduce_mean(mean_sq)
+        value = float(mean_sq.item())
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"cannot normalise activations of site {i}: their mean squared norm is zero or "
+                             f"not finite")
+        scales.append(math.sqrt(x.shape[-1] / value))
+    return scales
+
+
+def _scaled(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """``x [N, n_sites, d]`` with site ``i`` multiplied by ``scales[i]`` (one Python-float product when
+    every site shares a scale, so a single site is scaled exactly as by a scalar)."""
+    if len(set(scales)) == 1:
+        return x * scales[0]
+    return x * torch.tensor(scales, dtype=x.dtype, device=x.device)[:, None]
 
 
 def _all_reduce_grads(module: nn.Module, dist: DistContext) -> None:
@@ -1005,7 +1047,7 @@ def save_checkpoint(st: _JobState, directory: Path, *, step: int, epoch: int, ba
         raise
     sched = st.scheduler.state_dict()  # lr_lambdas are plain functions: stored as None
     meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "fingerprint": fingerprint,
-            "input_scale": st.input_scale, "output_scale": st.output_scale, "optimizer": opt_meta,
+            "input_scales": st.input_scales, "output_scales": st.output_scales, "optimizer": opt_meta,
             "scheduler": sched, "acc_steps": st.acc_steps, "last": st.last, "dictionary": st.module.config()}
     (tmp / "state.json").write_text(json.dumps(meta, default=str))
     _fsync_dir(tmp)
@@ -1052,7 +1094,8 @@ def load_checkpoint(st: _JobState, path: Path, *, fingerprint: str, device: torc
     st.scheduler.load_state_dict(meta["scheduler"])
     st.tokens_since_fired = tensors["trainer.tokens_since_fired"].to(device)
     st.fired_epoch = tensors["trainer.fired_epoch"].bool().to(device)
-    st.input_scale, st.output_scale = meta["input_scale"], meta["output_scale"]
+    st.input_scales = _checkpoint_scales(meta, "input", len(st.sites.inputs), path)
+    st.output_scales = _checkpoint_scales(meta, "output", len(st.sites.outputs), path)
     st.acc = {k[4:]: v.reshape(()).to(device) for k, v in tensors.items() if k.startswith("acc.")}
     st.acc_steps, st.last = meta["acc_steps"], meta["last"]
     torch.set_rng_state(tensors["rng.cpu"])
@@ -1062,6 +1105,21 @@ def load_checkpoint(st: _JobState, path: Path, *, fingerprint: str, device: torc
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
     return meta
+
+
+def _checkpoint_scales(meta: Mapping[str, Any], what: str, n_sites: int, path: Path) -> list[float]:
+    """A checkpoint's per-site scales; a checkpoint from before per-site scales holds one scalar
+    (``input_scale``), which applied to every site."""
+    if f"{what}_scales" in meta:
+        scales = [float(s) for s in meta[f"{what}_scales"]]
+    elif f"{what}_scale" in meta:
+        scales = [float(meta[f"{what}_scale"])] * n_sites
+    else:
+        raise UsageError(f"checkpoint {path} has no {what}_scales; start afresh (--overwrite train)")
+    if len(scales) != n_sites:
+        raise UsageError(f"checkpoint {path} has {len(scales)} {what} scales for {n_sites} {what} sites; "
+                         "start afresh (--overwrite train)")
+    return scales
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1084,10 +1142,11 @@ def save_trained(result: TrainResult, config: TrainerConfig, st: _JobState | Non
     extra = {
         **dict(extra_cfg or {}),
         "normalisation": {
-            "method": config.normalise, "input_scale": result.input_scale,
-            "output_scale": result.output_scale, "folded": result.folded,
-            "note": "training saw x*input_scale and y*output_scale; the scales are folded into the saved "
-                    "weights, which take and return raw activations",
+            "method": config.normalise, "input_scales": result.input_scales,
+            "output_scales": result.output_scales, "folded": result.folded,
+            "note": "training saw each input site i as x_i*input_scales[i] and each output site j as "
+                    "y_j*output_scales[j]; the scales are folded into the saved weights, which take and "
+                    "return raw activations",
         },
         "training": training,
     }

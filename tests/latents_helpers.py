@@ -120,4 +120,7 @@ def passthrough_dictionary(d: int) -> Any:
         def encode(self, x: torch.Tensor) -> torch.Tensor:
             return torch.relu(x.reshape(x.shape[0], -1))
 
+        def decode(self, latents: torch.Tensor) -> torch.Tensor:
+            return (latents @ self.W_dec)[:, None]
+
     return PassThrough()

@@ -11,12 +11,16 @@ import saelab
 import torch
 from saelab import SiteSpec, UsageError
 from saelab.dictionary import (
+    DictionaryOptions,
+    LinearDictionary,
     build_dictionary,
     geometric_median,
     load_dictionary,
-    mmcs,
     save_dictionary,
 )
+from saelab.plugins.architectures._topk_family import BatchTopKDictionary, TopKDictionary
+from saelab.training import train_on_tensors
+from training_helpers import mmcs, synthetic
 
 BUILTIN = {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder"}
 D_IN, D_OUT, D_SAE, K, BATCH = 16, 12, 64, 4, 32
@@ -131,16 +135,12 @@ def test_gradients_flow(name: str) -> None:
 
 
 def _is_exact_topk(module: saelab.SparseDictionary) -> bool:
-    from saelab.dictionary import BatchTopKDictionary, TopKDictionary
-
     return (isinstance(module, TopKDictionary) and not isinstance(module, BatchTopKDictionary)
             and getattr(module.options, "activation", "topk") == "topk")
 
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_sparsity_as_configured(name: str) -> None:
-    from saelab.dictionary import BatchTopKDictionary
-
     torch.manual_seed(3)
     module = make(name)
     x, y = data(module, batch=64)
@@ -188,7 +188,7 @@ def test_fold_scaling(name: str) -> None:
     s_in = 3.0
     s_out = s_in if module.sites.is_autoencoder else 0.25
     folded = copy.deepcopy(module)
-    folded.fold_scaling(s_in, s_out)
+    folded.fold_scaling(torch.tensor([s_in]), torch.tensor([s_out]))
     x, y = data(module, seed=6)
     with torch.no_grad():
         expected = module(x * s_in, target=None if y is None else y * s_out).reconstruction / s_out
@@ -443,3 +443,153 @@ def test_transcoder_inference_without_target(name: str, activation: str) -> None
     torch.testing.assert_close(infer.latents, trained.latents)
     expected_mse = (trained.reconstruction - y).pow(2).sum((1, 2)).mean()
     torch.testing.assert_close(trained.losses["mse"], expected_mse)
+
+
+# --------------------------------------------------------------------------------------------------
+# The SparseDictionary contract: a third-party architecture, missing methods, per-site scales
+
+
+class ThirdPartyOptions(DictionaryOptions):
+    """Options of the third-party test architecture (the shared ones only)."""
+
+
+class ThirdPartyReLU(LinearDictionary):
+    """A third-party ReLU SAE built on the documented base: it implements ``encode`` and nothing else."""
+
+    name = "third-party-relu"
+    Options = ThirdPartyOptions
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.preacts(self.flat_input(x)))
+
+
+class NoDecode(saelab.SparseDictionary):
+    """Lacks the required ``decode``."""
+
+    name = "no-decode"
+
+    @property
+    def d_sae(self) -> int:
+        return 8
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class NoFold(saelab.SparseDictionary):
+    """Implements what is abstract but not ``fold_scaling``; counts its forward calls."""
+
+    name = "no-fold"
+
+    def __init__(self, sites: SiteSpec, options: saelab.Options):
+        super().__init__(sites, options)
+        self.W = torch.nn.Parameter(torch.randn(sites.d_in, 32) * 0.1)
+        self.calls = 0
+
+    @property
+    def d_sae(self) -> int:
+        return 32
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x[:, 0] @ self.W)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents @ self.W.T)[:, None]
+
+    def forward(self, x, target=None, dead_mask=None):
+        self.calls += 1
+        return super().forward(x, target, dead_mask)
+
+
+class _ContractPlugin:
+    @saelab.hookimpl
+    def register_architectures(self, register):
+        for cls in (ThirdPartyReLU, NoDecode, NoFold):
+            register(cls)
+
+
+def test_third_party_linear_dictionary_trains_saves_and_loads(tmp_path) -> None:
+    """An architecture that subclasses LinearDictionary and only implements ``encode`` is built by name,
+    trains through the real trainer (normalisation folded by the inherited ``fold_scaling``), then
+    saves and loads to identical outputs."""
+    saelab.register_plugin(_ContractPlugin(), name="contract-test")
+    x, _ = synthetic(n=2048, d=16, n_features=48, scale=50.0, offset=5.0, seed=2)
+    torch.manual_seed(0)
+    module = build_dictionary("third-party-relu", SiteSpec(["h"], ["h"], 16, 16), {"d_sae": 64})
+    assert isinstance(module, ThirdPartyReLU)
+    with torch.no_grad():
+        before = float((module(x).reconstruction[:, 0] - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    result = train_on_tensors(module, x, epochs=3, out_dir=tmp_path, batch_size=128, log_every=4, device="cpu")
+    losses = [entry["loss"] for entry in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.folded and result.input_scale != pytest.approx(1.0)
+    with torch.no_grad():
+        raw = float((module(x).reconstruction[:, 0] - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert raw < 0.5 * before and raw == pytest.approx(result.metrics["fvu"], abs=0.08)
+    loaded = load_dictionary(tmp_path / "third-party-relu")
+    assert type(loaded) is ThirdPartyReLU
+    with torch.no_grad():
+        assert torch.equal(loaded(x).reconstruction, module.eval()(x).reconstruction)
+
+
+def test_missing_required_method_is_refused_by_name_in_one_line() -> None:
+    saelab.register_plugin(_ContractPlugin(), name="contract-test")
+    with pytest.raises(UsageError) as info:
+        build_dictionary("no-decode", SiteSpec(["h"], ["h"], 8, 8), {})
+    message = str(info.value)
+    assert "'no-decode'" in message and "NoDecode" in message and "does not implement decode" in message
+    assert "\n" not in message
+
+
+def test_missing_fold_scaling_is_refused_before_the_first_step(tmp_path) -> None:
+    saelab.register_plugin(_ContractPlugin(), name="contract-test")
+    x, _ = synthetic(n=1024, d=16, n_features=48, scale=20.0)
+    module = build_dictionary("no-fold", SiteSpec(["h"], ["h"], 16, 16), {})
+    with pytest.raises(UsageError) as info:
+        train_on_tensors(module, x, out_dir=tmp_path / "run", batch_size=128, device="cpu")
+    message = str(info.value)
+    assert "'no-fold'" in message and "NoFold" in message and "fold_scaling" in message
+    assert "--normalise none" in message and "\n" not in message
+    assert module.calls == 0 and not (tmp_path / "run").exists()
+    result = train_on_tensors(module, x, normalise="none", batch_size=128, device="cpu")  # nothing to fold
+    assert result.steps == 8 and module.calls == 8
+
+
+def _site_scaled(t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return t * scales[None, :, None]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_fold_scaling_per_site(name: str) -> None:
+    """Two sites with different scales: the folded module on raw inputs equals the unfolded one on
+    inputs scaled per site, with its outputs unscaled per site."""
+    torch.manual_seed(14)
+    module = make(name, multi=True)
+    train(module, steps=10)
+    module.eval()
+    if getattr(module, "skip_connection", False):
+        with torch.no_grad():
+            module.W_skip.normal_()
+    s_in = torch.tensor([3.0, 0.5])
+    s_out = s_in if module.sites.is_autoencoder else torch.tensor([0.25, 2.0])
+    folded = copy.deepcopy(module)
+    folded.fold_scaling(s_in, s_out)
+    x, y = data(module, seed=15)
+    with torch.no_grad():
+        scaled = module(_site_scaled(x, s_in), target=None if y is None else _site_scaled(y, s_out))
+        got = folded(x, target=y)
+    torch.testing.assert_close(got.reconstruction, _site_scaled(scaled.reconstruction, 1 / s_out), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.latents, scaled.latents, rtol=1e-4, atol=1e-4)
+    if isinstance(module, LinearDictionary):
+        assert folded.extra_config["scaling_folded"] == {"input_scales": [3.0, 0.5], "output_scales": s_out.tolist()}
+
+
+def test_fold_scaling_rejects_bad_scales() -> None:
+    module = make("topk", multi=True)
+    for bad in (3.0, torch.tensor([3.0]), torch.ones(2, 1)):
+        with pytest.raises(UsageError, match="input_scales must be a 1-D tensor with one scale per site"):
+            module.fold_scaling(bad, torch.ones(2))
+    with pytest.raises(UsageError, match="positive and finite"):
+        module.fold_scaling(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
+    with pytest.raises(UsageError, match="same scale for a site's input and output"):
+        module.fold_scaling(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]))

@@ -279,3 +279,22 @@ def test_hf_token_works_with_the_embedded_model_and_stays_off_disk(cli, results_
     for path in results_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".txt", ".log"):
             assert secret not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.parametrize(
+    ("disabled", "args", "fragments"),
+    [
+        ("models", ["cache", "smollm2", "--hookpoints", "layers.0", "--name", "x"], ["smollm2", "activation source"]),
+        ("datasets", ["cache", "tests/fixtures/tiny-gpt2", "--hookpoints", "layers.0", "--dataset_repo",
+                      "news-sample", "--name", "x"], ["news-sample", "dataset"]),
+        ("saelens", ["latents", "tests/fixtures/tiny-gpt2", "tests/fixtures/reference_dicts/saelens_topk",
+                     "--name", "x"], ["saelens_topk", "no dictionary"]),
+    ],
+)
+def test_disabling_the_builtin_model_dataset_or_format_plugins_gives_one_line_errors(cli, results_dir, disabled,
+                                                                                     args, fragments):
+    """The embedded defaults, the datasets' split rule and the hook names live in plugins: without them a
+    command still fails with one line naming what is unknown, not a traceback."""
+    root = Path(__file__).resolve().parent.parent
+    args = [str(root / a) if a.startswith("tests/") else a for a in args]
+    cli("-p", f"no:{disabled}", *args).assert_user_error(*fragments)

@@ -11,7 +11,7 @@ import saelab
 import torch
 from fixtures.tiny_models import TINY_GPT2
 from saelab import UsageError
-from saelab.data import WindowSpec, iter_windows, load_dataset_source, n_windows_for
+from saelab.data import DatasetOptions, WindowSpec, iter_windows, load_dataset_source, n_windows_for
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +260,153 @@ def test_a_split_from_a_config_file_is_kept_for_local_data(tmp_path):
     seen: dict = {}
     probe.main(["--config", str(config)], standalone_mode=False)
     assert seen["dataset_split"] == "train[:5]"
+
+
+# ------------------------------------------------------------------- defaults declared by plugins
+
+
+class _WholeDataset(saelab.Dataset):
+    """Third-party data that is read whole by default (``whole:<n>``: n documents)."""
+
+    name = "whole-data"
+
+    @classmethod
+    def accepts(cls, repo: str) -> bool:
+        return repo.startswith("whole:")
+
+    @classmethod
+    def reads_whole(cls, repo: str) -> bool:
+        return True
+
+    def texts(self):
+        yield from (f"document {i}" for i in range(int(self.repo.split(":")[1])))
+
+    def identity(self):
+        return {"repo": self.repo, "split": self.options.split}
+
+
+
+
+class _FakeSource(saelab.ActivationSource):
+    """A third-party model that brings its own CLI defaults; never loaded here."""
+
+    name = "fake-lm"
+    default_values = {"n_tokens": 1234, "dataset_repo": "whole:7", "cache_ctx_len": 8}
+
+    @classmethod
+    def accepts(cls, model: str) -> bool:
+        return model.startswith("fake:")
+
+
+class _DeclaringPlugin:
+    @saelab.hookimpl
+    def register_datasets(self, register):
+        register(_WholeDataset)
+
+    @saelab.hookimpl
+    def register_activation_sources(self, register):
+        register(_FakeSource)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["fake:lm"], {"n_tokens": 1234, "dataset_repo": "whole:7", "cache_ctx_len": 8, "dataset_split": "train"}),
+        (["fake:lm", "--n_tokens", "99", "--dataset_repo", "org/hub"],
+         {"n_tokens": 99, "dataset_repo": "org/hub", "cache_ctx_len": 8, "dataset_split": "train[:1%]"}),
+        (["gpt2", "--dataset_repo", "whole:3"], {"n_tokens": 10_000_000, "dataset_split": "train"}),
+        (["gpt2", "--dataset_repo", "whole:3", "--dataset_split", "train[:1]"], {"dataset_split": "train[:1]"}),
+    ],
+)
+def test_cli_defaults_come_from_the_plugins_declarations(args, expected):
+    """MODEL's activation source brings its ``default_values``; a dataset whose class ``reads_whole`` gets
+    the split ``train``; explicit flags win (the same rule as smollm2 and the embedded datasets)."""
+    saelab.register_plugin(_DeclaringPlugin(), name="declaring")
+    probe, seen = _probe_command()
+    probe.main([*args, "--name", "n"], standalone_mode=False)
+    for key, value in expected.items():
+        assert seen[key] == value, key
+
+
+def test_without_the_builtin_plugins_no_default_applies_and_loading_says_why(monkeypatch):
+    monkeypatch.setenv("SAELAB_DISABLE_PLUGINS", "models,datasets")
+    probe, seen = _probe_command()
+    probe.main(["smollm2", "--dataset_repo", "news-sample", "--name", "n"], standalone_mode=False)
+    assert seen["n_tokens"] == 10_000_000 and seen["dataset_split"] == "train[:1%]"
+    with pytest.raises(UsageError) as err:
+        load_dataset_source("news-sample")
+    assert "news-sample" in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------- the dataset factory's contract
+
+
+class _ShoutOptions(DatasetOptions):
+    """The ``--dataset_*`` options plus its own."""
+
+    repeat: int = 2
+
+
+class _Shout(saelab.Dataset):
+    """A third-party dataset shaped like the docs' example package: ``shout:<text>``."""
+
+    name = "shout-test"
+    Options = _ShoutOptions
+
+    @classmethod
+    def accepts(cls, repo: str) -> bool:
+        return repo.startswith("shout-test:")
+
+    def texts(self):
+        for i in range(self.options.repeat):
+            yield f"{self.repo.partition(':')[2].upper()}! ({i + 1})"
+
+    def identity(self):
+        return {"repo": self.repo, "repeat": self.options.repeat}
+
+
+class _OwnOptionsOnly(_Shout):
+    name = "own-options"
+
+    class Options(saelab.Options):
+        repeat: int = 2
+
+    @classmethod
+    def accepts(cls, repo: str) -> bool:
+        return repo.startswith("own-options:")
+
+
+class _OptionsOnlyConstructor(_Shout):
+    name = "options-only"
+
+    def __init__(self, options=None):
+        super().__init__("options-only", options)
+
+    @classmethod
+    def accepts(cls, repo: str) -> bool:
+        return repo.startswith("options-only:")
+
+
+class _ShoutPlugin:
+    @saelab.hookimpl
+    def register_datasets(self, register):
+        register(_Shout)
+        register(_OwnOptionsOnly)
+        register(_OptionsOnlyConstructor)
+
+
+def test_the_factory_builds_a_third_party_dataset_and_names_a_broken_contract(results_dir, cli):
+    saelab.register_plugin(_ShoutPlugin(), name="shout-test")
+    dataset = load_dataset_source("shout-test:hi", split="train[:1%]")
+    assert isinstance(dataset, _Shout) and list(dataset.texts()) == ["HI! (1)", "HI! (2)"]
+    assert dataset.options.split == "train[:1%]" and dataset.repo == "shout-test:hi"
+    with pytest.raises(UsageError) as err:
+        load_dataset_source("own-options:x")
+    assert "'own-options'" in str(err.value) and "DatasetOptions" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UsageError) as err:
+        load_dataset_source("options-only:x")
+    assert "'options-only'" in str(err.value) and "(repo, options)" in str(err.value)
+    # and through the CLI's cache command
+    r = cli("cache", str(TINY_GPT2), "--hookpoints", "layers.0", "--dataset_repo", "shout-test:hello world",
+            "--n_tokens", "8", "--cache_ctx_len", "4", "--name", "shout", "--verbose", "false")
+    assert r.exit_code == 0, r.output

@@ -5,9 +5,17 @@ LLM server (never the network)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from fixtures.tiny_models import TINY_GPT2
 from llm_server import ScriptedLLMServer
 from pipeline_helpers import API_KEY, SmartHandler, make_dictionary, run_args
 
@@ -167,3 +175,129 @@ def test_end_to_end_run_then_rerun_makes_no_requests(cli, results_dir, tmp_path)
     assert len(record["train"]) == 3 and len(record["test"]) == 2 and len(record["non_activating"]) == 2
     assert all(len(e["tokens"]) == 8 for e in record["train"])
     assert json.loads((root / "scores" / "detection" / "layers.0" / "latent_0.json").read_text())["n_prompts"] == 2
+
+
+# -- the run's latent cache: streamed from the model, or read from a matching activation cache
+
+ENV = {"OPENAI_API_KEY": API_KEY, "HF_TOKEN": None}
+NO_SERVER = "http://127.0.0.1:1/v1"  # --dry_run makes no LLM call
+DATA = ["--dataset_repo", "news-sample", "--n_tokens", "2048", "--cache_ctx_len", "64", "--batch_size", "8"]
+
+
+def _manifest(results_dir: Path, name: str) -> dict[str, Any]:
+    return json.loads((results_dir / name / "latents" / "layers.0" / "manifest.json").read_text())
+
+
+def _run_config(results_dir: Path, name: str) -> dict[str, Any]:
+    return json.loads((results_dir / name / "run_config.json").read_text())
+
+
+def test_run_streams_latents_and_writes_no_activation_cache(cli, results_dir, tmp_path, monkeypatch):
+    """Without a matching activation cache the run computes its latents from the model's forward pass: the
+    activation cache writer is never constructed, no store appears, the run config records no cache; and
+    `saelab latents` with the same options reuses that latent cache (one path, the same exclusions)."""
+    import saelab.activation_cache
+
+    def no_dense_cache(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("run started writing a dense activation cache")
+
+    monkeypatch.setattr(saelab.activation_cache._Writer, "__init__", no_dense_cache)
+    d = make_dictionary(tmp_path / "dict")
+    store = tmp_path / "store"
+    exclusions = ["--exclude_positions", "1", "2", "--filter_bos", "true"]
+    r = cli(*run_args(d, "s", NO_SERVER, "--dry_run", "--store", str(store), *exclusions), env=ENV)
+    assert r.exit_code == 0, r.output
+    assert not store.exists() and not (results_dir / ".activations").exists()
+    assert _run_config(results_dir, "s")["activation_cache"] == {"layers.0": None}
+    manifest = _manifest(results_dir, "s")
+    assert manifest["complete"] and manifest["tokens"]["kind"] == "chunks"
+    assert manifest["exclude_positions"] == [1, 2] and manifest["filter_bos"] is True
+    assert (results_dir / "s" / "records" / "layers.0" / "index.json").is_file()
+
+    latents = [str(TINY_GPT2), str(d), "--hookpoints", "layers.0", *DATA, "--n_splits", "2", "--store", str(store), "--name", "s"]
+    same = cli("latents", *latents, *exclusions)
+    assert same.exit_code == 0, same.output
+    assert "reused" in same.stdout and _manifest(results_dir, "s") == manifest
+    other = cli("latents", *latents)  # without the exclusions: another latent cache
+    assert other.exit_code == 0, other.output
+    assert "rebuilt" in other.stdout and _manifest(results_dir, "s")["exclude_positions"] == []
+    assert not store.exists() and not (results_dir / ".activations").exists()
+
+
+def test_run_reads_a_covering_activation_cache_and_gets_the_same_latents(cli, results_dir, tmp_path):
+    """An activation cache of the same model and data holding the dictionary's site (and another) is read
+    instead of running the model, and recorded in run_config.json; the latents equal the streamed ones.
+    ``--overwrite cache`` recomputes from the model and writes no dense cache."""
+    from saelab.latents import LatentCache
+
+    d = make_dictionary(tmp_path / "dict")
+    streamed = cli(*run_args(d, "streamed", NO_SERVER, "--dry_run"), env=ENV)
+    assert streamed.exit_code == 0, streamed.output
+    cached = cli("cache", str(TINY_GPT2), "--hookpoints", "layers.0", "layers.1", *DATA, "--name", "c",
+                 "--verbose", "false")
+    assert cached.exit_code == 0, cached.output
+    activation_cache = Path(_run_config(results_dir, "c")["activation_cache"]).resolve()
+    assert json.loads((activation_cache / "manifest.json").read_text())["hookpoints"] == ["layers.0", "layers.1"]
+    caches = sorted((results_dir / ".activations").glob("*/manifest.json"))
+    assert len(caches) == 1
+
+    reads = cli(*run_args(d, "reads", NO_SERVER, "--dry_run"), env=ENV)
+    assert reads.exit_code == 0, reads.output
+    recorded = _run_config(results_dir, "reads")["activation_cache"]
+    assert list(recorded) == ["layers.0"] and Path(recorded["layers.0"]).resolve() == activation_cache
+    assert sorted((results_dir / ".activations").glob("*/manifest.json")) == caches
+    a, b = (LatentCache.open(results_dir / name / "latents" / "layers.0") for name in ("streamed", "reads"))
+    assert b.manifest["tokens"]["kind"] == "activation_cache" and not (b.path / "tokens").exists()
+    assert torch.equal(a.tokens(), b.tokens())
+    torch.testing.assert_close(a.dense(), b.dense(), rtol=1e-5, atol=1e-6)
+
+    again = cli(*run_args(d, "reads", NO_SERVER, "--dry_run", "--overwrite", "cache"), env=ENV)
+    assert again.exit_code == 0, again.output
+    assert _run_config(results_dir, "reads")["activation_cache"] == {"layers.0": None}
+    assert _manifest(results_dir, "reads")["tokens"]["kind"] == "chunks"
+    assert sorted((results_dir / ".activations").glob("*/manifest.json")) == caches
+
+
+def test_a_streamed_run_killed_mid_latents_resumes_after_its_last_chunk(cli, results_dir, tmp_path):
+    """kill -9 while a run streams its latent cache (one chunk per batch, slowed forward passes): the same
+    command keeps the chunks already listed in the manifest and writes only the rest."""
+    d = make_dictionary(tmp_path / "dict")
+    args = run_args(d, "k", NO_SERVER, "--dry_run")
+    slow = ("import sys, time; import saelab.latents as latents; "
+            "from saelab.plugins.models import transformers_models as models; "
+            "forward = models.TransformersSource.activations; "
+            "models.TransformersSource.activations = lambda *a, **k: (time.sleep(0.2), forward(*a, **k))[1]; "
+            "latents.build_latent_cache.__kwdefaults__['flush_nonzeros'] = 1; "
+            "from saelab.cli import main; main(sys.argv[1:])")
+    env = {**os.environ, **{k: v for k, v in ENV.items() if v is not None}, "OMP_NUM_THREADS": "1"}
+    env.pop("HF_TOKEN", None)
+    # batch size and flush size are not in the latent cache's fingerprint
+    proc = subprocess.Popen([sys.executable, "-c", slow, "run", *args, "--batch_size", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest_path = results_dir / "k" / "latents" / "layers.0" / "manifest.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (manifest_path.is_file() and len(json.loads(manifest_path.read_text())["chunks"]) >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the latent cache never wrote two chunks"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    killed = json.loads(manifest_path.read_text())
+    assert not killed["complete"] and 2 <= len(killed["chunks"]) < killed["n_sequences_target"] // 2
+    first = manifest_path.parent / killed["chunks"][0]["splits"][0]["path"]
+    before = first.stat()
+    rerun = cli(*args, env=ENV)
+    assert rerun.exit_code == 0, rerun.output
+    resumed = _manifest(results_dir, "k")
+    assert resumed["complete"] and resumed["chunks"][:len(killed["chunks"])] == killed["chunks"]
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not (results_dir / ".activations").exists()
+    fresh = cli(*run_args(d, "fresh", NO_SERVER, "--dry_run"), env=ENV)
+    assert fresh.exit_code == 0, fresh.output
+    from saelab.latents import LatentCache
+
+    a, b = (LatentCache.open(results_dir / name / "latents" / "layers.0") for name in ("k", "fresh"))
+    assert torch.equal(a.tokens(), b.tokens())
+    torch.testing.assert_close(a.dense(), b.dense(), rtol=1e-5, atol=1e-6)

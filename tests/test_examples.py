@@ -194,3 +194,74 @@ def test_records_decode_split_characters_whole(tmp_path):
         decoded = source.tokenizer.decode(e.tokens)
         if "\ufffd" not in decoded:  # a window that holds whole characters reads exactly as the tokenizer decodes it
             assert e.text == decoded
+
+
+# --------------------------------------------------------------------------------------------------
+# Options addressed to one sampler / non-activating source / neighbour finder
+
+
+def test_options_addressed_to_one_plugin_reach_it(cache):
+    tok = tiny_source().tokenizer
+    builder = RecordBuilder(cache, {**OPTS, "train_type": "mix", "test_type": "quantiles", "ratio_top": 0.2,
+                                    "sampler_options": {"MIX": {"ratio_top": 1.0}},
+                                    "non_activating_source": "neighbours",
+                                    "non_activating_options": {"neighbours": {"fill_random": False}},
+                                    "neighbour_options": {"co-occurrence": {"block_latents": 7}}},
+                            tokenizer=tok)
+    assert builder.train_sampler.options.ratio_top == 1.0  # the addressed value beats the run-level one
+    assert builder.source.options.fill_random is False and builder.finder.options.block_latents == 7
+    # mix with ratio_top 1 takes only top windows: the same train examples as the top sampler
+    mixed = next(builder.iter_records())
+    top = RecordBuilder(cache, {**OPTS, "train_type": "top", "test_type": "quantiles",
+                                "feature_num": [mixed.latent]}, tokenizer=tok).record(mixed.latent)
+    assert [e.id for e in mixed.train] == [e.id for e in top.train]
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({"train_type": "mix", "sampler_options": {"mix": {"ratio_tp": 0.5}}},
+     "sampler 'mix' options: unknown option 'ratio_tp'; accepted options: n_quantiles, ratio_top"),
+    ({"sampler_options": {"mix": {"ratio_top": 0.5}}},
+     "sampler options given for 'mix', which this run does not use; accepted: options of the selected sampler "
+     "(quantiles)"),
+    ({"non_activating_source": "random", "non_activating_options": {"random": {"fill_random": False}}},
+     "non-activating source 'random' options: unknown option 'fill_random'; accepted options: (none)"),
+    ({"non_activating_source": "FAISS", "non_activating_options": {"faiss": {"embedder": "x"}}},
+     "non-activating source 'faiss' options: unknown option 'embedder'; accepted options: batch_size, "
+     "embedding_model, fill_random"),
+    ({"non_activating_source": "neighbours", "neighbour_options": {"co-occurrence": {"chunk": 64}}},
+     "neighbour finder 'co-occurrence' options: unknown option 'chunk'; accepted options: block_latents"),
+    ({"neighbour_options": {"co-occurrence": {"block_latents": 64}}},
+     "neighbour finder options given for 'co-occurrence', which this run does not use; accepted: options of the "
+     "selected neighbour finder (none)"),
+])
+def test_unknown_options_addressed_to_one_plugin_are_rejected(cache, options, expected):
+    with pytest.raises(UsageError) as err:
+        RecordBuilder(cache, {**OPTS, **options}, tokenizer=tiny_source().tokenizer)
+    assert str(err.value) == expected
+
+
+def test_run_values_address_plugins_through_the_factory_the_cli_uses(cache, tmp_path):
+    from saelab.pipeline import RunLayout, example_options, record_set
+
+    values = {**OPTS, "train_type": "mix", "sampler_option": [("mix.ratio_top", "1.0")],
+              "non_activating_option": [("random.fill_random", "false")]}
+    options = example_options(values)
+    assert options["sampler_options"] == {"mix": {"ratio_top": 1.0}}
+    with pytest.raises(UsageError, match="^non-activating source 'random' options: unknown option 'fill_random'"):
+        record_set(RunLayout(tmp_path / "run"), cache, options, tokenizer=tiny_source().tokenizer)
+    with pytest.raises(UsageError, match=r"^bad --sampler_option key 'ratio_top'; accepted: PLUGIN.KEY"):
+        example_options({"sampler_option": [("ratio_top", "1.0")]})
+    del values["non_activating_option"]
+    layout = RunLayout(tmp_path / "run")
+    built = record_set(layout, cache, {**example_options(values), "max_latents": 1}, tokenizer=tiny_source().tokenizer)
+    plain = record_set(RunLayout(tmp_path / "plain"), cache, {**OPTS, "max_latents": 1},
+                       tokenizer=tiny_source().tokenizer)
+    assert built.fingerprint != plain.fingerprint  # addressed options are part of what the records depend on
+    # without addressed options the fingerprint is what it was before they existed (stored records stay valid)
+    from saelab.examples import TEXT_DECODING, ExampleOptions
+    from saelab.pipeline import PLUGIN_OPTION_KEYS, inputs_fingerprint
+
+    opts = ExampleOptions.parse({**OPTS, "max_latents": 1})
+    assert plain.fingerprint == inputs_fingerprint({
+        "latent_cache": cache.fingerprint, "text_decoding": TEXT_DECODING,
+        "examples": opts.model_dump(mode="json", exclude={"overwrite_neighbours", *PLUGIN_OPTION_KEYS})})

@@ -253,3 +253,53 @@ def test_explain_command_reports_copies_and_does_not_score_them(cli, results_dir
     summary = json.loads(layout.summary_json.read_text())
     row = next(row for row in summary["rows"] if row["name"] == "default")
     assert row["failure_reasons"] == {"copied_few_shot": 2}
+
+
+# ------------------------------------------------------------------------------- contracts and options
+
+
+class _TextExplainer(saelab.Explainer):
+    """A third-party explainer that breaks the contract: it returns the explanation's text only."""
+
+    name = "text-explainer"
+
+    async def explain(self, record, provider):
+        return "the word cat"
+
+
+class _TextExplainerPlugin:
+    @saelab.hookimpl
+    def register_explainers(self, register):
+        register(_TextExplainer)
+
+
+def test_an_explainer_returning_the_wrong_type_is_a_one_line_error_through_the_cli(cli, results_dir):
+    from test_prompts import make_stage_run
+
+    layout = make_stage_run(results_dir, n=1)
+    saelab.register_plugin(_TextExplainerPlugin(), name="text-explainer-plugin")
+    with ScriptedLLMServer("[EXPLANATION]: unused") as server:
+        r = cli("explain", "run", "--explainer", "text-explainer", "--explainer_provider", "openai",
+                "--explainer_api_base_url", server.base_url, "--explainer_model", "test-model", "--verbose", "false",
+                env={"OPENAI_API_KEY": "sk-test"})
+    assert r.exit_code == 2, r.output
+    r.assert_user_error("explainer 'text-explainer' (test_explainers._TextExplainer) returned builtins.str; "
+                        "expected saelab.records.Explanation")
+    assert not layout.explanation_path("layers.1", 0).exists()
+
+
+def test_an_unknown_explainer_option_names_the_key_the_plugin_and_the_accepted_keys(cli, results_dir):
+    from saelab.pipeline import make_explainer
+    from test_prompts import make_stage_run
+
+    assert make_explainer("contrastive", {"max_non_activating": 3}).options.max_non_activating == 3
+    with pytest.raises(saelab.UsageError) as err:
+        make_explainer("contrastive", {"show_activations": True})  # an option of the default explainer only
+    assert str(err.value).startswith("explainer 'contrastive' options: unknown option 'show_activations'; "
+                                     "accepted options: ")
+    assert "max_non_activating" in str(err.value) and "\n" not in str(err.value)
+    make_stage_run(results_dir, n=1)
+    r = cli("explain", "run", "--explainer_option", "shw_activations", "true", "--verbose", "false")
+    assert r.exit_code == 2
+    r.assert_user_error("explainer 'default' options: unknown option 'shw_activations'; accepted options:",
+                        "show_activations")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from saelab import UsageError
 from saelab.dictionary import build_dictionary, load_dictionary, save_dictionary
-from saelab.formats import find_dictionaries, to_external_name
+from saelab.formats import find_dictionaries
+from saelab.plugins.formats.saelens import to_external_name
 from safetensors.torch import load_file
 
 REF = Path(__file__).resolve().parent / "fixtures" / "reference_dicts"
@@ -164,3 +165,39 @@ def test_convert_cli_errors(cli, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     cli("convert", str(tmp_path / "empty"), str(tmp_path / "out"), "--to", "saelab").assert_user_error(
         "no dictionary in a known format")
+
+
+def test_one_discovery_names_and_selects_dictionaries_for_every_command(tmp_path: Path) -> None:
+    """``run`` (pipeline.find_dictionaries) and ``latents`` (latents.select_dictionaries) select through
+    formats.dictionaries_by_hookpoint over formats.find_dictionaries: same names, same choices."""
+    from saelab.formats import dictionaries_by_hookpoint
+    from saelab.latents import select_dictionaries
+    from saelab.pipeline import find_dictionaries as run_dictionaries
+
+    run = REF / "sparsify_run"
+    everything = {"layers.0": run / "layers.0", "layers.1.mlp": run / "layers.1.mlp"}
+    assert dictionaries_by_hookpoint(run) == everything == run_dictionaries(run)
+    assert [(hook, path) for hook, _, path in select_dictionaries(run)] == list(everything.items())
+    # a directory name, its SAELens / module-path spelling, or a site the dictionary reads selects it
+    for given in ("layers.1.mlp", "blocks.1.hook_mlp_out", "model.layers.1.mlp", "layers.1.mlp.input"):
+        assert dictionaries_by_hookpoint(run, [given]) == {"layers.1.mlp": run / "layers.1.mlp"}, given
+        assert [hook for hook, _, _ in select_dictionaries(run, [given])] == ["layers.1.mlp"]
+    assert dictionaries_by_hookpoint(run, ["layers.0", "layers.0"]) == {"layers.0": run / "layers.0"}
+    with pytest.raises(UsageError) as err:
+        dictionaries_by_hookpoint(run, ["layers.5"])
+    assert "'layers.5'" in str(err.value) and "found: layers.0 (reads layers.0)" in str(err.value)
+    # a saelab run directory: its dictionaries/
+    save_dictionary(load_dictionary(run / "layers.0"), tmp_path / "dictionaries" / "layers.0")
+    assert dictionaries_by_hookpoint(tmp_path) == {"layers.0": tmp_path / "dictionaries" / "layers.0"}
+    assert find_dictionaries(tmp_path) == [tmp_path / "dictionaries" / "layers.0"]
+    # one dictionary: named by the site asked for, which must be one it reads or writes
+    single = REF / "saelens_transcoder"
+    assert dictionaries_by_hookpoint(single) == {"layers.0.mlp.input": single}
+    assert dictionaries_by_hookpoint(single, ["blocks.0.hook_mlp_out"]) == {"layers.0.mlp": single}
+    with pytest.raises(UsageError) as err:
+        select_dictionaries(single, ["layers.1"])
+    assert "found one dictionary, which reads layers.0.mlp.input and writes layers.0.mlp" in str(err.value)
+    with pytest.raises(UsageError, match="SPARSE_MODEL"):
+        run_dictionaries(tmp_path / "missing")
+    with pytest.raises(UsageError, match="dictionary path .* does not exist"):
+        select_dictionaries(tmp_path / "missing")

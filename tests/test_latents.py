@@ -174,6 +174,29 @@ def test_reads_an_activation_cache_and_reuses_its_tokens(built, tmp_path):
     torch.testing.assert_close(from_cache.dense(), cache.dense(), rtol=1e-5, atol=1e-6)
 
 
+def test_an_activation_cache_holding_more_sites_is_found_only_for_the_same_data(tmp_path):
+    from saelab.activation_cache import build_activation_cache
+    from saelab.latents import find_activation_cache
+
+    store = tmp_path / "store"
+    find = dict(n_tokens=N_TOKENS, ctx_len=CTX, store=store)
+    assert find_activation_cache(tiny_source(), lee_dataset(), ["layers.0"], **find) is None
+    assert not store.exists()  # looking writes nothing
+    other = build_activation_cache(tiny_source(), lee_dataset(), ["layers.0", "layers.1"], n_tokens=2 * N_TOKENS,
+                                   ctx_len=CTX, batch_size=8, store=store, progress=False)
+    assert find_activation_cache(tiny_source(), lee_dataset(), ["layers.0"], **find) is None  # other n_tokens
+    both = build_activation_cache(tiny_source(), lee_dataset(), ["layers.0", "layers.1"], n_tokens=N_TOKENS,
+                                  ctx_len=CTX, batch_size=8, store=store, progress=False, dtype="float16")
+    found = find_activation_cache(tiny_source(), lee_dataset(), ["layers.1"], **find)
+    assert found is not None and found.path == both.path != other.path
+    assert find_activation_cache(tiny_source(), lee_dataset(), ["layers.0", "layers.1"], **find).path == both.path
+    assert find_activation_cache(tiny_source(), lee_dataset(), ["layers.0"], **{**find, "ctx_len": 32}) is None
+    assert find_activation_cache(tiny_source(), lee_dataset(39), ["layers.0"], **find) is None  # other data
+    one = build_activation_cache(tiny_source(), lee_dataset(), ["layers.1"], n_tokens=N_TOKENS, ctx_len=CTX,
+                                 batch_size=8, store=store, progress=False)
+    assert find_activation_cache(tiny_source(), lee_dataset(), ["layers.1"], **find).path == one.path  # exact first
+
+
 def test_split_bounds_and_errors(tmp_path):
     from saelab import UsageError
 
@@ -207,3 +230,11 @@ def test_latents_command(tmp_path, cli, monkeypatch):
     assert summary["built"] == 3
     bad = cli("latents", *common, "--hookpoints", "layers.1")
     bad.assert_user_error("layers.1", "found")
+    records_args = ["--hookpoints", "layers.0", "--max_latents", "3", "--min_examples", "10", "--n_examples_train", "4",
+                    "--n_examples_test", "4", "--n_non_activating", "4", "--example_ctx_len", "16"]
+    typo = cli("latents", *common, *records_args, "--train_type", "mix", "--sampler_option", "mix.ratio_tp", "0.3")
+    typo.assert_user_error("'ratio_tp'", "mix", "accepted options: n_quantiles, ratio_top")
+    unused = cli("latents", *common, *records_args, "--neighbour_option", "co-occurrence.block_latents", "8")
+    unused.assert_user_error("co-occurrence", "does not use")
+    addressed = cli("latents", *common, *records_args, "--train_type", "mix", "--sampler_option", "mix.ratio_top", "0.5")
+    assert addressed.exit_code == 0, addressed.output

@@ -14,17 +14,15 @@ import torch
 from fixtures.tiny_models import TINY_GPT2, TINY_LLAMA
 from saelab import UsageError
 from saelab.cli import main
-from saelab.models import (
+from saelab.formats import hookpoint_from_external as from_external_name
+from saelab.hookpoints import (
     Hookpoint,
-    file_sha256,
-    from_external_name,
     hookpoint_names,
-    load_activation_source,
     parse_hookpoint,
     sort_hookpoints,
     validate_hookpoints,
-    weights_hash,
 )
+from saelab.models import file_sha256, load_activation_source, weights_hash
 
 FIXTURES = {"gpt2": TINY_GPT2, "llama": TINY_LLAMA}
 TEXT = ["The Prime Minister said on Sunday that the government would act.",
@@ -133,6 +131,74 @@ def test_validate_hookpoints_messages() -> None:
     # A plugin with non-standard names gets its list spelled out.
     with pytest.raises(UsageError, match="valid hookpoints: a, b"):
         validate_hookpoints(["c"], ["a", "b"], "custom")
+
+
+
+def test_hookpoint_grammar_is_a_kernel_module_without_the_cycle() -> None:
+    """saelab.hookpoints imports nothing of saelab but its errors; the interfaces import the grammar,
+    not the model loading (which imports the manager, which imports the interfaces)."""
+    import ast
+
+    import saelab.hookpoints
+    import saelab.interfaces
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    assert {n for n in imported(saelab.hookpoints) if n.startswith((".", "saelab"))} == {".errors"}
+    assert ".hookpoints" in imported(saelab.interfaces) and ".models" not in imported(saelab.interfaces)
+
+
+class _FooFormat(saelab.DictionaryFormat):
+    """Reads no files; knows the hook names ``foo.N`` (block N's output)."""
+
+    name = "foo-names"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return False
+
+    def load(self, path: Path, device: str = "cpu"):
+        raise AssertionError("never detected")
+
+    @classmethod
+    def hookpoint_from_external(cls, name: str) -> str | None:
+        return f"layers.{name[4:]}" if name.startswith("foo.") and name[4:].isdigit() else None
+
+
+class _FooPlugin:
+    @saelab.hookimpl
+    def register_dictionary_formats(self, register):
+        register(_FooFormat)
+
+
+def test_other_libraries_names_come_from_the_registered_formats() -> None:
+    from saelab.formats import canonical_hookpoint
+
+    saelab.register_plugin(_FooPlugin(), name="foo-names")
+    assert canonical_hookpoint("foo.3") == "layers.3" and from_external_name("foo.x") is None
+    with pytest.raises(UsageError, match=r"did you mean 'layers\.3'"):
+        parse_hookpoint("foo.3")
+    with pytest.raises(UsageError, match=r"did you mean 'layers\.1'"):
+        validate_hookpoints(["foo.1"], hookpoint_names(2), "tiny")
+    saelab.unregister_plugin("foo-names")
+    assert canonical_hookpoint("foo.3") == "foo.3"
+    # SAELens names belong to the saelens format plugin: without it they are not translated
+    from saelab import manager
+
+    manager.disable(["saelens"])
+    assert from_external_name("blocks.8.hook_resid_post") is None
+    assert from_external_name("model.layers.8") == "layers.8"  # module paths: the sparsify format's
+    with pytest.raises(UsageError) as err:
+        parse_hookpoint("blocks.8.hook_resid_post")
+    assert "did you mean" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------- registry

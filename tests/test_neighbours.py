@@ -67,3 +67,16 @@ def test_similarity_needs_weights():
 def test_names_are_case_insensitive():
     assert resolve("non_activating_source", "FAISS").name == "faiss"
     assert resolve("neighbour_finder", "Co-Occurrence").name == "co-occurrence"
+
+
+def test_finder_options_are_validated_by_the_finder(pattern_cache):
+    finder = resolve("neighbour_finder", "co-occurrence")({"block_latents": 2})
+    assert finder.options.block_latents == 2
+    # a small block gives the same neighbours as one pass (the option changes how, not what)
+    ctx = NeighbourContext(pattern_cache)
+    assert finder.neighbours([0, 1, 2], 2, ctx) == resolve("neighbour_finder", "co-occurrence")().neighbours(
+        [0, 1, 2], 2, ctx)
+    with pytest.raises(UsageError) as err:
+        resolve("neighbour_finder", "encoder_similarity")({"block_latents": 2})
+    assert str(err.value) == ("encoder_similarity options: unknown option 'block_latents'; "
+                              "accepted options: chunk")

@@ -60,6 +60,9 @@ def test_wheel_holds_both_packages_entry_points_and_console_script(wheel: Path):
     assert "saelab/py.typed" in names
     assert "saelab/plugins/__init__.py" in names
     assert "saelab/plugins/commands/inspect.py" in names
+    for asset in ("report.css", "report.js"):  # the report plugin ships its assets; the core none
+        assert f"saelab/plugins/report/assets/{asset}" in names, asset
+    assert not any(n.startswith("saelab/report") for n in names)
     for module in PYPROJECT["project"]["entry-points"]["saelab"].values():
         assert module.replace(".", "/") + ".py" in names, module
     assert not any(n.startswith(("core/", "plugins/", "tests/")) for n in names)

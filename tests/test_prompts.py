@@ -218,3 +218,131 @@ def test_yaml_parse_error_names_the_line(tmp_path):
     with pytest.raises(saelab.UsageError) as err:
         load_prompts(bad, enabled=True)
     assert "cannot be parsed: line 4, column 4:" in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts ship with their plugin
+
+
+def test_every_builtin_ships_its_prompts_next_to_its_module():
+    from importlib import resources
+
+    from saelab.prompts import prompt_file_location
+
+    assert not resources.files("saelab").joinpath("prompts.yaml").is_file()  # core holds no plugin's prompts
+    defaults = default_prompts()
+    for kind in ("explainer", "scorer"):
+        for name in saelab.registry(kind):
+            cls = saelab.resolve(kind, name)
+            location = prompt_file_location(cls, cls.prompt_file)
+            package = cls.__module__.rpartition(".")[0]
+            assert cls.prompt_file and location.is_file()
+            assert str(location) == str(resources.files(package).joinpath(cls.prompt_file))
+            own = cls.default_prompts()
+            assert own and all(key.startswith(cls.prompt_prefix + ".") for key in own)
+            assert {k: defaults[k] for k in own} == own  # load_prompts gathers exactly these
+            assert set(own) == {f"{cls.prompt_prefix}.{k}" for k in yaml.safe_load(location.read_text())}
+            # every template the plugin reads is declared with its placeholders
+            templates = {k.rpartition(".")[2] for k, v in own.items() if isinstance(v, str)}
+            assert templates == set(cls.prompt_placeholders), (kind, name)
+
+
+def test_prompt_versions_of_the_builtins_did_not_change_when_prompts_moved():
+    # the versions stored with every result before the prompts left core/prompts.yaml: results computed
+    # then (the demo's) stay valid
+    stored = {"explainer:default": "1402a7261576", "explainer:contrastive": "365d62f274fd",
+              "explainer:single-token": "71e59bf170a7", "explainer:np_max_act": "8482a5425fc3",
+              "scorer:detection": "64b7e949c5ce", "scorer:fuzz": "ff1c86bc4649",
+              "scorer:simulation": "e14ade1c2025", "scorer:intruder": "2dfadb7d668b",
+              "scorer:surprisal": "7fc0a3ef05ee", "scorer:embedding": "5a40bf2ce7a6"}
+    p = load_prompts()
+    for key, version in stored.items():
+        kind, name = key.split(":")
+        cls = saelab.resolve(kind, name)
+        assert cls(prompts=p).prompt_version() == cls().prompt_version() == version, key
+
+
+THIRD_PARTY_PROMPTS = {"system": "Judge the explanation.", "user": "{explanation}\n{examples}"}
+
+
+def third_party_scorer(tmp_path, monkeypatch, package: str = "tp_scorer_pkg"):
+    """A third-party package (on sys.path) whose scorer ships ``judge.yaml`` next to its module."""
+    import importlib
+    import sys
+
+    root = tmp_path / "site"
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    (root / package / "judge.yaml").write_text(yaml.safe_dump(THIRD_PARTY_PROMPTS))
+    (root / package / "plugin.py").write_text(
+        "from saelab import hookimpl\n"
+        "from saelab.autointerp import BinaryPromptScorer\n"
+        "from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders\n\n\n"
+        "class JudgeScorer(BinaryPromptScorer):\n"
+        "    '''A third-party scorer with its own prompts.'''\n\n"
+        "    name = 'judge'\n"
+        "    prompt_prefix = 'scorers.judge'\n"
+        "    prompt_file = 'judge.yaml'\n"
+        "    prompt_placeholders = {'system': SYSTEM_PLACEHOLDERS,\n"
+        "                           'user': Placeholders(required=('explanation', 'examples'))}\n\n\n"
+        "@hookimpl\n"
+        "def register_scorers(register):\n"
+        "    register(JudgeScorer)\n")
+    monkeypatch.syspath_prepend(str(root))
+    module = importlib.import_module(f"{package}.plugin")
+    monkeypatch.setitem(sys.modules, f"{package}.plugin", module)
+    return module
+
+
+def test_a_third_party_scorer_ships_its_prompts_the_same_way(tmp_path, monkeypatch):
+    from interp_helpers import make_record
+
+    module = third_party_scorer(tmp_path, monkeypatch)
+    assert "scorers.judge.system" not in load_prompts()
+    saelab.register_plugin(module, name="judge-plugin")
+    defaults = load_prompts()
+    assert defaults["scorers.judge.system"] == THIRD_PARTY_PROMPTS["system"]
+    assert defaults["scorers.detection.system"] == default_prompts()["scorers.detection.system"]
+    # the same dotted-key override as a builtin's, placeholders checked the same way
+    p = load_prompts_from({"scorers": {"judge": {"system": "Judge strictly."}}})
+    judge = saelab.resolve("scorer", "judge")({"few_shot": False}, p)
+    messages = judge.messages(make_record(), None)[0]
+    assert messages[0]["content"] == "Judge strictly." and messages[1]["content"].startswith("\nExample 1:")
+    assert judge.prompt_version() != saelab.resolve("scorer", "judge")().prompt_version()
+    bad = load_prompts_from({"scorers": {"judge": {"user": "{explanation}"}}}, name="bad.yaml")
+    with pytest.raises(saelab.UsageError, match="prompt 'scorers.judge.user' in .* missing placeholder {examples}"):
+        saelab.resolve("scorer", "judge")(prompts=bad)
+    # a subclass in another module (here: this test file) reads the file its parent declares
+    sub = type("StricterJudge", (module.JudgeScorer,), {"name": "stricter-judge", "__module__": __name__})
+    assert sub.default_prompts() == {f"scorers.judge.{k}": v for k, v in THIRD_PARTY_PROMPTS.items()}
+
+
+def test_an_unregistered_plugin_class_still_gets_its_own_defaults(tmp_path, monkeypatch):
+    module = third_party_scorer(tmp_path, monkeypatch, package="tp_scorer_unregistered")
+    given = load_prompts()  # loaded while the plugin is not registered
+    judge = module.JudgeScorer(prompts=given)
+    assert judge.prompts["scorers.judge.user"] == THIRD_PARTY_PROMPTS["user"]
+    assert judge.prompts["scorers.detection.user"] == given["scorers.detection.user"]
+    assert judge.prompt_version() == module.JudgeScorer().prompt_version()
+
+
+def test_override_of_a_disabled_plugins_prompt_is_reported(tmp_path):
+    from saelab import manager
+
+    f = write(tmp_path / "o.yaml", {"scorers": {"fuzz": {"system": "x"}}})
+    assert load_prompts(f)["scorers.fuzz.system"] == "x"
+    manager.disable(["fuzz"])
+    with pytest.raises(saelab.UsageError) as err:
+        load_prompts(f)
+    message = str(err.value)
+    assert message.startswith("unknown prompt key 'scorers.fuzz.system' in ") and "\n" not in message
+    assert "the prompts of disabled plugins (fuzz) cannot be overridden" in message
+    assert "scorers.detection.system" in message  # the valid keys of the enabled plugins
+
+
+def test_override_keys_under_a_plugin_alias_are_accepted(tmp_path):
+    f = write(tmp_path / "a.yaml", {"scorers": {"recall": {"user": "{explanation} {examples}"}},
+                                    "explainers": {"single-token": {"user": "{tokens}"}}})
+    p = load_prompts(f)
+    assert p["scorers.detection.user"] == "{explanation} {examples}"
+    assert p["explainers.single_token.user"] == "{tokens}"

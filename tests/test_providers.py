@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib.util
+import json
 import logging
 import math
 import socket
@@ -16,21 +17,25 @@ from pathlib import Path
 
 import openai
 import pytest
+import saelab
 from llm_server import Reply, ScriptedLLMServer
+from saelab import hookimpl
 from saelab.errors import UsageError
 from saelab.llm import (
-    OPENROUTER_URL,
     Completion,
+    LLMProvider,
     ProviderError,
     ResponseCache,
     TokenLogprob,
     TransientError,
-    UsageTotals,
     cache_key,
+    check_completion,
     make_provider,
     parse_retry_after,
     with_retries,
 )
+from saelab.plugins.providers.openrouter import OPENROUTER_URL
+from saelab.records import Usage
 
 MESSAGES = [{"role": "system", "content": "You explain latents."}, {"role": "user", "content": "one two three"}]
 SECRET = "sk-test-SECRET-0123456789abcdef"
@@ -146,12 +151,13 @@ def test_429_waits_at_least_retry_after(transport: str, cache_root: Path) -> Non
 
 
 def test_429_with_http_date_retry_after(transport: str, cache_root: Path) -> None:
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2), usegmt=True)
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=3), usegmt=True)
     with ScriptedLLMServer([Reply(status=429, headers={"Retry-After": when}), Reply(text="ok")]) as server:
         provider = openai_provider(server, cache_root, cache=False)
         assert provider.generate_sync(MESSAGES).text == "ok"
         first, second = server.chat_requests
-        # HTTP dates have 1 s resolution: the wait is at least 1 s, far above the 0.05 s backoff cap
+        # HTTP dates have 1 s resolution (3 s ahead is 2-3 s ahead once truncated): the wait is at least
+        # 1 s, far above the 0.05 s backoff cap
         assert second.started - first.finished >= 1.0
 
 
@@ -360,12 +366,14 @@ def test_make_provider_maps_delphi_names(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("OPENROUTER_API_KEY", SECRET)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     router = make_provider("openrouter", model="meta-llama/llama-3.1-70b-instruct", cache=False)
-    assert router.name == "openai" and router.options.base_url == OPENROUTER_URL
+    assert router.identity()["provider"] == "openai" and router.options.base_url == OPENROUTER_URL
     assert router.options.api_key_env == "OPENROUTER_API_KEY"
     vllm = make_provider("vllm", model="m", base_url="http://localhost:8002/v1", cache=False)
-    assert vllm.name == "openai" and vllm.options.base_url == "http://localhost:8002/v1"
+    assert vllm.identity()["provider"] == "openai" and vllm.options.base_url == "http://localhost:8002/v1"
+    assert make_provider("vllm", model="m", cache=False).options.base_url == "http://localhost:8000/v1"
     offline = make_provider("OFFLINE", cache=False)
-    assert offline.name == "transformers" and offline.model == "smollm2"
+    assert offline.identity()["provider"] == "transformers" and offline.model == "smollm2"
+    assert (router.name, vllm.name, offline.name) == ("openrouter", "vllm", "offline")  # registered names
     assert make_provider("litellm", model="openai/x", cache=False).name == "litellm"
     assert make_provider("openai", model="m", base_url="http://127.0.0.1:1/v1", max_concurrency=None,
                          cache=False).max_concurrency == 8
@@ -378,7 +386,8 @@ def test_provider_user_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> N
         (lambda: make_provider("openrouter", model="m"), "OPENROUTER_API_KEY"),
         (lambda: make_provider("openai", model="gpt-4o-mini"), "OPENAI_API_KEY"),
         (lambda: make_provider("openai", model="m", base_url="http://x/v1", api_key_env="NOPE_KEY"), "NOPE_KEY"),
-        (lambda: make_provider("no-such-provider"), "known providers: litellm, openai, transformers"),
+        (lambda: make_provider("no-such-provider"),
+         "known providers: litellm, offline, openai, openrouter, transformers, vllm"),
         (lambda: make_provider("openai", model="m", base_url="http://x/v1", temprature=1), "temprature"),
         (lambda: make_provider("openai", model="m", base_url="http://x/v1", max_concurrency=0), "max_concurrency"),
         (lambda: make_provider("openai", base_url="http://x/v1"), "needs a model"),
@@ -392,6 +401,127 @@ def test_provider_user_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> N
         provider.generate_sync(MESSAGES, response_format={"type": "json"})
     with pytest.raises(UsageError, match="bad chat message"):
         provider.generate_sync([{"role": "user"}])
+
+
+def test_presets_are_registered_providers_listed_by_saelab_plugins(cli) -> None:
+    r = cli("plugins", "--kind", "provider", "--json")
+    assert r.exit_code == 0, r.output
+    registers = {row["name"]: row["registers"]["provider"] for row in json.loads(r.stdout)}
+    assert registers["vllm"] == ["vllm"] and registers["openrouter"] == ["openrouter"]
+    assert set(registers["transformers"]) == {"transformers", "offline"}
+    assert {"openai", "litellm"} <= set(registers)
+
+
+def test_presets_share_answers_and_fingerprints_with_the_provider_they_preset(cache_root: Path) -> None:
+    with ScriptedLLMServer(Reply(text="[EXPLANATION]: shared")) as server:
+        vllm = make_provider("vllm", model="test-model", base_url=server.base_url, cache_dir=str(cache_root))
+        assert vllm.generate_sync(MESSAGES).text == "[EXPLANATION]: shared"
+        openai_ = make_provider("openai", model="test-model", base_url=server.base_url, cache_dir=str(cache_root))
+        again = openai_.generate_sync(MESSAGES)
+        assert again.cached and again.provider == "openai" and len(server.chat_requests) == 1
+        assert vllm.identity() == openai_.identity()
+
+
+def test_a_third_party_provider_taking_a_builtin_name_is_one_line(cli) -> None:
+    class Impostor(LLMProvider):
+        """A third-party provider that takes the builtin name ``vllm``."""
+
+        name = "vllm"
+
+    class Acme:
+        @hookimpl
+        def register_providers(self, register) -> None:
+            register(Impostor)
+
+    saelab.register_plugin(Acme(), name="acme")
+    r = cli("plugins", "--kind", "provider")
+    r.assert_user_error("provider name 'vllm' is registered twice", "(plugin 'vllm')", "(plugin 'acme')",
+                        "disable one with -p no:", "-p no:vllm", "-p no:acme")
+    assert cli("plugins", "-p", "no:vllm", "--kind", "provider").exit_code == 0
+
+
+class Shout(saelab.Provider):
+    """A third-party provider without the LLMProvider base: no options, answers in capitals."""
+
+    name = "shout"
+
+    def __init__(self, options: saelab.Options | None = None) -> None:
+        self.options = options
+
+    async def generate(self, messages, **params) -> Completion:
+        return Completion(text=messages[-1]["content"].upper(), prompt_tokens=1, completion_tokens=1, cost=0.0)
+
+
+class Mumble(Shout):
+    """A broken provider: returns a ``str`` instead of a Completion."""
+
+    name = "mumble"
+
+    async def generate(self, messages, **params):  # type: ignore[override]
+        return "not a completion"
+
+
+class ThirdPartyProviders:
+    @hookimpl
+    def register_providers(self, register) -> None:
+        register(Shout)
+        register(Mumble)
+
+
+def test_run_options_are_validated_never_dropped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from saelab.pipeline import make_run_provider
+
+    saelab.register_plugin(ThirdPartyProviders(), name="third-party-providers")
+    settings = {"model": "m", "base_url": "http://127.0.0.1:1/v1", "max_concurrency": 4, "api_key_env": None,
+                "cache": True, "cache_dir": tmp_path, "device": "cpu"}
+    # the run's own settings are handed over only where the provider takes them (device: the subject model's)
+    assert isinstance(make_run_provider("shout", **settings), Shout)
+    vllm = make_run_provider("vllm", **settings, given={"model", "base_url", "max_concurrency"})
+    assert (vllm.model, vllm.max_concurrency, vllm.options.cache_dir) == ("m", 4, str(tmp_path))
+    with pytest.raises(UsageError) as info:  # a flag the user gave that the provider does not take
+        make_run_provider("shout", **settings, given={"model"})
+    assert "provider 'shout'" in str(info.value) and "'model'" in str(info.value)
+    with pytest.raises(UsageError) as info:
+        make_run_provider("vllm", **settings, extra={"bogus": 1})
+    message = str(info.value)
+    assert "\n" not in message and "provider 'vllm'" in message and "'bogus'" in message
+    assert "timeout_s" in message and "base_url" in message  # the accepted options
+    with pytest.raises(UsageError, match="'device'"):
+        make_run_provider("openai", **settings, extra={"device": "cuda"})
+    transformers = make_run_provider("offline", **{**settings, "model": None}, extra={"batch_wait_ms": 1})
+    assert (transformers.options.device, transformers.options.batch_wait_ms) == ("cpu", 1)
+
+
+def test_run_rejects_an_unknown_provider_option_before_any_work(cli, results_dir: Path, tmp_path: Path) -> None:
+    from pipeline_helpers import make_dictionary, run_args
+
+    d = make_dictionary(tmp_path / "dict")
+    r = cli(*run_args(d, "bad", "http://127.0.0.1:9/v1", "--provider_option", "bogus", "1"),
+            env={"OPENAI_API_KEY": None})
+    r.assert_user_error("provider 'openai'", "unknown option 'bogus'", "accepted options:", "timeout_s")
+    assert not (results_dir / ".activations").exists() and not (results_dir / "bad" / "latents").exists()
+    saelab.register_plugin(ThirdPartyProviders(), name="third-party-providers")
+    args = run_args(d, "bad", "http://127.0.0.1:9/v1")
+    args[args.index("openai")] = "shout"
+    r = cli(*args)  # --explainer_model (and --explainer_api_base_url) given explicitly: shout has no such options
+    r.assert_user_error("provider 'shout'", "unknown option 'model'")
+    assert not (results_dir / "bad" / "latents").exists()
+
+
+def test_the_engine_rejects_a_provider_that_returns_another_type() -> None:
+    from interp_helpers import make_record
+    from saelab.pipeline import make_explainer
+
+    saelab.register_plugin(ThirdPartyProviders(), name="third-party-providers")
+    explainer = make_explainer("default")
+    good = run(explainer.explain(make_record(), make_provider("shout")))
+    assert good.error is None and good.usage.calls == 1 and good.usage.prompt_tokens == 1
+    with pytest.raises(UsageError) as info:
+        run(explainer.explain(make_record(), make_provider("mumble")))
+    message = str(info.value)
+    assert "provider 'mumble'" in message and "builtins.str" in message and "saelab.llm.Completion" in message
+    with pytest.raises(UsageError, match="expected saelab.llm.Completion"):
+        check_completion(Mumble(), "text")
 
 
 # ------------------------------------------------------------------------------------------ retry machinery
@@ -444,7 +574,7 @@ def test_with_retries_backoff_schedule() -> None:
 
 
 def test_usage_totals_add_and_json() -> None:
-    usage = UsageTotals()
+    usage = Usage()
     usage.record(Completion(text="a", prompt_tokens=10, completion_tokens=2, cost=0.5))
     usage.record(Completion(text="b", prompt_tokens=10, completion_tokens=2, cost=None))
     usage.record(Completion(text="c", prompt_tokens=10, completion_tokens=2, cost=0.5, cached=True))
@@ -453,6 +583,38 @@ def test_usage_totals_add_and_json() -> None:
                                "prompt_tokens": 40, "completion_tokens": 8, "cost": 1.0, "unpriced_calls": 2}
     completion = Completion(text="x", logprobs=[TokenLogprob("1", -0.1, {"1": -0.1})], cost=0.1)
     assert Completion.from_json(completion.to_json()) == completion
+
+
+def test_one_usage_type_for_providers_runs_and_records() -> None:
+    fresh = Completion(text="a", prompt_tokens=10, completion_tokens=2, cost=0.5)
+    hit = Completion(text="a", prompt_tokens=10, completion_tokens=2, cost=0.5, cached=True)
+    totals = Usage(cost=0.0)  # a provider's running totals: a cache hit costs nothing
+    totals.record(fresh)
+    before = totals.snapshot()
+    totals.record(hit)
+    totals.record(Completion(text="b", prompt_tokens=3, completion_tokens=1))
+    delta = totals - before
+    assert delta.to_json() == {"calls": 1, "cached_calls": 1, "failed_calls": 0, "retries": 0, "prompt_tokens": 3,
+                               "completion_tokens": 1, "cost": 0.0, "unpriced_calls": 1}
+    assert before.calls == 1  # a snapshot does not move with the totals
+    result = Usage()  # one explanation's or score's usage: every answer it used, cache hits included
+    result.add(fresh)
+    result.add(hit)
+    assert result.to_dict() == {"calls": 2, "cached_calls": 1, "prompt_tokens": 20, "completion_tokens": 4, "cost": 1.0}
+    assert Usage.from_dict(result.to_dict()) == result  # what a record file holds round-trips
+    assert Usage().to_dict() == {"calls": 0, "cached_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                 "cost": None}  # the keys stored in explanation and score files
+
+
+def test_provider_redaction_is_the_config_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_LLM_KEY", SECRET)
+    provider = make_provider("openai", model="m", base_url="http://127.0.0.1:1/v1", api_key_env="MY_LLM_KEY",
+                             cache=False)
+    raw = {"echo": f"key {SECRET}", "choices": [{"logprobs": {"content": [{"token": "1", "logprob": -0.1}]}}]}
+    assert provider.redact(raw) == {"echo": "key <redacted>",
+                                    "choices": [{"logprobs": {"content": [{"token": "1", "logprob": -0.1}]}}]}
+    assert provider.redact("HTTP 401: Bearer abcdefgh12345 api_key=zyxwvuts9876") == (
+        "HTTP 401: Bearer <redacted> api_key=<redacted>")
 
 
 # ------------------------------------------------------------------------------------------ transformers

@@ -1,4 +1,4 @@
-"""The HTML report (saelab.report, `saelab report`) over a synthetic run directory."""
+"""The HTML report plugin (saelab.plugins.report, `saelab report`) over a synthetic run directory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from report_helpers import EXPLANATIONS, HOOK, LATENTS, PAYLOADS, SCORES, build_run
-from saelab import report
+from saelab.plugins.report import html as report
+from saelab.plugins.report import run_data
 from saelab.records import Explanation
 
 DATA_RE = re.compile(r'<script type="application/json" id="report-data">(.*?)</script>', re.S)
@@ -91,15 +92,15 @@ def test_svg_histogram_bars_and_errors() -> None:
     assert "t &lt;x&gt;" in svg
     with pytest.raises(ValueError):
         report.svg_histogram([1, 2], [0, 1], title="t", xlabel="x")
-    counts, edges = report.histogram([0.0, 0.5, 1.0, 2.0], 0.0, 1.0, 2)
+    counts, edges = run_data.histogram([0.0, 0.5, 1.0, 2.0], 0.0, 1.0, 2)
     assert counts == [1, 3] and edges == [0.0, 0.5, 1.0]
 
 
 def test_main_metric_per_scorer() -> None:
-    assert report.main_metric("detection", {"balanced_accuracy": 0.7, "auc": 0.9}) == ("balanced_accuracy", 0.7)
-    assert report.main_metric("simulation", {"correlation": 0.3, "balanced_accuracy": 0.6}) == ("correlation", 0.3)
-    assert report.main_metric("mine", {"auc": 0.8}) == ("auc", 0.8)
-    assert report.main_metric("fuzz", {"balanced_accuracy": None})[1] is None
+    assert run_data.main_metric("detection", {"balanced_accuracy": 0.7, "auc": 0.9}) == ("balanced_accuracy", 0.7)
+    assert run_data.main_metric("simulation", {"correlation": 0.3, "balanced_accuracy": 0.6}) == ("correlation", 0.3)
+    assert run_data.main_metric("mine", {"auc": 0.8}) == ("auc", 0.8)
+    assert run_data.main_metric("fuzz", {"balanced_accuracy": None})[1] is None
 
 
 def test_rerun_drops_stale_pages_and_max_latents(run: Path) -> None:
@@ -219,3 +220,33 @@ def test_temporaries_of_killed_report_writes_are_removed(run: Path, cli) -> None
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_run_writes_its_report_through_the_report_command_and_no_report_disables_it(cli, results_dir, tmp_path):
+    """``saelab run --enable_visualization`` invokes the registered ``report`` command; ``-p no:report``
+    leaves the run whole but writes no report and says so in one line."""
+    from llm_server import ScriptedLLMServer
+    from pipeline_helpers import API_KEY, SmartHandler, make_dictionary, run_args
+
+    d = make_dictionary(tmp_path / "dict")
+    env = {"OPENAI_API_KEY": API_KEY, "HF_TOKEN": None}
+    root = results_dir / "viz"
+    with ScriptedLLMServer(SmartHandler()) as server:
+        args = run_args(d, "viz", server.base_url, "--enable_visualization")
+        off = cli("-p", "no:report", *args, "--verbose", "true", env=env)
+        assert off.exit_code == 0, off.output
+        assert ("--enable_visualization: the report plugin (report) is disabled or not installed; "
+                "no report written") in off.stdout
+        assert (root / "summary.json").is_file() and not (root / "report").exists()
+        quiet = cli(*args, env=env)  # --verbose false: the report is written, nothing is printed about it
+        assert quiet.exit_code == 0, quiet.output
+        assert (root / "report" / "index.html").is_file() and "report" not in quiet.stdout
+        loud = cli(*args, "--verbose", "true", env=env)
+    assert loud.exit_code == 0, loud.output
+    index = root / "report" / "index.html"
+    # the run prints the path as before, not the `saelab report` summary table or file:// URI
+    assert f"report: {index}" in loud.stdout.replace("\n", "")
+    assert "latent pages" not in loud.stdout and "file://" not in loud.stdout
+    rows = _data(index)["latents"]
+    assert {r["latent"] for r in rows} and all(r["hookpoint"] == "layers.0" for r in rows)
+    assert (root / "report" / "assets" / "report.js").is_file()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from report_helpers import EXPLANATIONS, HOOK, LATENTS, PAYLOADS, build_run
-from saelab.report import write_report
+from saelab.plugins.report.html import write_report
 
 pytestmark = pytest.mark.browser
 

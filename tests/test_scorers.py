@@ -494,3 +494,66 @@ def test_offline_smollm2_explains_and_scores_with_parseable_answers():
             assert result.metrics[key] is not None, (result.scorer, key, result.metrics)
         assert all(p.probability is not None and 0.0 <= p.probability <= 1.0 for p in result.predictions)
         assert all(re.fullmatch(r" ?\[[01](, ?[01]){4}\]", raw) for raw in result.raw_responses)
+
+
+# ------------------------------------------------------------------------------- contracts and options
+
+
+class _DictScorer(saelab.Scorer):
+    """A third-party scorer that breaks the contract: it returns a dict instead of a ScoreResult."""
+
+    name = "dict-scorer"
+    requires_explanation = False
+    uses_provider = False
+
+    async def score(self, record, explanation, provider):
+        return {"scorer": self.name, "metrics": {"accuracy": 1.0}}
+
+
+class _DictScorerPlugin:
+    @saelab.hookimpl
+    def register_scorers(self, register):
+        register(_DictScorer)
+
+
+def test_a_scorer_returning_the_wrong_type_is_a_one_line_error_through_the_cli(cli, results_dir):
+    from test_prompts import make_stage_run
+
+    layout = make_stage_run(results_dir, n=1)
+    saelab.register_plugin(_DictScorerPlugin(), name="dict-scorer-plugin")
+    r = cli("score", "run", "--scorers", "dict-scorer", "--verbose", "false")
+    assert r.exit_code == 2, r.output
+    r.assert_user_error("scorer 'dict-scorer' (test_scorers._DictScorer) returned builtins.dict; "
+                        "expected saelab.records.ScoreResult")
+    assert not layout.score_path("dict-scorer", "layers.1", 0).exists()
+
+
+def test_the_engine_rejects_a_wrong_result_type_before_saving_it(tmp_path):
+    from saelab.pipeline import AutoInterp, RunLayout, make_scorers
+
+    saelab.register_plugin(_DictScorerPlugin(), name="dict-scorer-plugin")
+    scorers = make_scorers(["dict-scorer"])
+    layout = RunLayout(tmp_path / "run")
+    engine = AutoInterp(layout, None, scorers, None, progress=False)
+    with pytest.raises(saelab.UsageError, match=r"^scorer 'dict-scorer' .* expected saelab.records.ScoreResult"):
+        engine.run([make_record()])
+    assert not layout.score_path("dict-scorer", "layers.1", 7).exists()
+
+
+def test_an_option_addressed_to_one_scorer_is_rejected_when_unknown(cli, results_dir):
+    from saelab.pipeline import make_scorers
+
+    shared = {"num_examples_per_scorer_prompt": 3, "seed": 1, "log_probs": False}  # run-level: filtered per scorer
+    built = make_scorers(["detection", "embedding"], shared, {"embedding": {"batch_size": 4}})
+    assert built[0].options.num_examples_per_scorer_prompt == 3 and built[1].options.batch_size == 4
+    with pytest.raises(saelab.UsageError) as err:
+        make_scorers(["detection", "embedding"], shared, {"embedding": {"num_examples_per_scorer_prompt": 3}})
+    message = str(err.value)
+    assert message.startswith("scorer 'embedding' options: unknown option 'num_examples_per_scorer_prompt'; ")
+    assert "accepted options: batch_size, device, model" in message
+    from test_prompts import make_stage_run
+
+    make_stage_run(results_dir, n=1)
+    r = cli("score", "run", "--scorers", "intruder", "--scorer_option", "intruder.highlite", "true")
+    assert r.exit_code == 2
+    r.assert_user_error("scorer 'intruder' options: unknown option 'highlite'; accepted options:", "highlight")

@@ -82,7 +82,7 @@ def test_saved_dictionary_reconstructs_raw_activations(tmp_path: Path) -> None:
     cfg = json.loads((out / "cfg.json").read_text())
     norm = cfg["metadata"]["normalisation"]
     assert norm["method"] == "norm" and norm["folded"] is True
-    assert norm["input_scale"] == pytest.approx(result.input_scale)
+    assert norm["input_scales"] == [pytest.approx(result.input_scale)]
     assert cfg["metadata"]["training"]["steps"] == result.steps
     assert fvu(loaded, x) == pytest.approx(fvu(sae, x), rel=1e-5)
     assert fvu(loaded, x) < 0.75 * before
@@ -146,6 +146,60 @@ def test_transcoder_sites_use_separate_scales() -> None:
     assert result.input_scale != pytest.approx(result.output_scale, rel=0.1)
     assert fvu(tc, x, y) == pytest.approx(result.metrics["fvu"], abs=0.1)
     assert fvu(tc, x, y) < 0.8 * before
+
+
+def test_two_site_dictionary_gets_one_scale_per_site(tmp_path: Path) -> None:
+    """Each site is normalised by its own scale, recorded per site and folded per site: the saved module
+    on raw activations gives the trained FVU once its error is measured in the normalised units."""
+    xa, _ = synthetic(n=2048, d=16, n_features=48, seed=6, scale=10.0)
+    xb, _ = synthetic(n=2048, d=16, n_features=48, seed=7, scale=0.1)
+    torch.manual_seed(0)
+    sae = build_dictionary("topk", SiteSpec(["a", "b"], ["a", "b"], 16, 16), {"d_sae": 64, "k": 8})
+    result = train_on_tensors(sae, {"a": xa, "b": xb}, epochs=2, out_dir=tmp_path, **FAST)
+    expected = [math.sqrt(16 / x.pow(2).sum(-1).mean().item()) for x in (xa, xb)]
+    assert result.input_scales == [pytest.approx(e, rel=0.05) for e in expected]
+    assert result.output_scales == result.input_scales
+    with pytest.raises(ValueError, match="input_scales"):
+        _ = result.input_scale
+    scales = torch.tensor(result.input_scales)[None, :, None]
+    x = torch.stack([xa, xb], dim=1)
+    with torch.no_grad():
+        rec = sae(x).reconstruction
+    normalised_fvu = float(((rec - x) * scales).pow(2).sum() / ((x - x.mean(0)) * scales).pow(2).sum())
+    assert normalised_fvu == pytest.approx(result.metrics["fvu"], abs=0.08)
+    norm = json.loads((tmp_path / "topk" / "cfg.json").read_text())["metadata"]["normalisation"]
+    assert norm["input_scales"] == norm["output_scales"] == pytest.approx(result.input_scales)
+
+
+def test_resume_reads_checkpoints_with_scalar_scales(tmp_path: Path) -> None:
+    """A checkpoint written before per-site scales (one ``input_scale``/``output_scale``) resumes to the
+    uninterrupted result; a scale count that does not match the sites is a one-line error."""
+    x, _ = synthetic(n=1024, d=16, n_features=48, scale=30.0)
+    config = TrainerConfig(epochs=2, checkpoint_every=5, **FAST)  # 8 steps per epoch
+
+    def run(out: Path, crash_after: int | None = None):
+        sae = topk_sae(16, 32, k=4)
+        job = DictionaryJob(name="sae", module=sae, out_dir=out)
+        return Trainer([job], config, progress=False).fit(_CrashingSource({"h": x}, crash_after)), sae
+
+    (full,), ref = run(tmp_path / "full")
+    with pytest.raises(_Crash):
+        run(tmp_path / "old", crash_after=7)
+    state = tmp_path / "old" / CHECKPOINT_DIR / "step_000000005" / "state.json"
+    meta = json.loads(state.read_text())
+    (s_in,), (s_out,) = meta.pop("input_scales"), meta.pop("output_scales")
+    state.write_text(json.dumps({**meta, "input_scale": s_in, "output_scale": s_out}))
+    (resumed,), sae = run(tmp_path / "old")
+    assert resumed.resumed_from_step == 5 and state_equal(sae, ref) and resumed.metrics == full.metrics
+    assert resumed.input_scales == full.input_scales
+    with pytest.raises(_Crash):
+        run(tmp_path / "bad", crash_after=7)
+    state = tmp_path / "bad" / CHECKPOINT_DIR / "step_000000005" / "state.json"
+    meta = json.loads(state.read_text())
+    state.write_text(json.dumps({**meta, "input_scales": meta["input_scales"] * 2}))
+    with pytest.raises(UsageError) as info:
+        run(tmp_path / "bad")
+    assert "has 2 input scales for 1 input sites" in str(info.value) and "\n" not in str(info.value)
 
 
 class _Crash(RuntimeError):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from saelab import hookimpl
-from saelab.dictionary import BatchTopKDictionary, BatchTopKOptions
+
+from ._topk_family import BatchTopKDictionary, BatchTopKOptions
 
 
 class BatchTopKSAEOptions(BatchTopKOptions):

@@ -8,7 +8,7 @@ kernel of width ``bandwidth`` (the paper's eqs. 11-12). Decoder rows are kept un
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -81,6 +81,11 @@ class JumpReLUSAE(LinearDictionary):
         super().__init__(sites, options)
         self.log_threshold = torch.nn.Parameter(torch.full((self.d_sae,), math.log(options.initial_threshold)))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def latent_activation(self) -> Literal["relu", "topk", "threshold", "unknown"]:
+        """``"threshold"``: the learned per-latent thresholds."""
+        return "threshold"
 
     @property
     def threshold(self) -> torch.Tensor:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator
 from saelab import SiteSpec, UsageError, hookimpl
-from saelab.dictionary import BatchTopKDictionary, BatchTopKOptions, SparseCodes
+from saelab.dictionary import SparseCodes
+
+from ._topk_family import BatchTopKDictionary, BatchTopKOptions
 
 
 class MatryoshkaOptions(BatchTopKOptions):

@@ -5,11 +5,15 @@ coefficient ramps up linearly over ``l1_warmup_steps`` optimizer steps (counted 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saelab import DictionaryOutput, SiteSpec, hookimpl
-from saelab.dictionary import DictionaryOptions, LinearDictionary, decoder_weighted_l1
+from saelab.dictionary import DictionaryOptions, LinearDictionary
+
+from ._penalties import decoder_weighted_l1
 
 
 class ReLUOptions(DictionaryOptions):
@@ -40,6 +44,11 @@ class ReLUSAE(LinearDictionary):
             if self.W_enc.shape[0] == self.W_dec.shape[1]:
                 self.W_enc.copy_(self.W_dec.T)
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def latent_activation(self) -> Literal["relu", "topk", "threshold", "unknown"]:
+        """``"relu"``."""
+        return "relu"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``ReLU(x W_enc + b_enc)`` as ``[batch, d_sae]``."""

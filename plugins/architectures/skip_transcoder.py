@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from saelab import hookimpl
-from saelab.dictionary import TranscoderDictionary, TranscoderOptions
+
+from ._transcoder import TranscoderDictionary, TranscoderOptions
 
 
 class SkipTranscoderOptions(TranscoderOptions):

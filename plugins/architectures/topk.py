@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from saelab import hookimpl
-from saelab.dictionary import TopKDictionary, TopKOptions
+
+from ._topk_family import TopKDictionary, TopKOptions
 
 
 class TopKSAEOptions(TopKOptions):

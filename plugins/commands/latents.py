@@ -69,6 +69,12 @@ class LatentsCommandOptions(CacheCommandOptions):
     """Non-activating source."""
     neighbours_type: str = "co-occurrence"
     """Neighbour finder for the neighbours source."""
+    sampler_option: list[tuple[str, str]] = []
+    """``PLUGIN.KEY VALUE`` options addressed to one sampler (``--sampler_option mix.ratio_top 0.3``)."""
+    non_activating_option: list[tuple[str, str]] = []
+    """``PLUGIN.KEY VALUE`` options addressed to one non-activating source."""
+    neighbour_option: list[tuple[str, str]] = []
+    """``PLUGIN.KEY VALUE`` options addressed to one neighbour finder."""
 
 
 def _int_list(values: Any) -> list[int] | None:
@@ -115,8 +121,9 @@ def register_commands(cli: click.Group) -> None:
         results/<name>/latents/<hook>/ in --n_splits shards, per-latent statistics (stats.json) and top
         logits; with --max_latents or --feature_num also the example records (records/latent_<i>.json).
 
-        Reuses activations from an activation cache of the dictionary's input sites over the same
-        data when one exists; a killed run resumes from its last chunk.
+        Reads activations from an activation cache holding the dictionary's input sites over the same
+        data when one exists in --store, else streams them from the model (no dense cache is written);
+        a killed run resumes from its last chunk. `saelab run` builds its latent cache the same way.
         """
         params["sparse_model"] = argument_or_flag(params.get("sparse_model"), params.pop("sparse_model_flag", None),
                                                   what="dictionaries", argument="SPARSE_MODEL",

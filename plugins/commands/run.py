@@ -1,11 +1,13 @@
 """``saelab run`` (the delphi-style command), ``saelab explain`` and ``saelab score``.
 
 ``python -m saelab MODEL SPARSE_MODEL [options]`` (or ``saelab run MODEL SPARSE_MODEL``) runs
-activation cache -> latent cache -> example records -> explanations -> scores into
-``results/<name>/`` and prints a summary table per scorer; every option of delphi's command is
-accepted with its name and default (see ``saelab run --help``). ``saelab explain RUN`` and
-``saelab score RUN`` redo one stage over an existing run directory, taking their defaults from the
-run's ``run_config.json``. Re-running reuses every result whose input fingerprint matches.
+latent cache -> example records -> explanations -> scores into ``results/<name>/`` and prints a summary
+table per scorer. The latent cache is built as ``saelab latents`` builds it: from a matching activation
+cache when one exists (``run_config.json`` names it under ``activation_cache``), else streamed from the
+model's forward pass without writing dense activations (``activation_cache`` is then null for that
+hook). Every option of delphi's command is accepted with its name and default (see ``saelab run
+--help``). ``saelab explain RUN`` and ``saelab score RUN`` redo one stage over an existing run directory,
+taking their defaults from the run's ``run_config.json``. Re-running reuses every result whose input fingerprint matches.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from saelab.cli_options import (
 from saelab.config import (
     config_option,
     explicit_params,
+    file_values,
     read_run_config,
     recorded_invocation,
     write_run_config,
@@ -61,7 +64,9 @@ RUN_NOTE = (
     "offline, --explainer_model smollm2) unless --explainer_model is given. The delphi defaults "
     "(Llama-3-8B, a 70B explainer, 10M tokens) need a GPU and a network. SPARSE_MODEL is a saelab, SAELens or "
     "sparsify dictionary directory, a directory of them named by hookpoint, or a run directory "
-    "(results/<name>). Re-running the same command reuses every result whose inputs match; a killed run "
+    "(results/<name>). Latents are computed from the model's forward pass (no dense activation cache is "
+    "written) unless an activation cache of the same model, data and sites exists in --store. "
+    "Re-running the same command reuses every result whose inputs match; a killed run "
     "finishes only what is missing. --dry_run builds caches and records but makes no LLM call: it prints "
     "the calls, estimated prompt tokens and cost. " + EXIT_CODES_NOTE
 )
@@ -173,6 +178,9 @@ def register_commands(cli: click.Group) -> None:
     @dataset_options()
     @cache_options()
     @example_options()
+    @click.option("--exclude_positions", cls=MultiValueOption, type=int, metavar="POS ...",
+                  help="Absolute positions left out of the latent cache (e.g. 1 2 3 on SmolLM2), as in "
+                       "`saelab latents`.")
     @name_option()
     @store_options()
     @model_options()
@@ -369,8 +377,25 @@ def build_stage_plugins(values: Mapping[str, Any], layout: Any, *, explain: bool
             base_url=values.get("explainer_api_base_url"), max_concurrency=values.get("max_concurrency"),
             api_key_env=values.get("api_key_env"), cache=bool(values.get("response_cache", True)),
             cache_dir=layout.llm_cache, device=None if device in (None, "auto") else device,
-            extra=values.get("provider_option"))
+            extra=values.get("provider_option"), given=_given_provider_options())
     return explainer, scorers, provider
+
+
+PROVIDER_FLAGS = {"explainer_model": "model", "explainer_api_base_url": "base_url",
+                  "max_concurrency": "max_concurrency", "api_key_env": "api_key_env", "response_cache": "cache"}
+"""Run flags that set a provider option: one the user gives must be an option the provider accepts."""
+
+
+def _given_provider_options() -> set[str]:
+    """Provider options set by flags the user gave to the running command (command line, environment or
+    ``--config`` file); empty outside a command."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    explicit = explicit_params(ctx)
+    if ctx.params.get("config"):
+        explicit |= set(file_values(ctx.params["config"], command=ctx.command.name))
+    return {option for flag, option in PROVIDER_FLAGS.items() if flag in explicit}
 
 
 def _select(records: list[Any], feature_num: Sequence[int] | None, max_latents: int | None) -> list[Any]:
@@ -503,16 +528,14 @@ def run_command(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
-    from saelab.cli_options import open_or_build_cache
     from saelab.dictionary import load_dictionary
-    from saelab.latents import build_latent_cache
+    from saelab.latents import latent_cache_for_run
     from saelab.models import load_activation_source
     from saelab.pipeline import (
         RunLayout,
         canonical_hookpoint,
         example_options,
         find_dictionaries,
-        hook_dirname,
         record_set,
         sparse_model_path,
     )
@@ -534,15 +557,13 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     paths = {hook: str(path) for hook, path in found.items()}
     overwrite = set(values.get("overwrite") or ())
     contrastive = (values.get("explainer") or "").lower() == "contrastive"
-    record_sets, caches = [], {}
+    record_sets: list[Any] = []
+    caches: dict[str, str | None] = {}
     for hook, dictionary in dictionaries.items():
-        activations = open_or_build_cache({**values, "hookpoints": list(dictionary.sites.inputs)}, source=source)
-        caches[hook] = str(activations.path)
-        latent_cache = build_latent_cache(
-            source, dictionary, layout.root / "latents" / hook_dirname(hook), hookpoint=hook,
-            activation_cache=activations, n_splits=values["n_splits"], batch_size=values["batch_size"],
-            filter_bos=bool(values.get("filter_bos")), n_quantiles=values["n_quantiles"],
-            overwrite="cache" in overwrite, progress=bool(values.get("verbose", True)))
+        # the same path as `saelab latents`: a matching activation cache is read, else the latents are
+        # computed from the model's forward pass and no dense activation is written
+        latent_cache = latent_cache_for_run(values, source, dictionary, hook, layout.root)
+        caches[hook] = latent_cache.activation_cache_path
         record_sets.append(record_set(layout, latent_cache, example_options(values, contrastive),
                                       tokenizer=source.tokenizer, dictionary=dictionary,
                                       rebuild="cache" in overwrite))
@@ -585,18 +606,19 @@ def _check_feature_num(feature_num: Sequence[int] | None, dictionaries: Mapping[
 
 
 def write_visualization(directory: Path, verbose: bool = True) -> Path | None:
-    """Call the report stage (``saelab.report.write_report``) when it is installed; else say so."""
-    import importlib.util
-
+    """Write the run's HTML report through the registered ``report`` command (``saelab report DIR``); when
+    that plugin is disabled (``-p no:report``) or not installed, say so and write nothing."""
     from saelab.progress import stdout_console
 
-    if importlib.util.find_spec("saelab.report") is None:
-        stdout_console.print("--enable_visualization: the report module (saelab.report) is not installed; "
+    ctx = click.get_current_context(silent=True)
+    group = ctx.find_root().command if ctx is not None else None
+    command = group.get_command(ctx, "report") if isinstance(group, click.Group) and ctx is not None else None
+    if ctx is None or command is None:
+        stdout_console.print("--enable_visualization: the report plugin (report) is disabled or not installed; "
                              "no report written")
         return None
-    from saelab import report
-
-    path = report.write_report(directory)
+    quiet = {"quiet": True} if any(p.name == "quiet" for p in command.params) else {}
+    path = ctx.invoke(command, run=str(directory), **quiet)
     if verbose:
         stdout_console.print(f"report: {path}")
     return Path(path) if path is not None else None

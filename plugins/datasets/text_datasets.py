@@ -9,7 +9,8 @@
   ``.csv`` file; ``--dataset_column`` picks the text column.
 
 Split expressions (``train``, ``train[:1%]``, ``train[10:200]``) work for every one of them; the
-embedded samples and local files have the single split ``train``.
+embedded samples and local files have the single split ``train``, and they (and local dataset directories)
+are read whole unless ``--dataset_split`` is given (``Dataset.reads_whole``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from saelab.fileio import file_sha256 as sha256_of_file
 WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_FILE = "lee_background.cor"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-"""Local file suffixes and the ``datasets`` builder that reads each."""
+"""Local file suffixes and the ``datasets`` builder that reads each (the one list of local data suffixes)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -85,6 +86,11 @@ class _EmbeddedDataset(Dataset):
             raise UsageError(f"{where} has no configurations; got --dataset_name {self.options.name!r}; leave it empty")
         check_column(self.options.column, ["text"], where)
         self._ranges = split_rows(self.options.split, len(self.documents()), where=where)
+
+    @classmethod
+    def reads_whole(cls, repo: str) -> bool:
+        """Yes: a small sample, read whole unless ``--dataset_split`` is given."""
+        return True
 
     @classmethod
     def path(cls) -> Path:
@@ -250,6 +256,11 @@ class HuggingFaceDataset(_DatasetsBacked):
             return False
         return bool(_HUB_ID.match(repo))
 
+    @classmethod
+    def reads_whole(cls, repo: str) -> bool:
+        """A local dataset directory is read whole unless ``--dataset_split`` is given; a hub id is not."""
+        return Path(repo).expanduser().exists()
+
     def load_args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``load_dataset(repo, name)``."""
         path = Path(self.repo).expanduser()
@@ -290,6 +301,11 @@ class LocalFiles(_DatasetsBacked):
     def accepts(cls, repo: str) -> bool:
         """Paths ending in a supported suffix (a missing file is then a clear error)."""
         return Path(repo).suffix.lower() in LOCAL_BUILDERS and not Path(repo).expanduser().is_dir()
+
+    @classmethod
+    def reads_whole(cls, repo: str) -> bool:
+        """Yes: a local file is read whole unless ``--dataset_split`` is given."""
+        return True
 
     def __init__(self, repo: str, options: DatasetOptions | None = None):
         super().__init__(repo, options)

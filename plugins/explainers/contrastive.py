@@ -26,6 +26,8 @@ class ContrastiveExplainer(LLMExplainer):
     name = "contrastive"
     Options = ContrastiveExplainerOptions
     prompt_prefix = "explainers.contrastive"
+    prompt_file = "contrastive.yaml"
+    prompt_key_aliases = {"explainers.default.system_contrastive": "system"}  # AutoInterp Full's key
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("activating", "non_activating"))}
 
     def negatives(self, record: LatentRecord) -> list[Example]:

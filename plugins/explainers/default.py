@@ -9,12 +9,11 @@ from saelab import hookimpl
 from saelab.autointerp import (
     ExplainerOptions,
     LLMExplainer,
-    activation_line,
     display_activations,
     display_tokens,
     highlighted_text,
-    record_max_activation,
 )
+from saelab.highlight import activation_line
 from saelab.prompts import NO_PLACEHOLDERS, SYSTEM_PLACEHOLDERS, Placeholders, fill
 from saelab.records import LatentRecord
 
@@ -33,12 +32,20 @@ class DefaultExplainerOptions(ExplainerOptions):
     """At most this many tokens per ``Activations:`` line (None: all highlighted tokens)."""
 
 
+def record_max_activation(record: LatentRecord) -> float:
+    """The latent's max activation: from its stats, else the max over its activating examples."""
+    if record.stats is not None and record.stats.max_activation > 0:
+        return float(record.stats.max_activation)
+    return max((e.max_activation or 0.0 for e in (*record.train, *record.test)), default=0.0)
+
+
 class DefaultExplainer(LLMExplainer):
     """Highlighted <<tokens>> of the train examples; the answer is parsed after [EXPLANATION]:."""
 
     name = "default"
     Options = DefaultExplainerOptions
     prompt_prefix = "explainers.default"
+    prompt_file = "default.yaml"
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "activations": NO_PLACEHOLDERS, "cot": NO_PLACEHOLDERS,
                            "user": Placeholders(required=("examples",))}
 

@@ -37,6 +37,8 @@ class NpMaxActExplainer(LLMExplainer):
     aliases = ("np-max-act",)
     Options = NpMaxActOptions
     prompt_prefix = "explainers.np_max_act"
+    prompt_file = "np_max_act.yaml"
+    prompt_key_aliases = {"explainers.np_max_act.system_concise": "system"}  # AutoInterp Full's key
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS,
                            "user": Placeholders(required=("examples",), optional=("top_logits", "bottom_logits"))}
 

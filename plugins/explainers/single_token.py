@@ -33,6 +33,8 @@ class SingleTokenExplainer(LLMExplainer):
     aliases = ("single_token",)
     Options = SingleTokenExplainerOptions
     prompt_prefix = "explainers.single_token"
+    prompt_file = "single_token.yaml"
+    prompt_key_aliases = {"explainers.default.system_single_token": "system"}  # AutoInterp Full's key
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS,
                            "user": Placeholders(required=("tokens",), optional=("examples",))}
 

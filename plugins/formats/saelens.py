@@ -22,7 +22,8 @@ the latter: the scale is folded into the weights when SAELens saves); the per-to
 (``constant_norm_rescale``, ``layer_norm``) and ``covariance_whitening`` are not linear maps and are
 refused with a one-line error. A pre-6.0 ``scaling_factor`` (fine-tuning scale of the latents) is
 folded into ``W_dec``. Hook names are translated to saelab hookpoints (``blocks.8.hook_resid_post`` ->
-``layers.8``, ``blocks.8.hook_mlp_out`` -> ``layers.8.mlp``...).
+``layers.8``, ``blocks.8.hook_mlp_out`` -> ``layers.8.mlp``...); this module holds the SAELens /
+TransformerLens naming table, which the engine also uses to read ``--hookpoints blocks.8.hook_resid_post``.
 
 Writing (export) maps back: ``relu`` -> ``standard``, ``topk`` -> ``topk``, ``jumprelu`` -> ``jumprelu``,
 ``batchtopk`` and ``matryoshka`` -> ``jumprelu`` with their inference threshold for every latent (what
@@ -33,6 +34,7 @@ when their activation is a ReLU (TopK transcoders have no SAELens form). Every e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,8 @@ from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import build_dictionary
 from saelab.formats import (
     assign_weights,
+    canonical_hookpoint,
     fold_pre_encoder_bias,
-    from_external_name,
     has_files,
     module_threshold,
     read_json,
@@ -50,7 +52,6 @@ from saelab.formats import (
     require_format_dir,
     require_weights,
     threshold_weights,
-    to_external_name,
 )
 from saelab.manager import saelab_version
 
@@ -62,6 +63,38 @@ SAELENS_VERSION = "6.54.12"
 _READ = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "transcoder": "transcoder",
          "skip_transcoder": "skip-transcoder"}
 _NORMALISATIONS_OK = ("none", "expected_average_only_in")
+_SAELENS_SITES = {
+    "hook_resid_post": "", "hook_mlp_out": ".mlp", "hook_attn_out": ".self_attn",
+    "ln1.hook_normalized": ".self_attn.input", "ln2.hook_normalized": ".mlp.input",
+}
+"""TransformerLens hook of block N -> suffix of the saelab hookpoint ``layers.N``."""
+_TL_SITES = {suffix.lstrip("."): hook for hook, suffix in _SAELENS_SITES.items()}
+"""Suffix of a saelab hookpoint ``layers.N`` -> TransformerLens hook of block N."""
+
+
+def to_external_name(hookpoint: str) -> str:
+    """A saelab hookpoint as a TransformerLens / SAELens hook name (``layers.8`` ->
+    ``blocks.8.hook_resid_post``, ``embed`` -> ``blocks.0.hook_resid_pre``); other names unchanged."""
+    if hookpoint == "embed":
+        return "blocks.0.hook_resid_pre"
+    m = re.fullmatch(r"layers\.(\d+)(?:\.(.+))?", hookpoint)
+    if m and (m.group(2) or "") in _TL_SITES:
+        return f"blocks.{m.group(1)}.{_TL_SITES[m.group(2) or '']}"
+    return hookpoint
+
+
+def from_external_name(name: str) -> str | None:
+    """A SAELens / TransformerLens hook name (``blocks.8.hook_resid_post``, ``blocks.8.hook_resid_pre``,
+    ``blocks.2.ln2.hook_normalized``...) as a saelab hookpoint; None when ``name`` is not one."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name.strip())
+    if m is None:
+        return None
+    layer, hook = int(m.group(1)), m.group(2)
+    if hook == "hook_resid_pre":
+        return "embed" if layer == 0 else f"layers.{layer - 1}"
+    if hook in _SAELENS_SITES:
+        return f"layers.{layer}{_SAELENS_SITES[hook]}"
+    return None
 
 
 def _normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +122,11 @@ class SaeLensFormat(DictionaryFormat):
 
     name = "saelens"
     aliases = ("sae_lens", "sae-lens")
+
+    @classmethod
+    def hookpoint_from_external(cls, name: str) -> str | None:
+        """SAELens / TransformerLens hook names (see :func:`from_external_name`)."""
+        return from_external_name(name)
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -123,12 +161,12 @@ class SaeLensFormat(DictionaryFormat):
         if "scaling_factor" in w:  # pre-6.0 fine-tuning scale of the latents, applied before W_dec
             W_dec = W_dec * w["scaling_factor"][:, None]
 
-        hook_in = from_external_name(str(cfg.get("hook_name") or "unknown"))
+        hook_in = canonical_hookpoint(str(cfg.get("hook_name") or "unknown"))
         transcoder = arch in ("transcoder", "skip_transcoder")
         if transcoder:
             out_name = cfg.get("hook_name_out")
             if out_name:
-                hook_out = from_external_name(str(out_name))
+                hook_out = canonical_hookpoint(str(out_name))
             elif hook_in.endswith(".mlp.input"):
                 hook_out = hook_in[: -len(".input")]
             else:
@@ -189,19 +227,12 @@ class SaeLensFormat(DictionaryFormat):
 
 def _activation_kind(module: SparseDictionary) -> str:
     """How ``module`` turns pre-activations into latents: relu, topk, threshold or unknown."""
-    from saelab.dictionary import BatchTopKDictionary, LinearDictionary, TopKDictionary
+    from saelab.dictionary import LinearDictionary
 
-    if getattr(getattr(module, "options", None), "activation", None) == "relu":
-        return "relu"
-    if isinstance(module, BatchTopKDictionary):
+    kind = module.latent_activation if isinstance(module, LinearDictionary) else "unknown"
+    if kind == "unknown" and module_threshold(module) is not None:
         return "threshold"
-    if isinstance(module, TopKDictionary):
-        return "topk"
-    if module_threshold(module) is not None:
-        return "threshold"
-    if isinstance(module, LinearDictionary) and module.name in ("relu", "transcoder", "skip-transcoder"):
-        return "relu"
-    return "unknown"
+    return kind
 
 
 def saelens_state(module: SparseDictionary) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

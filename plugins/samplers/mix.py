@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from saelab import Options, Sampler, hookimpl
-from saelab.examples import spread_over_quantiles
+from saelab.examples import Candidates, spread_over_quantiles
 
 
 class MixOptions(Options):
@@ -23,7 +23,7 @@ class MixSampler(Sampler):
     name = "mix"
     Options = MixOptions
 
-    def sample(self, candidates, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
         """Indices of the top share plus a quantile sample of the remaining candidates."""
         n = min(max(0, n), len(candidates))
         n_top = int(round(self.options.ratio_top * n))

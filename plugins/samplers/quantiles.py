@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from saelab import Options, Sampler, hookimpl
-from saelab.examples import spread_over_quantiles
+from saelab.examples import Candidates, spread_over_quantiles
 
 
 class QuantilesOptions(Options):
@@ -22,7 +22,7 @@ class QuantilesSampler(Sampler):
     name = "quantiles"
     Options = QuantilesOptions
 
-    def sample(self, candidates, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
         """Indices spread evenly over the candidates' quantile labels."""
         return spread_over_quantiles(torch.arange(len(candidates)), candidates.quantile, n, generator)
 

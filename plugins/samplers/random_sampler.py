@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from saelab import Sampler, hookimpl
+from saelab.examples import Candidates
 
 
 class RandomSampler(Sampler):
@@ -11,7 +12,7 @@ class RandomSampler(Sampler):
 
     name = "random"
 
-    def sample(self, candidates, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
         """Indices of ``n`` random candidates (all of them when there are fewer), sorted."""
         perm = torch.randperm(len(candidates), generator=generator)
         return perm[: max(0, n)].sort().values

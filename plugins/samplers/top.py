@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from saelab import Sampler, hookimpl
+from saelab.examples import Candidates
 
 
 class TopSampler(Sampler):
@@ -11,7 +12,7 @@ class TopSampler(Sampler):
 
     name = "top"
 
-    def sample(self, candidates, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, candidates: Candidates, n: int, generator: torch.Generator) -> torch.Tensor:
         """Indices of the ``n`` strongest candidates (candidates are sorted strongest first)."""
         order = torch.argsort(candidates.value, descending=True, stable=True)
         return order[: max(0, n)]

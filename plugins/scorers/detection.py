@@ -13,6 +13,7 @@ class DetectionScorer(BinaryPromptScorer):
     name = "detection"
     aliases = ("recall",)
     prompt_prefix = "scorers.detection"
+    prompt_file = "detection.yaml"
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("explanation", "examples"))}
 
 

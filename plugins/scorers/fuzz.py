@@ -6,16 +6,11 @@ import random
 
 from pydantic import Field
 from saelab import hookimpl
-from saelab.autointerp import (
-    BinaryPromptScorer,
-    ScorerOptions,
-    ScoringItem,
-    highlighted_text,
-    mean_highlighted,
-    random_highlight,
-)
+from saelab.autointerp import BinaryPromptScorer, ScorerOptions, ScoringItem, highlighted_text
 from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders
 from saelab.records import LatentRecord
+
+from ._highlighting import mean_highlighted, random_highlight
 
 
 class FuzzOptions(ScorerOptions):
@@ -32,6 +27,7 @@ class FuzzScorer(BinaryPromptScorer):
     name = "fuzz"
     Options = FuzzOptions
     prompt_prefix = "scorers.fuzz"
+    prompt_file = "fuzz.yaml"
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("explanation", "examples"))}
 
     def prepare(self, record: LatentRecord, items: list[ScoringItem], rng: random.Random) -> None:

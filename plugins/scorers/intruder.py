@@ -15,12 +15,12 @@ from saelab.autointerp import (
     ScoringItem,
     highlighted_text,
     latent_rng,
-    mean_highlighted,
     plain_text,
-    random_highlight,
 )
 from saelab.prompts import SYSTEM_PLACEHOLDERS, Placeholders
-from saelab.records import LatentRecord, Prediction
+from saelab.records import Example, LatentRecord, Prediction
+
+from ._highlighting import mean_highlighted, random_highlight
 
 
 class IntruderOptions(ScorerOptions):
@@ -58,6 +58,7 @@ class IntruderScorer(PromptScorer):
     name = "intruder"
     Options = IntruderOptions
     prompt_prefix = "scorers.intruder"
+    prompt_file = "intruder.yaml"
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("examples",))}
     requires_explanation = False
 
@@ -81,7 +82,7 @@ class IntruderScorer(PromptScorer):
             batches.append(group)
         return batches
 
-    def _show(self, example) -> str:
+    def _show(self, example: Example) -> str:
         return highlighted_text(example, self.options.threshold) if self.options.highlight else plain_text(example)
 
     def failed_predictions(self, batch: Sequence[ScoringItem], index: int, raw: str | None) -> list[Prediction]:

@@ -64,6 +64,7 @@ class SimulationScorer(PromptScorer):
     name = "simulation"
     Options = SimulationOptions
     prompt_prefix = "scorers.simulation"
+    prompt_file = "simulation.yaml"
     prompt_placeholders = {"system": SYSTEM_PLACEHOLDERS, "user": Placeholders(required=("explanation", "examples"))}
 
     def format_examples(self, batch: Sequence[ScoringItem]) -> str:

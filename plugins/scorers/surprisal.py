@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
-from saelab import Scorer, hookimpl
+from saelab import Provider, Scorer, hookimpl
 from saelab.autointerp import explanation_text, score_fingerprint
 from saelab.metrics import binary_metrics, roc_auc
 from saelab.options import Options
 from saelab.prompts import NO_PLACEHOLDERS, Placeholders, fill
-from saelab.records import Example, Failures, LatentRecord, Prediction, ScoreResult, Usage
+from saelab.records import Example, Explanation, Failures, LatentRecord, Prediction, ScoreResult, Usage
 
 
 class SurprisalOptions(Options):
@@ -79,6 +79,7 @@ class SurprisalScorer(Scorer):
     name = "surprisal"
     Options = SurprisalOptions
     prompt_prefix = "scorers.surprisal"
+    prompt_file = "surprisal.yaml"
     prompt_placeholders = {"prefix": Placeholders(required=("explanation",)), "baseline_explanation": NO_PLACEHOLDERS}
     uses_provider = False
 
@@ -101,7 +102,8 @@ class SurprisalScorer(Scorer):
             generic = mean_losses(source, without_prefix, texts, self.options.batch_size)
         return examples, explained, generic
 
-    async def score(self, record: LatentRecord, explanation: Any, provider: Any = None) -> ScoreResult:
+    async def score(self, record: LatentRecord, explanation: Explanation | None,
+                    provider: Provider | None = None) -> ScoreResult:
         """Score on the local LM (in a worker thread)."""
         text = explanation_text(explanation)
         examples, explained, generic = await asyncio.to_thread(self._compute, record, text)

@@ -1,4 +1,4 @@
-"""The plugin module named by the ``saelab`` entry point: a ``shout`` dataset and a ``hello`` command.
+"""The ``shout`` plugin module (entry point ``shout``): a ``shout`` dataset and a ``hello`` command.
 
 It imports only saelab's public API, exactly like the builtin plugins under ``saelab.plugins``.
 """
@@ -9,15 +9,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import click
-from saelab import Dataset, Options, hookimpl
+from saelab import Dataset, hookimpl
+from saelab.data import DatasetOptions
 
 
-class ShoutOptions(Options):
-    """Options of the ``shout`` dataset."""
+class ShoutOptions(DatasetOptions):
+    """Options of the ``shout`` dataset (the ``--dataset_*`` options plus its own)."""
 
     text: str = "sparse dictionaries find features"
-    """Sentence to shout."""
-    repeat: int = 3
+    """Sentence to shout (``--dataset_repo shout:<text>`` overrides it)."""
+    repeat: int = 100
     """Number of documents produced."""
 
 
@@ -28,22 +29,25 @@ class ShoutDataset(Dataset):
     aliases = ("loud",)
     Options = ShoutOptions
 
-    def __init__(self, options: ShoutOptions | None = None) -> None:
-        self.options = options or ShoutOptions()
-
     @classmethod
     def accepts(cls, repo: str) -> bool:
         """Accept ``shout:<text>`` as a dataset repo."""
         return repo.startswith("shout:")
 
+    @property
+    def text(self) -> str:
+        """The sentence: the part of ``shout:<text>`` after the colon, else the ``text`` option."""
+        _, colon, text = self.repo.partition(":")
+        return text if colon and text else self.options.text
+
     def texts(self) -> Iterator[str]:
         """``repeat`` upper-cased documents numbered from 1."""
         for i in range(self.options.repeat):
-            yield f"{self.options.text.upper()}! ({i + 1})"
+            yield f"{self.text.upper()}! ({i + 1})"
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the documents."""
-        return {"dataset": self.name, **self.options.model_dump()}
+        return {"dataset": self.name, "text": self.text, "repeat": self.options.repeat}
 
 
 @hookimpl

@@ -1,4 +1,8 @@
-"""``saelab report RUN``: the static HTML report of a run (``results/<name>/report/index.html``)."""
+"""``saelab report RUN``: the static HTML report of a run (``results/<name>/report/index.html``).
+
+``saelab run --enable_visualization`` invokes this command through the CLI (with ``--quiet``), so
+disabling this plugin (``-p no:report``) disables the run's report too.
+"""
 
 from __future__ import annotations
 
@@ -34,16 +38,22 @@ def register_commands(cli: click.Group) -> None:
                   help="Directory to write the site to [default: RUN/report].")
     @click.option("--max_latents", type=click.IntRange(min=1), default=None,
                   help="Pages for at most this many latents per hookpoint (the first ones) [default: all].")
-    def report(run: str, out: str | None, max_latents: int | None) -> None:
+    @click.option("--quiet", is_flag=True, default=False, hidden=True,
+                  help="Print nothing (for `saelab run --enable_visualization`, which prints the path).")
+    def report(run: str, out: str | None, max_latents: int | None, quiet: bool) -> Path:
         """Write the static HTML report of RUN (a name under results/ or a run directory): run config,
         evaluation table, score and frequency histograms, a sortable latent table and one page per latent.
         Opens from disk (file://) with no server and no network."""
+        from saelab.plugins.report.html import report_summary, write_run_report
+        from saelab.plugins.report.run_data import load_run
         from saelab.progress import stdout_console, summary_table
-        from saelab.report import load_run, report_summary, write_run_report
 
         data = load_run(resolve_run_dir(run), max_latents=max_latents)
         index = write_run_report(data, out)
-        rows: list[tuple[str, Any]] = report_summary(data)
-        stdout_console.print(summary_table(f"saelab report: {data.root.name}", rows))
-        # one unwrapped line, so the path can be copied or parsed
-        stdout_console.print(f"report: {index.resolve().as_uri()}", soft_wrap=True, highlight=False, markup=False)
+        if not quiet:
+            rows: list[tuple[str, Any]] = report_summary(data)
+            stdout_console.print(summary_table(f"saelab report: {data.root.name}", rows))
+            # one unwrapped line, so the path can be copied or parsed
+            stdout_console.print(f"report: {index.resolve().as_uri()}", soft_wrap=True, highlight=False,
+                                 markup=False)
+        return index
