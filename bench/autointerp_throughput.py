@@ -102,8 +102,9 @@ def saelab_run(server: ScriptedLLMServerProcess, root: Path, n: int, concurrency
                scorers: tuple[str, ...] = ("detection", "fuzz"), counts: dict[str, int] = SMALL) -> dict[str, Any]:
     """Seconds, requests, the most requests in flight, failed stages, and parsed / all predictions (read back
     from the score files) of one saelab explain + ``scorers`` run into ``root``."""
+    from saelab.layout import RunLayout
     from saelab.llm import make_provider
-    from saelab.pipeline import AutoInterp, RunLayout, make_explainer, make_scorers
+    from saelab.pipeline import AutoInterp, make_explainer, make_scorers
     from saelab.records import ScoreResult
 
     layout = RunLayout(root)

@@ -56,6 +56,7 @@ from .fileio import (
 )
 from .interfaces import ActivationSource, Dataset
 from .memory import release_free_heap
+from .positions import PositionFilter
 
 FORMAT = "saelab-activation-cache"
 FORMAT_VERSION = 1
@@ -311,33 +312,24 @@ class ActivationCache:
     # ---- row selection
 
     def _kept_rows(self, shard: int, exclude_positions: Sequence[int], exclude_bos: bool) -> torch.Tensor:
-        """Flat row indices (into ``n_seq * ctx_len``) of one shard that survive the exclusions."""
-        n_seq = self.manifest["shards"][shard]["n_sequences"]
-        keep = torch.ones(n_seq, self.ctx_len, dtype=torch.bool)
-        positions = self._positions(exclude_positions)
-        if positions:
-            keep[:, positions] = False
-        if exclude_bos and self.bos_token_id is not None:
-            keep &= self.shard_tokens(shard) != self.bos_token_id
+        """Flat row indices (into ``n_seq * ctx_len``) of one shard that survive the exclusions
+        (:class:`saelab.positions.PositionFilter`)."""
+        filt = PositionFilter.of(exclude_positions, exclude_bos)
+        if filt.exclude_bos and self.bos_token_id is not None:
+            keep = filt.keep_mask(self.shard_tokens(shard), self.bos_token_id)
+        else:
+            n_seq = self.manifest["shards"][shard]["n_sequences"]
+            keep = filt.keep_mask(torch.empty(n_seq, self.ctx_len, dtype=torch.uint8), None)  # tokens unread
         return keep.flatten().nonzero().squeeze(1)
 
-    def _positions(self, exclude_positions: Sequence[int]) -> list[int]:
-        out = []
-        for p in exclude_positions:
-            p = int(p)
-            if not -self.ctx_len <= p < self.ctx_len:
-                continue  # a position beyond the context excludes nothing
-            out.append(p % self.ctx_len)
-        return sorted(set(out))
-
     def _shard_counts(self, exclude_positions: Sequence[int], exclude_bos: bool) -> list[int]:
+        filt = PositionFilter.of(exclude_positions, exclude_bos)
         counts = []
-        n_excluded = len(self._positions(exclude_positions))
         for index, shard in enumerate(self.manifest["shards"]):
-            if exclude_bos and self.bos_token_id is not None:
+            if filt.exclude_bos and self.bos_token_id is not None:
                 counts.append(int(self._kept_rows(index, exclude_positions, True).numel()))
             else:
-                counts.append(shard["n_sequences"] * (self.ctx_len - n_excluded))
+                counts.append(filt.kept_count(shard["n_sequences"], self.ctx_len))
         return counts
 
     # ---- batches
@@ -473,7 +465,8 @@ class ActivationCache:
           ``shuffle_buffer_shards`` at a time and their rows permuted within that buffer, so memory
           stays bounded by the buffer (plus one batch) whatever the cache size.
         - ``exclude_positions`` drops token positions (e.g. ``(1, 2, 3)`` for SmolLM2's massive
-          activations; negative positions count from the end); ``exclude_bos`` drops BOS tokens.
+          activations; negative positions count from the end); ``exclude_bos`` drops BOS tokens (one rule:
+          :class:`saelab.positions.PositionFilter`).
         - Distributed: with ``rank_split="rows"`` (default) every rank walks the same shuffled stream
           cut into global batches of ``batch_size * world_size`` rows and takes its slice, so the
           union of the ranks' batches equals the single-process batch of ``batch_size * world_size``

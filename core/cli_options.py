@@ -97,21 +97,23 @@ class DataOptions(Options):
     """Dataset and tokenisation options (``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``...)."""
 
     dataset_repo: str = DEFAULT_DATASET
-    """Dataset: an embedded name (wikipedia-sample, news-sample), a hub id, a dataset directory or a data file."""
+    """Embedded name (wikipedia-sample, news-sample), hub id, dataset directory or .txt/.jsonl/.json/.parquet/.csv
+    file. Default with smollm2: wikipedia-sample."""
     dataset_split: str = DEFAULT_SPLIT
-    """Split expression (``train``, ``train[:1%]``, ``train[100:200]``)."""
+    """Split expression (train, train[:1%], train[100:200]); embedded datasets and local files/directories:
+    train (all of it)."""
     dataset_name: str = ""
     """Dataset configuration name (empty: none)."""
     dataset_column: str = "text"
     """Column holding the text."""
     n_tokens: int = DEFAULT_N_TOKENS
-    """Tokens to cache (rounded up to whole ``cache_ctx_len`` sequences)."""
+    """Tokens to cache (rounded up to whole --cache_ctx_len sequences). Default with smollm2: 200000."""
     batch_size: int = 32
-    """Sequences per forward pass (does not change the cached values beyond float rounding)."""
+    """Sequences per forward pass (changes the cached values by float rounding at most)."""
     cache_ctx_len: int = 256
-    """Tokens per cached sequence (position 0 is BOS when the tokenizer has one)."""
+    """Tokens per cached sequence (BOS first when the tokenizer has one)."""
     filter_bos: bool = False
-    """Drop BOS tokens from training rows, examples and statistics (the cache still holds them)."""
+    """Drop BOS tokens from training rows, examples and statistics (cached values unchanged)."""
 
 
 class CacheCommandOptions(DataOptions):
@@ -120,33 +122,33 @@ class CacheCommandOptions(DataOptions):
     model: str = DEFAULT_MODEL
     """Base LM: embedded name, hub id or local directory."""
     hookpoints: list[str] = []
-    """Hookpoints to cache."""
+    """Sites, e.g. layers.15 or layers.3.mlp (see `saelab hookpoints MODEL`)."""
     name: str
-    """Run name: ``results/<name>/``."""
+    """Run name; results go to results/<name>/."""
     store: Path | None = None
-    """Activation cache store (default ``results/.activations``)."""
+    """Activation cache store shared by runs [default: results/.activations]."""
     dtype: Literal["float32", "float16"] = "float32"
-    """Storage dtype of the cached activations."""
+    """Storage dtype of cached activations (float16 clamps values beyond +-65504, with a warning)."""
     shard_size_tokens: int | None = None
-    """Tokens per shard (default: about 128 MiB per hookpoint file)."""
+    """Tokens per shard [default: about 128 MiB per hookpoint file]."""
     overwrite: list[str] = []
-    """Stages to recompute (``cache`` rebuilds the activation cache)."""
+    """Recompute these stages instead of reusing them."""
     verify: bool = False
-    """Check the sha256 of every shard when reusing a cache."""
+    """Check every shard's sha256 when reusing a cache."""
     device: str = "auto"
-    """Device of the LM (auto, cpu, cuda, cuda:N, mps)."""
-    model_dtype: str = "float32"
-    """Weights and compute dtype of the LM."""
+    """Device of the LM: auto (cuda if available), cpu, cuda, cuda:N, mps."""
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights/compute dtype of the LM (float32 is fastest on CPU)."""
     revision: str | None = None
-    """Hub revision of a hub model."""
+    """Hub revision (branch, tag or commit) of a hub model."""
     load_in_8bit: bool = False
-    """Load the LM in 8 bits (CUDA GPU only)."""
+    """8-bit model loading (CUDA GPU only)."""
     hf_token: SecretStr | None = None
-    """Hugging Face token (never written to disk or logs)."""
+    """Hub token for gated models/datasets (never written to disk or logs)."""
     seed: int = 22
     """Random seed."""
     verbose: bool = True
-    """Progress bar and summary table."""
+    """Progress bars and detailed output."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,62 +182,67 @@ def model_argument(required: bool = False) -> F:
     )
 
 
+def field_option(model: type[Options], field: str, *decls: str, **click_kwargs: Any) -> F:
+    """A click option whose default and help text are ``model``'s field ``field`` (its default and docstring),
+    so that the flag and the typed options model cannot drift. ``decls`` default to ``--<field>``;
+    ``click_kwargs`` add the click type or metavar (never ``default`` or ``help``)."""
+    if {"default", "help"} & set(click_kwargs):
+        raise TypeError("field_option takes its default and help from the options model")
+    info = model.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    help_text = _doc(field, model)
+    decls = decls or (f"--{field}",)
+    if info.annotation is bool:
+        return bool_option(*decls, default=bool(default), help=help_text)
+    show = default is not None and default != "" and default != []
+    return click.option(*decls, default=default, help=help_text, show_default=show, **click_kwargs)
+
+
+def _doc(field: str, model: type[Options] | None = None) -> str:
+    """The docstring of ``field`` of ``model`` (default :class:`CacheCommandOptions`) as one line of help."""
+    info = (model or CacheCommandOptions).model_fields[field]
+    return " ".join((info.description or "").replace("``", "").split())
+
+
 def model_options() -> F:
     """How the LM is loaded: ``--device``, ``--model_dtype``, ``--revision``, ``--load_in_8bit``."""
     return stack_options(
-        click.option("--device", default="auto", show_default=True,
-                     help="Device of the LM: auto (cuda if available), cpu, cuda, cuda:N, mps."),
-        click.option("--model_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-                     show_default=True, help="Weights/compute dtype of the LM (float32 is fastest on CPU)."),
-        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub model."),
-        bool_option("--load_in_8bit", default=False, help="8-bit model loading (CUDA GPU only)."),
+        field_option(CacheCommandOptions, "device"),
+        field_option(CacheCommandOptions, "model_dtype", type=click.Choice(["float32", "float16", "bfloat16"])),
+        field_option(CacheCommandOptions, "revision"),
+        field_option(CacheCommandOptions, "load_in_8bit"),
     )
 
 
 def hookpoints_option(required: bool = False) -> F:
     """``--hookpoints a b c`` (delphi style; also repeatable or comma-separated)."""
     return click.option("--hookpoints", cls=MultiValueOption, required=required, metavar="HOOKPOINT ...",
-                        help="Sites, e.g. layers.15 or layers.3.mlp (see `saelab hookpoints MODEL`).")
+                        help=_doc("hookpoints"))
 
 
 def dataset_options() -> F:
     """``--dataset_repo``, ``--dataset_split``, ``--dataset_name``, ``--dataset_column``."""
-    return stack_options(
-        click.option("--dataset_repo", default=DEFAULT_DATASET, show_default=True,
-                     help="Embedded name (wikipedia-sample, news-sample), hub id, dataset directory or "
-                          ".txt/.jsonl/.json/.parquet/.csv file. Default with smollm2: wikipedia-sample."),
-        click.option("--dataset_split", default=DEFAULT_SPLIT, show_default=True,
-                     help="Split expression (train, train[:1%], train[100:200]); embedded datasets and local "
-                          "files/directories: train (all of it)."),
-        click.option("--dataset_name", default="", show_default=True, help="Dataset configuration name."),
-        click.option("--dataset_column", default="text", show_default=True, help="Column holding the text."),
-    )
+    return stack_options(*(field_option(DataOptions, field) for field in
+                           ("dataset_repo", "dataset_split", "dataset_name", "dataset_column")))
 
 
 def cache_options() -> F:
     """``--n_tokens``, ``--batch_size``, ``--cache_ctx_len``, ``--filter_bos``."""
     return stack_options(
-        click.option("--n_tokens", type=click.IntRange(min=1), default=DEFAULT_N_TOKENS, show_default=True,
-                     help="Tokens to cache (whole sequences). Default with smollm2: 200000."),
-        click.option("--batch_size", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Sequences per forward pass."),
-        click.option("--cache_ctx_len", type=click.IntRange(min=2), default=256, show_default=True,
-                     help="Tokens per cached sequence (BOS first when the tokenizer has one)."),
-        bool_option("--filter_bos", default=False,
-                     help="Drop BOS tokens from training rows, examples and statistics (cached values unchanged)."),
+        field_option(DataOptions, "n_tokens", type=click.IntRange(min=1)),
+        field_option(DataOptions, "batch_size", type=click.IntRange(min=1)),
+        field_option(DataOptions, "cache_ctx_len", type=click.IntRange(min=2)),
+        field_option(DataOptions, "filter_bos"),
     )
 
 
 def store_options() -> F:
     """``--store``, ``--dtype``, ``--shard_size_tokens``, ``--verify`` (where and how caches are written)."""
     return stack_options(
-        click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Activation cache store shared by runs [default: results/.activations]."),
-        click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-                     help="Storage dtype of cached activations (float16 clamps values beyond +-65504, with a warning)."),
-        click.option("--shard_size_tokens", type=click.IntRange(min=1), default=None,
-                     help="Tokens per shard [default: about 128 MiB per hookpoint file]."),
-        bool_option("--verify", default=False, help="Check every shard's sha256 when reusing a cache."),
+        field_option(CacheCommandOptions, "store", type=click.Path(file_okay=False, path_type=Path)),
+        field_option(CacheCommandOptions, "dtype", type=click.Choice(["float32", "float16"])),
+        field_option(CacheCommandOptions, "shard_size_tokens", type=click.IntRange(min=1)),
+        field_option(CacheCommandOptions, "verify"),
     )
 
 
@@ -244,30 +251,23 @@ def example_options() -> F:
     ``--n_non_activating``, ``--example_ctx_len``, ``--center_examples``, ``--non_activating_source``,
     ``--neighbours_type``, ``--n_quantiles``, ``--train_type``, ``--test_type``, ``--ratio_top`` and the
     ``--sampler_option`` / ``--non_activating_option`` / ``--neighbour_option`` pairs."""
+    from .examples import ExampleOptions
+
     return stack_options(
         click.option("--n_splits", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Shards of the latent cache (latent ranges; reading a latent loads one split)."),
-        click.option("--min_examples", type=click.IntRange(min=1), default=200, show_default=True,
-                     help="Minimum activating examples for a latent to qualify (fewer: skipped, counted)."),
-        click.option("--n_examples_train", type=click.IntRange(min=0), default=40, show_default=True,
-                     help="Examples shown to the explainer."),
-        click.option("--n_examples_test", type=click.IntRange(min=0), default=50, show_default=True,
-                     help="Activating examples for scoring (disjoint from the train examples)."),
-        click.option("--n_non_activating", type=click.IntRange(min=0), default=50, show_default=True,
-                     help="Non-activating examples for scoring."),
-        click.option("--example_ctx_len", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Tokens per example window."),
-        bool_option("--center_examples", default=True, help="Centre windows on the max-activating token."),
-        click.option("--non_activating_source", default="random", show_default=True,
-                     help="random, neighbours, FAISS (any non-activating-source plugin)."),
-        click.option("--neighbours_type", default="co-occurrence", show_default=True,
-                     help="co-occurrence, decoder_similarity, encoder_similarity."),
-        click.option("--n_quantiles", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Activation quantiles (statistics and quantile sampling)."),
-        click.option("--train_type", default="quantiles", show_default=True, help="top, random, quantiles, mix."),
-        click.option("--test_type", default="quantiles", show_default=True, help="Sampler of the test examples."),
-        click.option("--ratio_top", type=click.FloatRange(0, 1), default=0.2, show_default=True,
-                     help="Share of top examples in mix."),
+        field_option(ExampleOptions, "min_examples", type=click.IntRange(min=1)),
+        field_option(ExampleOptions, "n_examples_train", type=click.IntRange(min=0)),
+        field_option(ExampleOptions, "n_examples_test", type=click.IntRange(min=0)),
+        field_option(ExampleOptions, "n_non_activating", type=click.IntRange(min=0)),
+        field_option(ExampleOptions, "example_ctx_len", type=click.IntRange(min=1)),
+        field_option(ExampleOptions, "center_examples"),
+        field_option(ExampleOptions, "non_activating_source"),
+        field_option(ExampleOptions, "neighbours_type"),
+        field_option(ExampleOptions, "n_quantiles", type=click.IntRange(min=1)),
+        field_option(ExampleOptions, "train_type"),
+        field_option(ExampleOptions, "test_type"),
+        field_option(ExampleOptions, "ratio_top", type=click.FloatRange(0, 1)),
         *(click.option(f"--{kind}_option", f"{kind}_option", type=(str, str), multiple=True,
                        metavar="PLUGIN.KEY VALUE",
                        help=f"An option of one {what} plugin, e.g. --{kind}_option {example} (repeatable; a key "
@@ -288,33 +288,61 @@ class _LateRequiredOption(click.Option):
     saelab_required = True
 
 
+EXCLUDE_POSITIONS_HELP = (
+    "Positions left out of the latent cache (negative ones count from the window's end; 'none' for none) "
+    "[default: what the dictionary's training recorded in its cfg.json, else the model's declaration: "
+    "0 1 2 3 on SmolLM2, 0 elsewhere].")
+"""Help of ``--exclude_positions`` in ``saelab latents`` and ``saelab run`` (and the options models' docs)."""
+
+
+def exclude_positions_option() -> F:
+    """``--exclude_positions POS ...`` or ``none`` (parsed by :func:`parse_positions`)."""
+    return click.option("--exclude_positions", cls=MultiValueOption, metavar="POS ...|none", default=None,
+                        help=EXCLUDE_POSITIONS_HELP)
+
+
+def parse_positions(values: Sequence[str | int] | None) -> list[int] | None:
+    """``--exclude_positions`` values: None when not given (the recorded or model default applies), ``[]``
+    for ``none``, else the integers; anything else is a one-line error."""
+    if values is None or (not isinstance(values, str) and len(values) == 0):
+        return None
+    items = [values] if isinstance(values, (str, int)) else list(values)
+    if [str(v).strip().lower() for v in items] == ["none"]:
+        return []
+    try:
+        return [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise UsageError(f"bad --exclude_positions {items}; accepted: integer positions (negative ones count "
+                         f"from the window's end) or 'none'") from None
+
+
 def name_option(required: bool = True) -> F:
     """``--name``: the run name (``results/<name>/``); required unless ``required=False`` (checked by
     :func:`resolve_params`, after a ``--config`` file had its chance to supply it)."""
     return click.option("--name", cls=_LateRequiredOption if required else click.Option, default=None,
-                        help="Run name; results go to results/<name>/." + ("  [required]" if required else ""))
+                        help=_doc("name") + ("  [required]" if required else ""))
 
 
 def overwrite_option(choices: Sequence[str] = OVERWRITE_CHOICES) -> F:
     """``--overwrite cache neighbours scores`` (delphi style, several values)."""
     return click.option("--overwrite", cls=MultiValueOption, type=click.Choice(list(choices)),
-                        metavar=" ".join(choices), help="Recompute these stages instead of reusing them.")
+                        metavar=" ".join(choices), help=_doc("overwrite"))
 
 
 def hf_token_option() -> F:
     """``--hf_token`` (also ``$HF_TOKEN``; never written to disk or logs)."""
     return click.option("--hf_token", default=None, envvar="HF_TOKEN", show_envvar=True,
-                        help="Hub token for gated models/datasets (never written to disk or logs).")
+                        help=_doc("hf_token"))
 
 
 def seed_option() -> F:
     """``--seed`` (default 22)."""
-    return click.option("--seed", type=int, default=22, show_default=True, help="Random seed.")
+    return field_option(CacheCommandOptions, "seed", type=int)
 
 
 def verbose_option() -> F:
     """``--verbose`` (default True): progress bars and summary tables."""
-    return bool_option("--verbose", default=True, help="Progress bars and detailed output.")
+    return field_option(CacheCommandOptions, "verbose")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,8 +426,8 @@ def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: Any = No
     """
     from .activation_cache import build_activation_cache, check_request_not_being_built
     from .data import load_dataset_source
+    from .layout import activation_store
     from .models import load_activation_source
-    from .paths import activation_store
 
     if isinstance(values, Options):
         values = values.model_dump()

@@ -36,12 +36,8 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 
 from .errors import UsageError, format_choices
 from .fileio import atomic_write, now_iso
+from .layout import RunLayout
 from .options import Options, load_config_file
-
-RUN_CONFIG = "run_config.json"
-RUN_HISTORY = "run_history.jsonl"
-"""One JSON line per invocation on a run directory: time, command, argv (redacted), outcome, exit code."""
-"""File name of the run config inside a run directory."""
 
 REDACTED = "<redacted>"
 """What a secret is replaced by."""
@@ -190,7 +186,7 @@ def environment_info() -> dict[str, Any]:
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``run_config.json`` of a run directory (an empty dict when there is none yet)."""
-    path = Path(run_dir) / RUN_CONFIG
+    path = RunLayout(Path(run_dir)).run_config
     if not path.is_file():
         return {}
     try:
@@ -247,7 +243,7 @@ def write_run_config(
         **extra_clean,
         "commands": commands,
     }
-    path = run_dir / RUN_CONFIG
+    path = RunLayout(run_dir).run_config
     with atomic_write(path) as fh:
         fh.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
@@ -265,7 +261,7 @@ def append_run_history(run_dir: str | os.PathLike[str], command: str, outcome: s
     entry = {"time": now_iso(), "started": started, "command": command,
              "argv": redact_argv(list(sys.argv[1:] if argv is None else argv), secrets=secrets),
              "outcome": outcome, "exit_code": int(exit_code), "message": redact(message, secrets=secrets)}
-    path = run_dir / RUN_HISTORY
+    path = RunLayout(run_dir).run_history
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")

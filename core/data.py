@@ -72,7 +72,7 @@ def load_dataset_source(
     check_dataset_class(cls)
     options = cls.Options.parse(
         {"split": split, "name": name or None, "column": column, "streaming": streaming},
-        where=f"dataset {repo}",
+        where=f"dataset {repo} (dataset plugin {cls.name!r})",
     )
     return cls(str(repo), options, **credential_kwargs(cls, hf_token))
 

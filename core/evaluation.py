@@ -16,8 +16,9 @@ evaluated token rows:
 
 Massive activations. SmolLM2-like models put residual norms of ~26k (median ~170) at absolute
 positions 1-3 of every context: those rows hold ~90% of the variance, so a raw FVU mostly measures
-them. By default (``exclude_positions = (0, 1, 2, 3)``, ``exclude_bos``) the headline metrics use the
-other rows (position 0 is the BOS token); the same metrics over **every** position are reported with
+them. By default the headline metrics leave out the positions the dictionary's training left out (its
+``cfg.json`` record; else the model's declaration: ``(0, 1, 2, 3)`` on smollm2, position 0 being the BOS
+token; :func:`position_filter`) and use the other rows; the same metrics over **every** position are reported with
 an ``_all`` suffix (``fvu_all``, ``mse_all``...). When splicing, excluded positions keep their clean
 activation (``splice_excluded=False``; the dictionary was not trained there) and the CE/KL metrics are
 averaged over predictions made at included positions (predictions at excluded positions would be
@@ -49,7 +50,9 @@ from pydantic import Field
 
 from .errors import UsageError
 from .interfaces import ActivationSource, SparseDictionary
+from .layout import RunLayout
 from .options import Options
+from .positions import PositionFilter, recorded_filter
 
 EVAL_FILE = "eval.json"
 """Name of the evaluation results file written next to a dictionary's ``cfg.json``."""
@@ -66,10 +69,13 @@ class EvalConfig(Options):
     """Windows per LM forward pass."""
     skip_tokens: int | None = Field(default=None, ge=0)
     """Dataset stream tokens skipped before the evaluated windows; None: the training cache's tokens."""
-    exclude_positions: tuple[int, ...] = (0, 1, 2, 3)
-    """Positions left out of the headline metrics (0: BOS; 1-3: SmolLM2's massive activations)."""
-    exclude_bos: bool = True
-    """Also leave out BOS tokens wherever they occur."""
+    exclude_positions: tuple[int, ...] | None = None
+    """Positions left out of the headline metrics (negative ones count from the end); None: those the
+    dictionary's training recorded in ``cfg.json``, else the model's declaration (smollm2: 0-3, 0 the BOS
+    and 1-3 its massive activations; most models: 0)."""
+    exclude_bos: bool | None = None
+    """Also leave out BOS tokens wherever they occur; None: as recorded at training, else False (training's
+    default)."""
     splice_excluded: bool = False
     """Splice the reconstruction at excluded positions too (default: they keep their clean activation)."""
     dense_threshold: float = Field(default=0.1, gt=0, le=1)
@@ -145,25 +151,29 @@ class _Downstream:
                 "predicted_tokens": self.n}
 
 
-def keep_mask(ids: torch.Tensor, exclude_positions: Sequence[int], exclude_bos: bool,
-              bos_token_id: int | None) -> torch.Tensor:
-    """Boolean ``[B, T]`` of the rows the headline metrics use."""
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    T = ids.shape[1]
-    for p in exclude_positions:
-        if 0 <= p < T:
-            mask[:, p] = False
-    if exclude_bos and bos_token_id is not None:
-        mask &= ids != bos_token_id
-    return mask
+def position_filter(config: EvalConfig, module: SparseDictionary, source: ActivationSource) -> PositionFilter:
+    """The positions ``module``'s headline metrics leave out: the config's where given, else what its
+    training recorded in ``cfg.json`` (:func:`saelab.positions.recorded_filter`), else the model's declaration
+    (``source.excluded_positions``) without BOS filtering."""
+    recorded = recorded_filter(getattr(module, "extra_config", None))
+    positions = config.exclude_positions
+    if positions is None:
+        positions = recorded.exclude_positions if recorded else tuple(
+            getattr(source, "excluded_positions", ActivationSource.excluded_positions))
+    exclude_bos = config.exclude_bos
+    if exclude_bos is None:
+        exclude_bos = recorded.exclude_bos if recorded else False
+    return PositionFilter.of(positions, exclude_bos)
 
 
 class DictionaryEvaluator:
     """Accumulates every metric of one dictionary over batches of token windows."""
 
-    def __init__(self, module: SparseDictionary, config: EvalConfig):
+    def __init__(self, module: SparseDictionary, config: EvalConfig, positions: PositionFilter | None = None):
         self.module = module.eval()
         self.config = config
+        self.positions = positions or PositionFilter.of(config.exclude_positions or (), bool(config.exclude_bos))
+        """The positions left out of the headline metrics."""
         self.sites = module.sites
         self.kept = _Moments()
         self.all = _Moments()
@@ -196,7 +206,7 @@ class DictionaryEvaluator:
         x = torch.stack([acts[h] for h in sites.inputs], dim=2).reshape(B * T, len(sites.inputs), sites.d_in)
         y = torch.stack([acts[h] for h in sites.outputs], dim=2).reshape(B * T, len(sites.outputs), sites.d_out)
         recon, latents = self._apply(x, y)
-        mask = keep_mask(ids, cfg.exclude_positions, cfg.exclude_bos, bos_token_id)
+        mask = self.positions.keep_mask(ids, bos_token_id)
         flat_mask = mask.reshape(-1).cpu()
         y_flat, r_flat = y.reshape(B * T, -1), recon.reshape(B * T, -1)
         self.all.add(y_flat, r_flat)
@@ -247,7 +257,8 @@ def evaluate(modules: Mapping[str, SparseDictionary], source: ActivationSource,
     Returns ``{name: metrics}``. ``progress`` (optional) is called with the number of windows done.
     """
     config = config or EvalConfig()
-    evaluators = {name: DictionaryEvaluator(m.to(config.device), config) for name, m in modules.items()}
+    evaluators = {name: DictionaryEvaluator(m.to(config.device), config, position_filter(config, m, source))
+                  for name, m in modules.items()}
     bos = getattr(source.tokenizer, "bos_token_id", None) if getattr(source, "tokenizer", None) is not None else None
     batch: list[torch.Tensor] = []
     done = 0
@@ -315,7 +326,7 @@ def training_data(dictionary_dir: Path) -> dict[str, Any]:
             sources.append({"model": lens.get("model_name"), "dataset_repo": lens.get("dataset_path"),
                             "ctx_len": lens.get("context_size")})
     for parent in (dictionary_dir.parent, dictionary_dir.parent.parent):
-        run_cfg = parent / "run_config.json"
+        run_cfg = RunLayout(parent).run_config
         if run_cfg.is_file():
             try:
                 run = json.loads(run_cfg.read_text())
@@ -397,4 +408,4 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> Any:
 
 
 __all__ = ["DATA_KEYS", "EVAL_FILE", "DictionaryEvaluator", "EvalConfig", "evaluate", "heldout_windows",
-           "keep_mask", "results_table", "skip_tokens_for", "training_data", "write_eval"]
+           "position_filter", "results_table", "skip_tokens_for", "training_data", "write_eval"]

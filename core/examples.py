@@ -43,6 +43,7 @@ from pydantic import Field
 from .errors import UsageError
 from .interfaces import NeighbourFinder, NonActivatingSource, Plugin, Sampler, SparseDictionary
 from .latents import LatentActivations, LatentCache
+from .layout import SUMMARY_JSON, latent_filename
 from .options import Options
 from .records import Example, LatentRecord, Neighbour, content_hash, write_json_atomic
 from .registry import normalise_name
@@ -245,7 +246,8 @@ def split_pools(candidates: Candidates, n_train: int, n_test: int,
 
 
 class ExampleOptions(Options):
-    """How a latent's examples are chosen (delphi's names and defaults)."""
+    """How a latent's examples are chosen (delphi's names and defaults). Each latent's random draws depend on
+    ``seed`` and the latent index only."""
 
     example_ctx_len: int = Field(default=32, ge=1)
     """Tokens per example window."""
@@ -280,11 +282,11 @@ class ExampleOptions(Options):
     filter_bos: bool = False
     """Keep a leading BOS token out of example windows (the latent cache must have dropped BOS too)."""
     max_latents: int | None = Field(default=None, ge=1)
-    """Take the first N latents that qualify."""
+    """Analyse the first N latents that qualify."""
     feature_num: list[int] | None = None
-    """Explicit latent indices (the order is kept)."""
+    """Explicit latent indices (--feature_num 0 1 2 3 4; the order is kept)."""
     seed: int = 22
-    """Random seed (each latent's draws depend on it and the latent index only)."""
+    """Random seed."""
     overwrite_neighbours: bool = False
     """Recompute neighbours even when ``latents/<hook>/neighbours/`` has them."""
     sampler_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -711,9 +713,9 @@ def build_records(cache: LatentCache | str | Path, options: ExampleOptions | dic
     for record in builder.iter_records():
         records.append(record)
         if out_dir is not None:
-            record.save(Path(out_dir) / f"latent_{record.latent}.json")
+            record.save(Path(out_dir) / latent_filename(record.latent))
     if out_dir is not None:
-        write_json_atomic(Path(out_dir) / "summary.json", builder.summary.to_dict())
+        write_json_atomic(Path(out_dir) / SUMMARY_JSON, builder.summary.to_dict())
     return records, builder.summary
 
 

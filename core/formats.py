@@ -28,6 +28,7 @@ import torch
 from .errors import UsageError
 from .hookpoints import is_hookpoint
 from .interfaces import SiteSpec, SparseDictionary
+from .layout import RunLayout
 
 # --------------------------------------------------------------------------------------------------
 # Other libraries' hook names
@@ -180,7 +181,8 @@ def find_dictionaries(path: str | os.PathLike[str]) -> list[Path]:
         raise UsageError(f"dictionary path {str(path)!r} does not exist")
     if _recognised(path):
         return [path]
-    roots = [path / "dictionaries", path] if (path / "dictionaries").is_dir() else [path]
+    run_dictionaries = RunLayout(path).dictionaries_dir
+    roots = [run_dictionaries, path] if run_dictionaries.is_dir() else [path]
     for root in roots:
         found = sorted((p for p in root.iterdir() if _recognised(p)), key=lambda p: p.name) if root.is_dir() else []
         if found:

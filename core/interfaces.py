@@ -61,6 +61,11 @@ class ActivationSource(Plugin, ABC):
     """CLI defaults this source brings when MODEL names it: option name -> value, used for the options
     the user did not give (the embedded ``smollm2`` brings ``dataset_repo`` and ``n_tokens`` that need no
     network or GPU). Empty for sources that keep the delphi defaults."""
+    excluded_positions: ClassVar[tuple[int, ...]] = (0,)
+    """Window positions training leaves out by default (and evaluation / latents after it, through the
+    dictionary's ``cfg.json``); see :mod:`saelab.positions`. Default: position 0, where every window's BOS
+    token sits (the same input everywhere, a constant activation). A model with massive activations on
+    its first tokens declares them too (SmolLM2: ``(0, 1, 2, 3)``)."""
     tokenizer: PreTrainedTokenizerBase
     """The model's tokenizer (a Hugging Face tokenizer)."""
     model_id: str

@@ -61,6 +61,7 @@ from .fileio import (
     write_json_atomic,
 )
 from .interfaces import ActivationSource, Dataset, SparseDictionary
+from .positions import PositionFilter, recorded_filter
 
 FORMAT = "saelab-latent-cache"
 FORMAT_VERSION = 1
@@ -485,7 +486,7 @@ def build_latent_cache(
     if target * ctx_len > MAX_TOKENS:
         raise UsageError(f"{target * ctx_len} tokens exceed the latent cache's int32 token index (2**31); "
                          f"use fewer --n_tokens")
-    positions = sorted({int(p) % ctx_len for p in exclude_positions if -ctx_len <= int(p) < ctx_len})
+    positions = PositionFilter.of(exclude_positions, filter_bos).positions(ctx_len)
     splits = split_bounds(dictionary.d_sae, n_splits)
     inputs_fp = {
         "format_version": FORMAT_VERSION, "model": source.identity(), "dictionary": dictionary_identity(dictionary),
@@ -628,12 +629,7 @@ class _Writer:
     # ---- encoding and flushing
 
     def _keep_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones(tokens.shape, dtype=torch.bool)
-        if self.positions:
-            keep[:, self.positions] = False
-        if self.filter_bos and self.bos is not None:
-            keep &= tokens.to(torch.long) != self.bos
-        return keep.flatten()
+        return PositionFilter.of(self.positions, self.filter_bos).keep_mask(tokens.cpu(), self.bos).flatten()
 
     @torch.no_grad()
     def _encode(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor], first_seq: int) -> None:
@@ -905,9 +901,21 @@ def select_dictionaries(sparse_model: str | Path, hookpoints: Sequence[str] = ()
 
 def latents_dir(run_directory: str | Path, hook: str) -> Path:
     """``results/<name>/latents/<hook>/`` (the hook's directory name: path separators replaced)."""
-    from .pipeline import hook_dirname
+    from .layout import RunLayout
 
-    return Path(run_directory) / "latents" / hook_dirname(hook)
+    return RunLayout(Path(run_directory)).latents_dir(hook)
+
+
+def _default_exclusions(given: Sequence[int] | None, dictionary: SparseDictionary,
+                        source: ActivationSource) -> tuple[int, ...]:
+    """``--exclude_positions`` when given (``[]``: none), else what the dictionary's training recorded in
+    ``cfg.json``, else the model's declaration (``ActivationSource.excluded_positions``)."""
+    if given is not None:
+        return tuple(int(p) for p in given)
+    recorded = recorded_filter(getattr(dictionary, "extra_config", None))
+    if recorded is not None:
+        return recorded.exclude_positions
+    return tuple(getattr(source, "excluded_positions", ActivationSource.excluded_positions))
 
 
 def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: SparseDictionary, hook: str,
@@ -925,7 +933,7 @@ def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: Spar
     from pydantic import SecretStr
 
     from .data import load_dataset_source
-    from .paths import activation_store
+    from .layout import activation_store
 
     get = values.get if isinstance(values, dict) else (lambda k, d=None: getattr(values, k, d))
     token = get("hf_token")
@@ -944,6 +952,7 @@ def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: Spar
         source, dictionary, latents_dir(run_directory, hook), hookpoint=hook, dataset=dataset,
         n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"), activation_cache=activation_cache,
         n_splits=get("n_splits", 5), batch_size=get("batch_size", 32), filter_bos=bool(get("filter_bos", False)),
-        exclude_positions=get("exclude_positions") or (), n_quantiles=get("n_quantiles", 10),
+        exclude_positions=_default_exclusions(get("exclude_positions"), dictionary, source),
+        n_quantiles=get("n_quantiles", 10),
         overwrite=overwrite, progress=bool(get("verbose", True)),
     )

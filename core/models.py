@@ -53,7 +53,7 @@ def load_activation_source(model: str, *, hf_token: str | None = None, **options
     if not model or not str(model).strip():
         raise UsageError("no model given; give an embedded name (smollm2), a hub id or a local directory")
     cls = resolve("activation_source", str(model))
-    opts = cls.Options.parse({k: v for k, v in options.items() if v is not None}, where=f"model {model}")
+    opts = cls.Options.parse({k: v for k, v in options.items() if v is not None}, where=f"model {model} (activation source {cls.name!r})")
     return cls(str(model), opts, **credential_kwargs(cls, hf_token))
 
 

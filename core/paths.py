@@ -1,4 +1,4 @@
-"""Where saelab keeps things: the user cache dir and the results tree."""
+"""The user cache dir (converted models, embeddings); run paths live in :mod:`saelab.layout`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 CACHE_ENV = "SAELAB_CACHE_DIR"
-RESULTS_ENV = "SAELAB_RESULTS_DIR"
 
 
 def cache_dir() -> Path:
@@ -19,22 +18,3 @@ def cache_dir() -> Path:
         path = Path(base) / "saelab"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def results_dir(root: str | os.PathLike[str] | None = None) -> Path:
-    """Root of run directories: ``root``, else ``$SAELAB_RESULTS_DIR``, else ``./results``."""
-    return Path(root or os.environ.get(RESULTS_ENV) or "results")
-
-
-def run_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
-    """``results/<name>/``."""
-    from .errors import UsageError
-
-    if not name or "/" in name or name in (".", "..") or name.startswith(".activations"):
-        raise UsageError(f"bad run name {name!r}; use a plain directory name such as 'demo'")
-    return results_dir(root) / name
-
-
-def activation_store(root: str | os.PathLike[str] | None = None) -> Path:
-    """Shared activation-cache store: ``results/.activations/``."""
-    return results_dir(root) / ".activations"

@@ -44,6 +44,7 @@ from .errors import UsageError
 from .fileio import atomic_write
 from .formats import canonical_hookpoint, dictionaries_by_hookpoint, dictionary_sites_text, records_hookpoint
 from .interfaces import Explainer, Provider, Scorer, SiteSpec, SparseDictionary
+from .layout import RunLayout
 from .records import (
     Explanation,
     LatentRecord,
@@ -57,13 +58,6 @@ from .records import (
 
 log = logging.getLogger("saelab.pipeline")
 
-RECORDS = "records"
-EXPLANATIONS = "explanations"
-SCORES = "scores"
-LLM_CACHE = "llm_cache"
-SUMMARY_JSON = "summary.json"
-SUMMARY_CSV = "summary.csv"
-INDEX = "index.json"
 INDEX_SCHEMA = "saelab.records_index/1"
 SUMMARY_SCHEMA = "saelab.summary/1"
 
@@ -72,75 +66,6 @@ OVERWRITE_STAGES = ("cache", "neighbours", "explanations", "scores")
 
 PLACEHOLDER_EXPLANATION = "a short explanation of what the latent detects"
 """Stands in for explanations not written yet when a dry run sizes scorer prompts."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Layout
-
-
-def hook_dirname(hookpoint: str) -> str:
-    """Directory name of a hookpoint (or dictionary name): path separators replaced."""
-    name = str(hookpoint).replace("/", "_").replace("\\", "_").replace(":", "__")
-    if not name or name in (".", ".."):
-        raise UsageError(f"bad hookpoint name {hookpoint!r} for a directory")
-    return name
-
-
-def latent_filename(latent: int) -> str:
-    """``latent_<i>.json``."""
-    return f"latent_{int(latent)}.json"
-
-
-@dataclass
-class RunLayout:
-    """Paths inside one run directory."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        self.root = Path(self.root)
-
-    def record_dir(self, hookpoint: str) -> Path:
-        """``records/<hook>/``."""
-        return self.root / RECORDS / hook_dirname(hookpoint)
-
-    def record_path(self, hookpoint: str, latent: int) -> Path:
-        """``records/<hook>/latent_<i>.json``."""
-        return self.record_dir(hookpoint) / latent_filename(latent)
-
-    def explanation_path(self, hookpoint: str, latent: int) -> Path:
-        """``explanations/<hook>/latent_<i>.json``."""
-        return self.root / EXPLANATIONS / hook_dirname(hookpoint) / latent_filename(latent)
-
-    def score_path(self, scorer: str, hookpoint: str, latent: int) -> Path:
-        """``scores/<scorer>/<hook>/latent_<i>.json``."""
-        return self.root / SCORES / scorer / hook_dirname(hookpoint) / latent_filename(latent)
-
-    @property
-    def llm_cache(self) -> Path:
-        """This run's LLM response cache."""
-        return self.root / LLM_CACHE
-
-    @property
-    def summary_json(self) -> Path:
-        """``summary.json``."""
-        return self.root / SUMMARY_JSON
-
-    @property
-    def summary_csv(self) -> Path:
-        """``summary.csv``."""
-        return self.root / SUMMARY_CSV
-
-    def hookpoints_with_records(self) -> list[str]:
-        """Hookpoints whose records index exists (their names as stored in the index)."""
-        base = self.root / RECORDS
-        out = []
-        for index in sorted(base.glob(f"*/{INDEX}")) if base.is_dir() else []:
-            try:
-                out.append(str(json.loads(index.read_text())["hookpoint"]))
-            except (ValueError, KeyError, OSError):
-                continue
-        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +88,7 @@ def save_records(layout: RunLayout, records: RecordSet) -> None:
     """Write each record and the index atomically (records first, so an index never names a missing file)."""
     for record in records.records:
         record.save(layout.record_path(records.hookpoint, record.latent))
-    write_json_atomic(layout.record_dir(records.hookpoint) / INDEX, {
+    write_json_atomic(layout.record_index(records.hookpoint), {
         "schema": INDEX_SCHEMA, "hookpoint": records.hookpoint, "fingerprint": records.fingerprint,
         "latents": [int(r.latent) for r in records.records],
         "skipped": {str(k): v for k, v in sorted(records.skipped.items())}, "created_at": now_iso(),
@@ -172,7 +97,7 @@ def save_records(layout: RunLayout, records: RecordSet) -> None:
 
 def read_index(layout: RunLayout, hookpoint: str) -> dict[str, Any] | None:
     """The records index of ``hookpoint`` (None when there is none or it is unreadable)."""
-    path = layout.record_dir(hookpoint) / INDEX
+    path = layout.record_index(hookpoint)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -1120,13 +1045,7 @@ def inputs_fingerprint(data: Any) -> str:
 
 
 __all__ = [
-    "EXPLANATIONS",
-    "LLM_CACHE",
     "OVERWRITE_STAGES",
-    "RECORDS",
-    "SCORES",
-    "SUMMARY_CSV",
-    "SUMMARY_JSON",
     "EXAMPLE_KEYS",
     "AutoInterp",
     "DryRunPlan",
@@ -1134,7 +1053,6 @@ __all__ = [
     "outcome",
     "PlanRow",
     "RecordSet",
-    "RunLayout",
     "RunReport",
     "StageStats",
     "estimate_tokens",
@@ -1152,9 +1070,7 @@ __all__ = [
     "scorer_names",
     "fit_to_context",
     "flat_rows",
-    "hook_dirname",
     "inputs_fingerprint",
-    "latent_filename",
     "load_records",
     "plan",
     "print_plan",

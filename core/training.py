@@ -27,9 +27,11 @@ Every architecture (:class:`~saelab.SparseDictionary`) trains through this modul
 
 Massive activations: SmolLM2 (and many LMs) put residual norms of ~26k (median ~170) on the first
 positions of every context; those 0.04% of rows carry ~90% of the variance and would dominate both the
-normalisation and the loss. ``exclude_positions`` (default ``(0, 1, 2, 3)``) drops them when streaming
-from a cache or the LM: position 0 is the BOS token (the same input in every window, so a constant
-vector) and positions 1-3 hold the massive activations. ``exclude_bos`` drops BOS tokens anywhere.
+normalisation and the loss. ``exclude_positions`` (default: the model's declaration,
+``ActivationSource.excluded_positions``; ``(0, 1, 2, 3)`` for smollm2) drops them when streaming from a
+cache or the LM: position 0 is the BOS token (the same input in every window, so a constant vector) and
+positions 1-3 hold the massive activations. ``exclude_bos`` drops BOS tokens anywhere. The rule is
+:class:`saelab.positions.PositionFilter`'s.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .errors import UsageError
 from .fileio import safetensors_os_errors
 from .interfaces import SiteSpec, SparseDictionary
 from .options import Options
+from .positions import PositionFilter
 
 Batch = dict[str, torch.Tensor]
 """One batch of activations: ``{hookpoint: [rows, d]}`` (rows aligned across hookpoints)."""
@@ -100,9 +103,11 @@ class TrainerConfig(Options):
     on `init_rows` rows; folded back into the saved weights. 'none': train on raw activations."""
     init_rows: int = 65536
     """Rows sampled from the stream to estimate the normalisation and initialise the dictionary (b_dec)."""
-    exclude_positions: tuple[int, ...] = (0, 1, 2, 3)
-    """Sequence positions never trained on (cache / on-the-fly streams): 0 is the BOS token, 1-3 carry
-    the massive activations of SmolLM2-like models (norms ~26k vs a median ~170)."""
+    exclude_positions: tuple[int, ...] | None = None
+    """Window positions never trained on (cache / on-the-fly streams; negative ones count from the end);
+    None: the model's declaration (``ActivationSource.excluded_positions``: 0, the BOS token, for most
+    models; 0-3 for smollm2, whose positions 1-3 carry massive activations, norms ~26k vs a median ~170).
+    Recorded in each dictionary's ``cfg.json`` (``metadata.positions``)."""
     exclude_bos: bool = False
     """Also drop BOS tokens wherever they occur (cache / on-the-fly streams; ``--filter_bos``). Position 0,
     where every window's BOS sits, is already excluded by default."""
@@ -417,14 +422,8 @@ class LMSource(BatchSource):
         return sum(int(self._keep_mask(w.reshape(1, -1)).sum()) for w in self.windows())
 
     def _keep_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        for pos in self.exclude_positions:
-            if -ids.shape[1] <= pos < ids.shape[1]:
-                keep[:, pos] = False
         bos = getattr(self.source.tokenizer, "bos_token_id", None)
-        if self.exclude_bos and bos is not None:
-            keep &= ids != bos
-        return keep
+        return PositionFilter.of(self.exclude_positions, self.exclude_bos).keep_mask(ids, bos)
 
     def _flush(self, pending: list[torch.Tensor], gen: torch.Generator) -> Batch:
         ids = torch.stack(pending)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from saelab.config import write_run_config
-from saelab.pipeline import RecordSet, RunLayout, save_records
+from saelab.layout import RunLayout
+from saelab.pipeline import RecordSet, save_records
 from saelab.records import (
     Example,
     Explanation,

@@ -451,3 +451,54 @@ def test_kill_and_resume_is_byte_identical(tmp_path, results_dir):
     assert after.keys() == reference.keys() and all(after[k][2] == reference[k][2] for k in reference)
     cache = ActivationCache.open(killed_at, checksums=True)
     assert cache.build_info["status"] == "opened" and cache.n_tokens == 12000
+
+
+@pytest.mark.parametrize(("exclude_positions", "exclude_bos"), [
+    ((0, 1, 2, 3), False),
+    ((1, -1), True),
+    ((), True),
+    ((-3, 2, 16, -17), False),  # 16 and -17 lie outside a 16-token window: they exclude nothing
+])
+def test_every_stage_keeps_the_same_positions(rows_cache, tokenizer, tmp_path, exclude_positions, exclude_bos):
+    """The activation cache, the on-the-fly trainer stream, the latent cache and evaluation keep exactly the
+    rows of one rule: negative positions count from the end, BOS dropped anywhere (GPT-2: mid-sequence too)."""
+    from saelab import SiteSpec
+    from saelab.dictionary import build_dictionary
+    from saelab.evaluation import EvalConfig, evaluate
+    from saelab.latents import build_latent_cache
+    from saelab.training import LMSource
+
+    tokens = rows_cache.tokens().long()
+    bos = rows_cache.bos_token_id
+    assert (tokens[:, 1:] == bos).any()  # BOS mid-sequence, as a document separator
+    ctx = rows_cache.ctx_len
+    excluded = {p if p >= 0 else p + ctx for p in exclude_positions if -ctx <= p < ctx}
+    hashes = window_hash(tokens)
+    expected = sorted((int(hashes[s]), p) for s in range(tokens.shape[0]) for p in range(ctx)
+                      if p not in excluded and not (exclude_bos and tokens[s, p] == bos))
+
+    args = {"exclude_positions": exclude_positions, "exclude_bos": exclude_bos}
+    cached = sorted((k[0], k[1]) for b in rows_cache.iter_batches(["layers.0"], 50, **args) for k in row_keys(b))
+    assert cached == expected and rows_cache.n_rows(**args) == len(expected)
+
+    source = FakeSource(tokenizer)
+    stream = LMSource(source, lambda: iter(tokens), ["layers.0"], buffer_sequences=7, **args)
+    assert stream.count_rows() == len(expected)
+    stream.n_rows = len(expected)
+    streamed = sorted((k[0], k[1]) for b in stream.batches(1, epoch=0, seed=0) for k in row_keys(b))
+    assert streamed == expected
+
+    dictionary = build_dictionary("topk", SiteSpec(inputs=["layers.0"], outputs=["layers.0"], d_in=4, d_out=4),
+                                  {"d_sae": 8, "k": 2})
+    with torch.no_grad():
+        dictionary.W_enc.zero_()
+        dictionary.b_enc.fill_(1.0)  # every latent fires on every row: k non-zeros per kept row
+    latents = build_latent_cache(source, dictionary, tmp_path / "latents", activation_cache=rows_cache, n_splits=2,
+                                 filter_bos=exclude_bos, exclude_positions=exclude_positions, progress=False)
+    assert latents.n_analysed == len(expected) and latents.manifest["n_nonzeros"] == 2 * len(expected)
+    assert latents.exclude_positions == sorted(excluded)
+
+    config = EvalConfig(batch_size=8, downstream=False, exclude_positions=exclude_positions, exclude_bos=exclude_bos)
+    metrics = evaluate({"d": dictionary}, source, list(tokens), config)["d"]
+    assert metrics["tokens"] == len(expected) and metrics["tokens_all"] == tokens.numel()
+

@@ -218,9 +218,13 @@ def test_run_streams_latents_and_writes_no_activation_cache(cli, results_dir, tm
     same = cli("latents", *latents, *exclusions)
     assert same.exit_code == 0, same.output
     assert "reused" in same.stdout and _manifest(results_dir, "s") == manifest
-    other = cli("latents", *latents)  # without the exclusions: another latent cache
+    other = cli("latents", *latents)  # without the exclusions: the model's (position 0), another latent cache
     assert other.exit_code == 0, other.output
-    assert "rebuilt" in other.stdout and _manifest(results_dir, "s")["exclude_positions"] == []
+    assert "rebuilt" in other.stdout and _manifest(results_dir, "s")["exclude_positions"] == [0]
+    none = cli("latents", *latents, "--exclude_positions", "none")  # explicitly none: nothing excluded
+    assert none.exit_code == 0, none.output
+    assert "rebuilt" in none.stdout and _manifest(results_dir, "s")["exclude_positions"] == []
+    cli("latents", *latents, "--exclude_positions", "first").assert_user_error("'first'", "'none'")
     assert not store.exists() and not (results_dir / ".activations").exists()
 
 

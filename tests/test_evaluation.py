@@ -12,7 +12,8 @@ import torch
 from fixtures.tiny_models import TINY_GPT2
 from saelab.data import WindowSpec, iter_windows
 from saelab.dictionary import build_dictionary, save_dictionary
-from saelab.evaluation import EvalConfig, evaluate, heldout_windows, keep_mask
+from saelab.evaluation import EvalConfig, evaluate, heldout_windows
+from saelab.positions import PositionFilter
 
 D = 64
 N_TOKENS, CTX = 256, 64
@@ -48,7 +49,7 @@ def signed_identity(hookpoint_in: str = "layers.0", hookpoint_out: str = "layers
 
 
 def test_identity_recovers_everything_and_zero_nothing(source, windows) -> None:
-    config = EvalConfig(batch_size=4)
+    config = EvalConfig(batch_size=4, exclude_positions=(0, 1, 2, 3), exclude_bos=True)
     results = evaluate({"identity": signed_identity(), "zero": signed_identity(scale=0.0)}, source, windows, config)
     ident, zero = results["identity"], results["zero"]
     # zero-ablation changes the predictions (random weights: CE barely moves, KL does), so the ratio is defined
@@ -67,11 +68,11 @@ def test_identity_recovers_everything_and_zero_nothing(source, windows) -> None:
 
 def test_metrics_match_an_independent_computation(source, windows) -> None:
     """A half-scale identity: y_hat = y / 2, so FVU = sum |y/2|^2 / sum |y - mean|^2 exactly."""
-    config = EvalConfig(batch_size=3, downstream=False, exclude_positions=(0, 1))
+    config = EvalConfig(batch_size=3, downstream=False, exclude_positions=(0, 1), exclude_bos=True)
     metrics = evaluate({"half": signed_identity(scale=0.5)}, source, windows, config)["half"]
     ids = torch.stack(windows)
     y = source.activations(ids, ["layers.0"])["layers.0"].double()
-    mask = keep_mask(ids, (0, 1), True, source.tokenizer.bos_token_id)
+    mask = PositionFilter((0, 1), True).keep_mask(ids, source.tokenizer.bos_token_id)
     for rows, suffix in ((y.reshape(-1, D), "_all"), (y[mask], "")):
         expected = (0.25 * rows.pow(2).sum()) / (rows - rows.mean(0)).pow(2).sum()
         assert metrics[f"fvu{suffix}"] == pytest.approx(float(expected), rel=1e-6)

@@ -241,7 +241,8 @@ def test_unknown_options_addressed_to_one_plugin_are_rejected(cache, options, ex
 
 
 def test_run_values_address_plugins_through_the_factory_the_cli_uses(cache, tmp_path):
-    from saelab.pipeline import RunLayout, example_options, record_set
+    from saelab.layout import RunLayout
+    from saelab.pipeline import example_options, record_set
 
     values = {**OPTS, "train_type": "mix", "sampler_option": [("mix.ratio_top", "1.0")],
               "non_activating_option": [("random.fill_random", "false")]}

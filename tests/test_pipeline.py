@@ -16,10 +16,10 @@ import pytest
 from interp_helpers import make_record, openai_provider
 from llm_server import Reply, ScriptedLLMServer
 from pipeline_helpers import API_KEY, SmartHandler
+from saelab.layout import RunLayout
 from saelab.pipeline import (
     AutoInterp,
     RecordSet,
-    RunLayout,
     estimate_tokens,
     fit_to_context,
     load_records,

@@ -109,7 +109,8 @@ def make_stage_run(results_dir, n: int = 2):
     import json
 
     from interp_helpers import make_record
-    from saelab.pipeline import RecordSet, RunLayout, save_records
+    from saelab.layout import RunLayout
+    from saelab.pipeline import RecordSet, save_records
 
     layout = RunLayout(results_dir / "run")
     records = []

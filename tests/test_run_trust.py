@@ -161,7 +161,8 @@ def test_a_failed_overwrite_keeps_the_good_explanations_and_their_scores(cli, re
 
 
 def test_a_score_of_a_replaced_explanation_is_not_counted(tmp_path):
-    from saelab.pipeline import RunLayout, summarize
+    from saelab.layout import RunLayout
+    from saelab.pipeline import summarize
     from saelab.records import Explanation, ScoreResult
 
     layout = RunLayout(tmp_path)

@@ -529,7 +529,8 @@ def test_a_scorer_returning_the_wrong_type_is_a_one_line_error_through_the_cli(c
 
 
 def test_the_engine_rejects_a_wrong_result_type_before_saving_it(tmp_path):
-    from saelab.pipeline import AutoInterp, RunLayout, make_scorers
+    from saelab.layout import RunLayout
+    from saelab.pipeline import AutoInterp, make_scorers
 
     saelab.register_plugin(_DictScorerPlugin(), name="dict-scorer-plugin")
     scorers = make_scorers(["dict-scorer"])

@@ -513,3 +513,91 @@ def test_cli_records_training_data_so_evaluate_holds_it_out(cli, tiny_cache, res
     assert data["data"] == {"model": str(TINY_GPT2), "dataset_repo": "news-sample", "dataset_split": "train",
                             "dataset_name": None, "dataset_column": "text", "n_tokens": 2048, "ctx_len": 64,
                             "activation_cache": None}
+
+
+def test_cli_records_position_exclusions_that_evaluate_and_latents_use(cli, tiny_cache, results_dir: Path) -> None:
+    """Training records the positions it left out in cfg.json (by default the model's declaration; explicit
+    --exclude_positions wins, 'none' is none); evaluation and the latent cache default to that record, and an
+    explicit setting still overrides it."""
+    from fixtures.tiny_models import TINY_GPT2
+    from saelab.evaluation import EvalConfig, position_filter
+    from saelab.latents import _default_exclusions
+    from saelab.models import load_activation_source
+    from saelab.plugins.commands.evaluate import run_evaluation
+    from saelab.positions import PositionFilter
+    from training_helpers import train_args
+
+    def positions(name: str) -> dict:
+        cfg = json.loads((results_dir / name / "dictionaries" / "layers.1" / "cfg.json").read_text())
+        return cfg["metadata"]["positions"]
+
+    for name, extra, expected in (("pos_default", [], [0]), ("pos_none", ["--exclude_positions", "none"], []),
+                                  ("pos_given", ["--exclude_positions", "1", "-2", "--filter_bos", "true"], [1, -2])):
+        res = cli(train_args(tiny_cache.path, name, "--hookpoints", "layers.1", "--max_steps", "2", *extra))
+        assert res.exit_code == 0, res.stderr
+        assert positions(name) == {"exclude_positions": expected, "exclude_bos": name == "pos_given"}
+    out = results_dir / "pos_given" / "dictionaries" / "layers.1"
+    module = load_dictionary(out)
+    source = load_activation_source(str(TINY_GPT2), device="cpu")
+    assert position_filter(EvalConfig(), module, source) == PositionFilter((1, -2), True)
+    assert position_filter(EvalConfig(exclude_positions=(3,), exclude_bos=False), module, source) == PositionFilter((3,))
+    assert _default_exclusions(None, module, source) == (1, -2) and _default_exclusions([5], module, source) == (5,)
+    unrecorded = build_dictionary("topk", module.sites, {"d_sae": 16, "k": 2})
+    assert position_filter(EvalConfig(), unrecorded, source) == PositionFilter((0,), False)
+    assert _default_exclusions(None, unrecorded, source) == (0,)
+
+    # 2 windows of 64 tokens: positions 1 and 62 out of the headline metrics, and BOS tokens wherever they sit
+    metrics = run_evaluation(str(out), write=False, progress=False, n_tokens=128, batch_size=4,
+                             downstream=False)["layers.1"]["metrics"]
+    keep_bos = run_evaluation(str(out), write=False, progress=False, n_tokens=128, batch_size=4, downstream=False,
+                              exclude_bos=False)["layers.1"]["metrics"]
+    assert metrics["tokens_all"] == 128 and keep_bos["tokens"] == 124 and metrics["tokens"] <= 124 - 2
+    every = run_evaluation(str(out), write=False, progress=False, n_tokens=128, batch_size=4, downstream=False,
+                           exclude_positions=(), exclude_bos=False)["layers.1"]["metrics"]
+    assert every["tokens"] == 128
+
+
+def test_a_third_party_source_declaring_exclusions_gets_them(cli, tiny_cache, results_dir: Path) -> None:
+    """A model plugin's ``excluded_positions`` is the trainer's default, recorded in cfg.json, and evaluation's
+    default for a dictionary that records nothing."""
+    import saelab
+    from fixtures.tiny_models import TINY_GPT2
+    from saelab.evaluation import EvalConfig, position_filter
+    from saelab.models import load_activation_source
+    from saelab.plugins.models.transformers_models import TransformersSource
+    from saelab.positions import PositionFilter, model_exclusions
+    from training_helpers import train_args
+
+    class ShiftedSource(TransformersSource):
+        """The tiny GPT-2 under another name, with its own massive-activation positions."""
+
+        name = "tiny-shifted"
+        excluded_positions = (0, 5, -1)
+
+        def __init__(self, model_id: str = "tiny-shifted", options: object = None):
+            super().__init__(model_id, options, path=TINY_GPT2)
+
+        @classmethod
+        def accepts(cls, model: str) -> bool:
+            return False
+
+    class Plugin:
+        @saelab.hookimpl
+        def register_activation_sources(self, register):
+            register(ShiftedSource)
+
+    saelab.register_plugin(Plugin(), name="tiny-shifted-plugin")
+    try:
+        assert model_exclusions("tiny-shifted") == (0, 5, -1) and model_exclusions(str(TINY_GPT2)) == (0,)
+        args = train_args(tiny_cache.path, "shifted", "--hookpoints", "layers.1", "--max_steps", "2")
+        args[1] = "tiny-shifted"
+        res = cli(args)
+        assert res.exit_code == 0, res.stderr
+        cfg = json.loads((results_dir / "shifted" / "dictionaries" / "layers.1" / "cfg.json").read_text())
+        assert cfg["metadata"]["positions"] == {"exclude_positions": [0, 5, -1], "exclude_bos": False}
+        unrecorded = build_dictionary("topk", SiteSpec(inputs=["layers.1"], outputs=["layers.1"], d_in=64, d_out=64),
+                                      {"d_sae": 16, "k": 2})
+        source = load_activation_source("tiny-shifted", device="cpu")
+        assert position_filter(EvalConfig(), unrecorded, source) == PositionFilter((0, 5, -1), False)
+    finally:
+        saelab.unregister_plugin("tiny-shifted-plugin")

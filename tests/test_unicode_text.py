@@ -120,7 +120,8 @@ def test_example_char_spans_are_stored_only_when_present_and_validated():
 def _unicode_run(results_dir: Path) -> Path:
     """A run holding one latent whose examples are Greek/Japanese/emoji text, firing on a continuation
     token of a split character; one example carries a NUL byte."""
-    from saelab.pipeline import RecordSet, RunLayout, save_records
+    from saelab.layout import RunLayout
+    from saelab.pipeline import RecordSet, save_records
 
     tok = _tokenizer(TINY_GPT2)
     texts = [("Ελληνικά 日本語 🙂 \u200f ok", "日"), ("γράμμα 本 and more 🙂", "本"), ("the 日 sun\x00here", "日")]

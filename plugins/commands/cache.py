@@ -24,7 +24,7 @@ from saelab.cli_options import (
     verbose_option,
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
-from saelab.paths import run_dir
+from saelab.layout import RunLayout
 
 
 def _human_bytes(n: float) -> str:
@@ -66,7 +66,8 @@ def register_commands(cli: click.Group) -> None:
         resumes from its last complete shard when the same command is run again.
         """
         options: CacheCommandOptions = resolve_params(ctx, params, model=CacheCommandOptions)
-        directory = run_dir(options.name)
+        layout = RunLayout.named(options.name)
+        directory = layout.root
         with recorded_invocation(directory, "cache"):
             with one_line_warnings():
                 cache = open_or_build_cache(options)
@@ -94,5 +95,5 @@ def register_commands(cli: click.Group) -> None:
             ]
             if info.get("tokens_written") and info.get("seconds"):
                 rows.append(("throughput", f"{info['tokens_written'] / info['seconds']:,.0f} tokens/s"))
-            rows.append(("run config", str(directory / "run_config.json")))
+            rows.append(("run config", str(layout.run_config)))
             stdout_console.print(summary_table("saelab cache", rows))

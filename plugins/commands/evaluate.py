@@ -151,9 +151,11 @@ def register_commands(cli):
                   help="Dataset tokens skipped before evaluating (default: those the training cache used, "
                        "so the evaluated tokens are held out).")
     @click.option("--exclude_positions", cls=MultiValueOption, type=int, default=None,
-                  help="Positions left out of the headline metrics [default: 0 1 2 3; "
-                       "-1 for none]; metrics over every position are reported as *_all.")
-    @click.option("--exclude_bos/--keep_bos", default=None, help="Leave BOS tokens out of the headline metrics [default: exclude].")
+                  help="Positions left out of the headline metrics [default: those recorded at training, "
+                       "else the model's (smollm2: 0 1 2 3); -1 for none]; metrics over every position are "
+                       "reported as *_all.")
+    @click.option("--exclude_bos/--keep_bos", default=None,
+                  help="Leave BOS tokens out of the headline metrics [default: as at training, else keep].")
     @click.option("--splice_excluded", is_flag=True, default=None,
                   help="Splice the reconstruction at excluded positions too.")
     @click.option("--no_downstream", is_flag=True, help="Skip the CE/KL metrics (no spliced forward passes).")

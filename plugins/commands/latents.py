@@ -16,6 +16,8 @@ from saelab.cli_options import (
     cache_options,
     dataset_options,
     example_options,
+    exclude_positions_option,
+    field_option,
     hf_token_option,
     hookpoints_option,
     model_argument,
@@ -23,58 +25,38 @@ from saelab.cli_options import (
     name_option,
     one_line_warnings,
     overwrite_option,
+    parse_positions,
     resolve_params,
     seed_option,
     source_options,
     verbose_option,
 )
 from saelab.config import config_option, write_run_config
-from saelab.paths import run_dir
+from saelab.examples import ExampleOptions
+from saelab.layout import RunLayout
 
 
-class LatentsCommandOptions(CacheCommandOptions):
-    """Every resolved option of ``saelab latents``."""
+class LatentsCommandOptions(CacheCommandOptions, ExampleOptions):
+    """Every resolved option of ``saelab latents``: the cache options, the example options (shared with
+    ``saelab run``) and the latent cache's own."""
 
     sparse_model: str | None = None
     """Dictionary directory (saelab, SAELens or sparsify format), sparsify run or saelab run."""
     n_splits: int = Field(default=5, ge=1)
-    """Shards of the latent cache (latent ranges)."""
-    n_quantiles: int = Field(default=10, ge=1)
-    """Activation quantiles in the statistics and for sampling."""
-    exclude_positions: list[int] = []
-    """Absolute positions whose latents are not stored (e.g. 1 2 3 for SmolLM2's massive activations)."""
-    max_latents: int | None = Field(default=None, ge=1)
-    """Write example records of the first N qualifying latents."""
-    feature_num: list[int] | None = None
-    """Write example records of these latents."""
-    min_examples: int = Field(default=200, ge=1)
-    """Minimum activating windows for a latent to get a record."""
-    n_examples_train: int = Field(default=40, ge=0)
-    """Train examples per record."""
-    n_examples_test: int = Field(default=50, ge=0)
-    """Test examples per record (disjoint from train)."""
-    n_non_activating: int = Field(default=50, ge=0)
-    """Non-activating examples per record."""
-    example_ctx_len: int = Field(default=32, ge=1)
-    """Tokens per example window."""
-    center_examples: bool = True
-    """Centre windows on the max-activating token."""
-    train_type: str = "quantiles"
-    """Train sampler."""
-    test_type: str = "quantiles"
-    """Test sampler."""
-    ratio_top: float = Field(default=0.2, ge=0, le=1)
-    """Share of top examples in ``mix``."""
-    non_activating_source: str = "random"
-    """Non-activating source."""
-    neighbours_type: str = "co-occurrence"
-    """Neighbour finder for the neighbours source."""
+    """Shards of the latent cache (latent ranges; reading a latent loads one split)."""
+    exclude_positions: list[int] | None = None
+    """Positions left out of the latent cache (negative ones count from the window's end; 'none' for none)
+    [default: what the dictionary's training recorded in its cfg.json, else the model's declaration: 0 1 2 3
+    on SmolLM2, 0 elsewhere]."""
     sampler_option: list[tuple[str, str]] = []
-    """``PLUGIN.KEY VALUE`` options addressed to one sampler (``--sampler_option mix.ratio_top 0.3``)."""
+    """An option of one sampler plugin, e.g. --sampler_option mix.ratio_top 0.3 (repeatable; a key the plugin
+    does not take is an error)."""
     non_activating_option: list[tuple[str, str]] = []
-    """``PLUGIN.KEY VALUE`` options addressed to one non-activating source."""
+    """An option of one non-activating source plugin, e.g. --non_activating_option faiss.batch_size 64
+    (repeatable; a key the plugin does not take is an error)."""
     neighbour_option: list[tuple[str, str]] = []
-    """``PLUGIN.KEY VALUE`` options addressed to one neighbour finder."""
+    """An option of one neighbour finder plugin, e.g. --neighbour_option co-occurrence.block_latents 512
+    (repeatable; a key the plugin does not take is an error)."""
 
 
 def _int_list(values: Any) -> list[int] | None:
@@ -100,14 +82,10 @@ def register_commands(cli: click.Group) -> None:
     @dataset_options()
     @cache_options()
     @example_options()
-    @click.option("--exclude_positions", cls=MultiValueOption, type=int, metavar="POS ...",
-                  help="Absolute positions left out of the latent cache (e.g. 1 2 3 on SmolLM2).")
-    @click.option("--max_latents", type=click.IntRange(min=1), default=None,
-                  help="Write records (examples) of the first N latents that qualify.")
-    @click.option("--feature_num", cls=MultiValueOption, type=int, metavar="LATENT ...",
-                  help="Write records of these latent indices.")
-    @click.option("--store", default=None, help="Activation cache store to reuse activations from "
-                                                "[default: results/.activations].")
+    @exclude_positions_option()
+    @field_option(LatentsCommandOptions, "max_latents", type=click.IntRange(min=1))
+    @field_option(LatentsCommandOptions, "feature_num", cls=MultiValueOption, type=int, metavar="LATENT ...")
+    @field_option(LatentsCommandOptions, "store")
     @name_option()
     @overwrite_option(("cache", "neighbours"))
     @model_options()
@@ -129,7 +107,7 @@ def register_commands(cli: click.Group) -> None:
                                                   what="dictionaries", argument="SPARSE_MODEL",
                                                   option="--sparse_model")
         params["feature_num"] = _int_list(params.get("feature_num"))
-        params["exclude_positions"] = list(params.get("exclude_positions") or [])
+        params["exclude_positions"] = parse_positions(params.get("exclude_positions"))
         options: LatentsCommandOptions = resolve_params(ctx, params, model=LatentsCommandOptions)
         if not options.sparse_model:
             raise UsageError("missing SPARSE_MODEL: give a dictionary directory (saelab, SAELens or sparsify format)")
@@ -143,7 +121,8 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     from saelab.models import load_activation_source
     from saelab.pipeline import example_options as example_values
 
-    directory = run_dir(options.name)
+    layout = RunLayout.named(options.name)
+    directory = layout.root
     chosen = select_dictionaries(options.sparse_model, options.hookpoints)  # type: ignore[arg-type]
     with one_line_warnings():
         source = load_activation_source(options.model, **source_options(options.model_dump()))
@@ -157,12 +136,12 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
                    "seconds": round(cache.build_info.get("seconds", 0.0), 1)}
             if options.max_latents or options.feature_num:
                 _, rec = build_records(cache, example_values(options.model_dump()), tokenizer=source.tokenizer,
-                                       dictionary=dictionary, out_dir=cache.path / "records")
+                                       dictionary=dictionary, out_dir=layout.latent_records_dir(hook))
                 row.update({"records": rec.built, "skipped (< min_examples)": len(rec.skipped)})
             rows.append(row)
     directory.mkdir(parents=True, exist_ok=True)
     write_run_config(directory, command="latents", config=options,
-                     extra={"latents": {r["hookpoint"]: str(directory / "latents" / r["hookpoint"]) for r in rows}})
+                     extra={"latents": {r["hookpoint"]: str(layout.latents_dir(r["hookpoint"])) for r in rows}})
     if options.verbose:
         from saelab.progress import stdout_console, summary_table
 

@@ -27,6 +27,8 @@ from saelab.cli_options import (
     cache_options,
     dataset_options,
     example_options,
+    exclude_positions_option,
+    field_option,
     hf_token_option,
     hookpoints_option,
     is_embedded_model,
@@ -34,6 +36,7 @@ from saelab.cli_options import (
     model_options,
     name_option,
     one_line_warnings,
+    parse_positions,
     resolve_params,
     seed_option,
     source_options,
@@ -49,6 +52,7 @@ from saelab.config import (
     recorded_invocation,
     write_run_config,
 )
+from saelab.examples import ExampleOptions
 from saelab.options import parse_option_value
 
 DEFAULT_SPARSE_MODEL = "EleutherAI/sae-llama-3-8b-32x"
@@ -140,10 +144,8 @@ def scorer_options() -> Any:
 def common_stage_options() -> Any:
     """Latent selection, overwrite, dry run, CPU workers."""
     return stack_options(
-        click.option("--max_latents", type=click.IntRange(min=1), default=None,
-                     help="Analyse the first N latents that qualify."),
-        click.option("--feature_num", cls=MultiValueOption, type=int, metavar="I ...",
-                     help="Explicit latent indices (--feature_num 0 1 2 3 4)."),
+        field_option(ExampleOptions, "max_latents", type=click.IntRange(min=1)),
+        field_option(ExampleOptions, "feature_num", cls=MultiValueOption, type=int, metavar="I ..."),
         click.option("--overwrite", cls=MultiValueOption, type=click.Choice(list(RUN_OVERWRITE)),
                      metavar=" ".join(RUN_OVERWRITE),
                      help="Recompute these stages instead of reusing them (explanations implies scores)."),
@@ -178,9 +180,7 @@ def register_commands(cli: click.Group) -> None:
     @dataset_options()
     @cache_options()
     @example_options()
-    @click.option("--exclude_positions", cls=MultiValueOption, type=int, metavar="POS ...",
-                  help="Absolute positions left out of the latent cache (e.g. 1 2 3 on SmolLM2), as in "
-                       "`saelab latents`.")
+    @exclude_positions_option()
     @name_option()
     @store_options()
     @model_options()
@@ -273,6 +273,7 @@ def finish_run_values(values: dict[str, Any], explicit: set[str]) -> dict[str, A
             values[key] = list(values[key])
     if not values.get("feature_num"):
         values["feature_num"] = None
+    values["exclude_positions"] = parse_positions(values.get("exclude_positions"))
     if not values.get("scorers"):
         values["scorers"] = []
     values["explainer_option"] = _pairs(values.get("explainer_option"))
@@ -311,7 +312,7 @@ STAGE_DEFAULT_KEYS = (
 
 def stage_values(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
     """Resolved values of ``explain`` / ``score``: defaults < the run's config < explicit flags."""
-    from saelab.paths import results_dir
+    from saelab.layout import RunLayout, results_dir
 
     values = dict(params)
     explicit = explicit_params(ctx)
@@ -322,8 +323,8 @@ def stage_values(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
     if not target:
         raise UsageError("missing RUN; give a run name (results/<name>) or a run directory, e.g. `saelab "
                          f"{ctx.command.name} demo`")
-    path = Path(target)
-    directory = path if (path / "run_config.json").is_file() or (path / "records").is_dir() else results_dir() / target
+    given = RunLayout(Path(target))
+    directory = given.root if given.run_config.is_file() or given.records_root.is_dir() else results_dir() / target
     if not directory.is_dir():
         raise UsageError(f"run {target!r} not found (looked for {str(directory)!r}); run `saelab run ... --name "
                          f"{target}` first")
@@ -500,7 +501,8 @@ def stage_command(values: dict[str, Any], *, explain: bool, score: bool) -> dict
 
 
 def _stage(values: dict[str, Any], *, explain: bool, score: bool, command: str) -> dict[str, Any]:
-    from saelab.pipeline import RunLayout, load_records
+    from saelab.layout import RunLayout
+    from saelab.pipeline import load_records
 
     layout = RunLayout(Path(values["run_dir"]))
     hooks = values.get("hookpoints") or layout.hookpoints_with_records()
@@ -520,9 +522,9 @@ def _stage(values: dict[str, Any], *, explain: bool, score: bool, command: str) 
 def run_command(values: dict[str, Any]) -> dict[str, Any]:
     """The whole delphi-style run with resolved ``values``: nothing is written until the model, the
     hookpoints and the dictionaries are validated and loaded."""
-    from saelab.paths import run_dir
+    from saelab.layout import RunLayout
 
-    root = run_dir(values["name"])
+    root = RunLayout.named(values["name"]).root
     with recorded_invocation(root, "run"):
         return _run(values, root)
 
@@ -530,9 +532,9 @@ def run_command(values: dict[str, Any]) -> dict[str, Any]:
 def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     from saelab.dictionary import load_dictionary
     from saelab.latents import latent_cache_for_run
+    from saelab.layout import RunLayout
     from saelab.models import load_activation_source
     from saelab.pipeline import (
-        RunLayout,
         canonical_hookpoint,
         example_options,
         find_dictionaries,

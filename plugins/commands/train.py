@@ -40,8 +40,9 @@ from saelab.cli_options import (
     verbose_option,
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
+from saelab.layout import RunLayout
 from saelab.options import load_config_file, parse_option_value
-from saelab.paths import run_dir
+from saelab.positions import CFG_KEY, PositionFilter, model_exclusions
 from saelab.training import TrainerConfig
 
 TRAIN_FLAG_NAMES = {"batch_size": "train_batch_size"}
@@ -84,7 +85,8 @@ def _trainer_flags(f: Any) -> Any:
         origin = typing.get_origin(info.annotation)
         if field_name == "exclude_positions":
             f = click.option(flag, param, cls=MultiValueOption, metavar="POS ...",
-                             help=help_text + " ('none' for no exclusion)")(f)
+                             help=f"{info.description} [default: the model's declaration; 'none' for no "
+                                  "exclusion]")(f)
         elif origin is typing.Literal:
             f = click.option(flag, param, type=click.Choice(typing.get_args(info.annotation)),
                              default=None, help=help_text)(f)
@@ -111,6 +113,13 @@ def _trainer_config(values: dict[str, Any]) -> TrainerConfig:
     raw["exclude_bos"] = bool(values.get("filter_bos"))
     config = TrainerConfig.parse(raw, where="train")
     return config
+
+
+def _with_model_exclusions(config: TrainerConfig, model: str) -> TrainerConfig:
+    """``config`` with ``exclude_positions`` from the model's declaration when none was given."""
+    if config.exclude_positions is not None:
+        return config
+    return config.model_copy(update={"exclude_positions": model_exclusions(model)})
 
 
 def _parse_sites(specs: list[str]) -> list[tuple[str, str]]:
@@ -206,7 +215,7 @@ def register_commands(cli: click.Group) -> None:
         """Train sparse dictionaries on activations of MODEL at hookpoints (one per hookpoint x config)."""
         values = resolve_params(ctx, params)
         rank_zero = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 keeps the run history
-        history = recorded_invocation(run_dir(values["name"]), "train") if rank_zero else contextlib.nullcontext()
+        history = recorded_invocation(RunLayout.named(values["name"]).root, "train") if rank_zero else contextlib.nullcontext()
         with history, one_line_warnings():
             train_command(values)
 
@@ -217,7 +226,8 @@ def train_command(values: dict[str, Any]) -> None:
     from saelab.training import CacheSource, DictionaryJob, Trainer, init_distributed
 
     config = _trainer_config(values)
-    directory = run_dir(values["name"])
+    layout = RunLayout.named(values["name"])
+    directory = layout.root
     if values.get("cache_path") is not None and values.get("on_the_fly"):
         raise UsageError("--cache and --on_the_fly exclude each other; give one (or neither to build a cache)")
     if not values.get("hookpoints"):
@@ -237,13 +247,15 @@ def train_command(values: dict[str, Any]) -> None:
             raise UsageError(f"activation cache {str(path)!r} does not exist; give a cache directory "
                              "(results/.activations/<fingerprint>) or leave --cache out to build one")
         cache = ActivationCache.open(path)
+        if values.get("model") == DEFAULT_MODEL:  # no MODEL given: name the cache's
+            values = {**values, "model": (cache.manifest.get("model") or {}).get("model", DEFAULT_MODEL)}
+        config = _with_model_exclusions(config, values["model"])
         source = CacheSource(cache, needed, exclude_positions=config.exclude_positions,
                              exclude_bos=config.exclude_bos, shuffle_buffer_shards=config.shuffle_buffer_shards)
         dims = {hp: cache.dim(hp) for hp in needed}
         data_ref = str(cache.path)
-        if values.get("model") == DEFAULT_MODEL:  # no MODEL given: name the cache's
-            values = {**values, "model": (cache.manifest.get("model") or {}).get("model", DEFAULT_MODEL)}
     elif values.get("on_the_fly"):
+        config = _with_model_exclusions(config, values["model"])
         source, dims = _on_the_fly_source(values, needed, config)
         data_ref = "on_the_fly"
     else:
@@ -256,6 +268,7 @@ def train_command(values: dict[str, Any]) -> None:
         if not dist.is_main:
             cache = open_or_build_cache({**cache_values, "verbose": False})
         assert cache is not None
+        config = _with_model_exclusions(config, values["model"])
         source = CacheSource(cache, needed, exclude_positions=config.exclude_positions,
                              exclude_bos=config.exclude_bos, shuffle_buffer_shards=config.shuffle_buffer_shards)
         dims = {hp: cache.dim(hp) for hp in needed}
@@ -270,7 +283,7 @@ def train_command(values: dict[str, Any]) -> None:
     for site in sites:
         for cfg in configs:
             name = _dictionary_name(site, cfg, len(configs))
-            out = directory / "dictionaries" / name
+            out = layout.dictionary_dir(name)
             if overwrite and out.exists() and dist.is_main:
                 shutil.rmtree(out)
             elif (out / "cfg.json").is_file():
@@ -281,7 +294,8 @@ def train_command(values: dict[str, Any]) -> None:
             module = build_dictionary(cfg.architecture, spec, cfg.options)
             extra = {"model": values.get("model"), "run": values["name"], "dictionary_name": name,
                      "hookpoints": {"inputs": [site[0]], "outputs": [site[1]]}, "activation_cache": data_ref,
-                     "data": provenance}
+                     "data": provenance, CFG_KEY: PositionFilter.of(config.exclude_positions or (),
+                                                                   config.exclude_bos).record()}
             jobs.append(DictionaryJob(name=name, module=module, lr=cfg.lr, out_dir=out, extra_cfg=extra))
     dist.barrier()
     results = []
@@ -316,7 +330,7 @@ def train_command(values: dict[str, Any]) -> None:
             rows.append({"dictionary": n, "architecture": "already trained (--overwrite train retrains)"})
         stdout_console.print(summary_table("saelab train", rows))
         stdout_console.print(f"data: {data_ref}")
-        stdout_console.print(f"dictionaries: {directory / 'dictionaries'}")
+        stdout_console.print(f"dictionaries: {layout.dictionaries_dir}")
     _shutdown(dist)
 
 

@@ -538,6 +538,9 @@ class SmolLM2Source(TransformersSource):
     Options = SmolLM2Options
     default_values = {"dataset_repo": "wikipedia-sample", "n_tokens": 200_000}
     """Offline, CPU-sized defaults: the embedded Wikipedia sample and 200000 tokens."""
+    excluded_positions = (0, 1, 2, 3)
+    """BOS (0) and SmolLM2's massive activations (1-3: residual norms ~26k vs a median ~170, ~90% of the
+    variance), left out of training, evaluation and latents by default."""
 
     def __init__(self, model_id: str = "smollm2", options: Options | None = None):
         super().__init__(model_id, options, path=convert_smollm2())

@@ -15,11 +15,10 @@ from saelab import UsageError, hookimpl
 
 def resolve_run_dir(run: str) -> Path:
     """A run directory from RUN: an existing directory, else ``results/<RUN>``."""
-    from saelab.paths import results_dir
+    from saelab.layout import RunLayout, results_dir
 
     path = Path(run).expanduser()
-    if path.is_dir() and ((path / "run_config.json").is_file() or any(
-            (path / d).is_dir() for d in ("records", "explanations", "scores", "latents", "dictionaries"))):
+    if path.is_dir() and RunLayout(path).looks_like_run():
         return path
     candidate = results_dir() / run
     if "/" not in run and candidate.is_dir():

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from saelab.fileio import remove_stale_temporaries
 from saelab.highlight import display_spans, span_activations, span_texts, visible
+from saelab.layout import RunLayout
 from saelab.plugins.report.run_data import (
     HookData,
     LatentEntry,
@@ -45,8 +46,8 @@ from saelab.plugins.report.run_data import (
 )
 from saelab.records import Example, ScoreResult
 
-REPORT_DIR = "report"
-"""Name of the report directory inside a run directory."""
+LATENT_PAGES = "latents"
+"""Folder of the latent pages inside the report site (the site's own layout, not the run's)."""
 ASSETS = ("report.css", "report.js")
 """Files copied from this package's ``assets/`` into ``report/assets/``."""
 
@@ -237,7 +238,7 @@ def frequency_histogram_svg(frequencies: Sequence[float], title: str = "latent f
 
 def latent_href(dirname: str, latent: int) -> str:
     """Relative URL of a latent page from the report root."""
-    return f"latents/{quote(dirname, safe='')}/latent_{int(latent)}.html"
+    return f"{LATENT_PAGES}/{quote(dirname, safe='')}/latent_{int(latent)}.html"
 
 
 def _page(title: str, body: str, depth: int, data: Any = None, page: str = "") -> str:
@@ -542,7 +543,7 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
 def write_run_report(run: RunData, out_dir: str | os.PathLike[str] | None = None) -> Path:
     """:func:`write_report` for a run already read with :func:`load_run`."""
-    out = Path(out_dir) if out_dir is not None else run.root / REPORT_DIR
+    out = Path(out_dir) if out_dir is not None else RunLayout(run.root).report_dir
     remove_stale_temporaries(out.parent, recursive=False)  # of report writes that were killed
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -552,7 +553,7 @@ def write_run_report(run: RunData, out_dir: str | os.PathLike[str] | None = None
         copy_assets(tmp)
         (tmp / "index.html").write_text(render_index(run), encoding="utf-8")
         for hook in run.hooks:
-            directory = tmp / "latents" / hook.dirname
+            directory = tmp / LATENT_PAGES / hook.dirname
             directory.mkdir(parents=True, exist_ok=True)
             for i, entry in hook.latents.items():
                 (directory / f"latent_{i}.html").write_text(render_latent_page(run, hook, entry), encoding="utf-8")
@@ -579,7 +580,7 @@ def report_summary(run: RunData) -> list[tuple[str, Any]]:
 
 __all__ = [
     "ASSETS",
-    "REPORT_DIR",
+    "LATENT_PAGES",
     "copy_assets",
     "esc",
     "frequency_histogram_svg",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.errors import UsageError
+from saelab.layout import INDEX, RunLayout, latent_filename
 from saelab.records import Explanation, LatentRecord, ScoreResult, score_is_current
 
 MAIN_METRICS: dict[str, str] = {
@@ -142,7 +143,7 @@ def _stats_arrays(latents_dir: Path) -> Any:
 
 def _evals(root: Path, config: Mapping[str, Any]) -> list[dict[str, Any]]:
     dirs: list[Path] = []
-    base = root / "dictionaries"
+    base = RunLayout(root).dictionaries_dir
     if base.is_dir():
         dirs += sorted(p.parent for p in base.glob("**/eval.json"))
     extra = config.get("dictionaries")
@@ -178,6 +179,7 @@ def load_run(run_dir: str | os.PathLike[str], max_latents: int | None = None) ->
         raise UsageError(f"run directory {str(root)!r} does not exist; give a run name under results/ or a "
                          f"run directory")
     config = read_run_config(root)
+    layout = RunLayout(root)
     names: dict[str, str] = {}  # dirname -> hookpoint
     dirnames: list[str] = []
 
@@ -187,40 +189,40 @@ def load_run(run_dir: str | os.PathLike[str], max_latents: int | None = None) ->
         if hookpoint and dirname not in names:
             names[dirname] = hookpoint
 
-    for index in sorted((root / "records").glob("*/index.json")):
+    for index in sorted(layout.records_root.glob(f"*/{INDEX}")):
         data = _read_json(index)
         add(index.parent.name, (data or {}).get("hookpoint"))
-    for d in sorted(p for p in (root / "explanations").glob("*") if p.is_dir()):
+    for d in sorted(p for p in layout.explanations_root.glob("*") if p.is_dir()):
         add(d.name)
-    for d in sorted(p for p in (root / "scores").glob("*/*") if p.is_dir()):
+    for d in sorted(p for p in layout.scores_root.glob("*/*") if p.is_dir()):
         add(d.name)
-    for stats in sorted((root / "latents").glob("*/stats.json")):
+    for stats in sorted(layout.latents_root.glob("*/stats.json")):
         data = _read_json(stats)
         add(stats.parent.name, (data or {}).get("hookpoint"))
 
     hooks = []
-    score_dirs = sorted(p for p in (root / "scores").glob("*") if p.is_dir())
+    score_dirs = sorted(p for p in layout.scores_root.glob("*") if p.is_dir())
     for dirname in dirnames:
-        index = _read_json(root / "records" / dirname / "index.json") or {}
+        index = _read_json(layout.records_root / dirname / INDEX) or {}
         ids: list[int] = [int(i) for i in index.get("latents", [])]
-        extra = _latent_ids(root / "explanations" / dirname)
+        extra = _latent_ids(layout.explanations_root / dirname)
         for sd in score_dirs:
             extra |= _latent_ids(sd / dirname)
-        extra |= _latent_ids(root / "records" / dirname) - set(ids)
+        extra |= _latent_ids(layout.records_root / dirname) - set(ids)
         ids += sorted(extra - set(ids))
         if max_latents is not None:
             ids = ids[:max_latents]
-        stats = _read_json(root / "latents" / dirname / "stats.json")
+        stats = _read_json(layout.latents_root / dirname / "stats.json")
         hook = HookData(names.get(dirname, dirname), dirname, stats if isinstance(stats, dict) else None,
                         skipped={str(k): str(v) for k, v in (index.get("skipped") or {}).items()})
-        arrays = _stats_arrays(root / "latents" / dirname)
+        arrays = _stats_arrays(layout.latents_root / dirname)
         per = (hook.stats or {}).get("latents") or {}
         for i in ids:
             entry = LatentEntry(hook.hookpoint, i)
-            entry.record = _load(LatentRecord, root / "records" / dirname / f"latent_{i}.json", entry)
-            entry.explanation = _load(Explanation, root / "explanations" / dirname / f"latent_{i}.json", entry)
+            entry.record = _load(LatentRecord, layout.records_root / dirname / latent_filename(i), entry)
+            entry.explanation = _load(Explanation, layout.explanations_root / dirname / latent_filename(i), entry)
             for sd in score_dirs:
-                score = _load(ScoreResult, sd / dirname / f"latent_{i}.json", entry)
+                score = _load(ScoreResult, sd / dirname / latent_filename(i), entry)
                 if score is not None and score_is_current(score, entry.explanation):
                     entry.scores[score.scorer or sd.name] = score
             if entry.record is not None and names.get(dirname) is None:
@@ -228,7 +230,7 @@ def load_run(run_dir: str | os.PathLike[str], max_latents: int | None = None) ->
             _fill_stats(entry, per, arrays)
             hook.latents[i] = entry
         hooks.append(hook)
-    summary = _read_json(root / "summary.json")
+    summary = _read_json(layout.summary_json)
     return RunData(root, config, _evals(root, config), summary if isinstance(summary, dict) else None, hooks)
 
 
