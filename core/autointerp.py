@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import Field
 
-from .errors import UsageError
+from .errors import UsageError, wrong_return_type
 from .highlight import (
     display_spans,
     highlight,
@@ -58,10 +58,8 @@ def checked_result(value: object, expected: type[_Result], kind: str, plugin: Ex
     :meth:`saelab.Scorer.score` must return), else a one-line :class:`saelab.UsageError` naming the plugin."""
     if isinstance(value, expected):
         return value
-    cls = type(plugin)
-    raise UsageError(f"{kind} {plugin.name!r} ({cls.__module__}.{cls.__qualname__}) returned "
-                     f"{type(value).__module__}.{type(value).__qualname__}; expected "
-                     f"saelab.records.{expected.__name__} (fix or disable the plugin with -p no:NAME)")
+    method = "explain" if kind == "explainer" else "score"
+    raise wrong_return_type(kind, plugin, value, f"saelab.records.{expected.__name__}", method)
 
 # --------------------------------------------------------------------------------------------------
 # LLM calls
@@ -96,7 +94,7 @@ async def call_llm(provider: Provider, messages: Messages, **params: Any) -> Cal
 def accepts_answer_format(provider: Provider | None) -> bool:
     """True when ``provider.generate`` takes ``answer_format`` (every :class:`saelab.llm.LLMProvider`
     does: it enforces the format where it can and ignores it elsewhere)."""
-    return provider is not None and hasattr(provider, "answer_formats")
+    return provider is not None and provider.takes_answer_format
 
 
 def provider_names(provider: Provider | None) -> tuple[str, str]:

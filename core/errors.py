@@ -76,3 +76,13 @@ class FailedWorkError(SaelabError):
 
 class PluginLoadError(SaelabError):
     """A plugin cannot be loaded (e.g. a misspelled hook implementation such as ``register_architecture``)."""
+
+
+def wrong_return_type(kind: str, plugin: object, value: object, expected: str, method: str) -> UsageError:
+    """The one-line error for a plugin whose ``method`` returned ``value`` instead of an ``expected`` (the
+    dotted name of the contract's type): the engine never guesses at what a plugin meant."""
+    cls = type(plugin)
+    name = getattr(cls, "name", cls.__qualname__)
+    return UsageError(f"{kind} {name!r} ({cls.__module__}.{cls.__qualname__}) returned "
+                      f"{type(value).__module__}.{type(value).__qualname__} from {method}(); expected {expected} "
+                      f"(fix or disable the plugin with -p no:NAME)")

@@ -481,9 +481,16 @@ class Provider(Plugin, ABC):
     the concurrency limit, retries and usage accounting around one ``_complete`` attempt.
     """
 
+    takes_answer_format: ClassVar[bool] = False
+    """True when :meth:`generate` takes the ``answer_format`` parameter (every
+    :class:`saelab.llm.LLMProvider` does); the engine passes it only then."""
     usage: Usage | None = None
     """Calls, tokens and cost so far (:class:`saelab.records.Usage`; :class:`saelab.llm.LLMProvider` keeps
     one per instance); None for a provider that does not count (the run summary then shows no usage)."""
+
+    def prices(self) -> tuple[float, float] | None:
+        """USD per input and per output token of this provider's model, when known (dry-run estimates)."""
+        return None
 
     @abstractmethod
     async def generate(self, messages: Sequence[ChatMessage], **params: ParamValue) -> Completion:

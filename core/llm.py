@@ -44,7 +44,7 @@ from typing import Any, ClassVar, TypeAlias, TypedDict, TypeVar
 from pydantic import Field
 
 from .config import redact
-from .errors import SaelabError, UsageError
+from .errors import SaelabError, UsageError, wrong_return_type
 from .fileio import json_sha256, write_json_atomic
 from .interfaces import Provider
 from .options import Options
@@ -372,6 +372,7 @@ class LLMProvider(Provider):
     """``max_concurrency`` when unset."""
     extra_params: ClassVar[tuple[str, ...] | None] = ("stop", "seed")
     """Per-call params accepted besides :data:`CALL_PARAMS`; None accepts any (passed to the backend)."""
+    takes_answer_format: ClassVar[bool] = True
     answer_formats: ClassVar[frozenset[str]] = frozenset()
     """``answer_format`` kinds this provider enforces; for other kinds (and by default) the parameter is
     accepted, kept in the response-cache key and not passed to ``_complete`` (nothing non-standard is
@@ -599,7 +600,4 @@ def check_completion(provider: Provider, value: object) -> Completion:
     provider's answer)."""
     if isinstance(value, Completion):
         return value
-    cls = type(provider)
-    raise UsageError(f"provider {getattr(cls, 'name', cls.__qualname__)!r} ({cls.__module__}.{cls.__qualname__}) "
-                     f"returned {type(value).__module__}.{type(value).__qualname__} from generate(); expected "
-                     f"saelab.llm.Completion (fix or disable the plugin with -p no:NAME)")
+    raise wrong_return_type("provider", provider, value, "saelab.llm.Completion", "generate")

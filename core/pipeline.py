@@ -469,7 +469,7 @@ class AutoInterp:
                 shown_explanation = (Explanation(hookpoint=record.hookpoint, latent=record.latent, text=shown)
                                      if shown else None)
                 row.add(scorer.messages(record, shown_explanation), max_tokens)
-        prices = self.provider.prices() if self.provider is not None and hasattr(self.provider, "prices") else None
+        prices = self.provider.prices() if self.provider is not None else None
         for row in rows.values():
             if prices is not None and not row.local:
                 row.cost_prompt = row.prompt_tokens * prices[0] / 1000.0
@@ -657,23 +657,13 @@ class _Acc:
     failed_prompts: int = 0
     failed_examples: int = 0
     failed_requests: int = 0
-    calls: int = 0
-    cached_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float | None = None
+    usage: Usage = field(default_factory=Usage)
 
-    def add_usage(self, usage: Any) -> None:
-        self.calls += usage.calls
-        self.cached_calls += usage.cached_calls
-        self.prompt_tokens += usage.prompt_tokens
-        self.completion_tokens += usage.completion_tokens
-        if usage.cost is not None:
-            self.cost = (self.cost or 0.0) + usage.cost
+    def add_usage(self, usage: Usage) -> None:
+        self.usage = self.usage + usage
 
     def usage_row(self) -> dict[str, Any]:
-        return {"calls": self.calls, "cached_calls": self.cached_calls, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cost": self.cost}
+        return self.usage.to_dict()
 
 
 def _first(values: set[str]) -> str:

@@ -283,7 +283,7 @@ def test_an_explainer_returning_the_wrong_type_is_a_one_line_error_through_the_c
                 "--explainer_api_base_url", server.base_url, "--explainer_model", "test-model", "--verbose", "false",
                 env={"OPENAI_API_KEY": "sk-test"})
     assert r.exit_code == 2, r.output
-    r.assert_user_error("explainer 'text-explainer' (test_explainers._TextExplainer) returned builtins.str; "
+    r.assert_user_error("explainer 'text-explainer' (test_explainers._TextExplainer) returned builtins.str from explain(); "
                         "expected saelab.records.Explanation")
     assert not layout.explanation_path("layers.1", 0).exists()
 

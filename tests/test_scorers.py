@@ -433,8 +433,11 @@ def test_binary_scorers_ask_for_a_list_of_each_batch_length(monkeypatch):
             assert formats == [{"type": "binary_list", "length": n} for n in (5, 5, 3)]
             assert "answer_format" not in scorer(name, constrain_answer=False).batch_params(batches[0], provider)
 
-            class Bare:  # a provider that is not an LLMProvider gets no answer_format
+            class Bare(saelab.Provider):  # a provider that is not an LLMProvider gets no answer_format
                 name = "bare"
+
+                async def generate(self, messages, **params):
+                    raise AssertionError("not called")
 
             assert "answer_format" not in scorer(name).batch_params(batches[0], Bare())
     assert scorer("simulation").answer_format(batches[0]) is None
@@ -523,7 +526,7 @@ def test_a_scorer_returning_the_wrong_type_is_a_one_line_error_through_the_cli(c
     saelab.register_plugin(_DictScorerPlugin(), name="dict-scorer-plugin")
     r = cli("score", "run", "--scorers", "dict-scorer", "--verbose", "false")
     assert r.exit_code == 2, r.output
-    r.assert_user_error("scorer 'dict-scorer' (test_scorers._DictScorer) returned builtins.dict; "
+    r.assert_user_error("scorer 'dict-scorer' (test_scorers._DictScorer) returned builtins.dict from score(); "
                         "expected saelab.records.ScoreResult")
     assert not layout.score_path("dict-scorer", "layers.1", 0).exists()
 
