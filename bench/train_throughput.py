@@ -119,14 +119,11 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def mmcs(W_dec: torch.Tensor, truth: torch.Tensor | None, chunk: int = 4096) -> float | None:
-    """Mean over true directions of the best cosine with a decoder row."""
-    if truth is None:
-        return None
-    learned = torch.nn.functional.normalize(W_dec.detach().float(), dim=1)
-    truth = torch.nn.functional.normalize(truth.detach().float(), dim=1)
-    best = torch.cat([(truth[i:i + chunk] @ learned.T).max(dim=1).values for i in range(0, len(truth), chunk)])
-    return float(best.mean())
+def mmcs(W_dec: torch.Tensor, truth: torch.Tensor | None) -> float | None:
+    """:func:`saelab.metrics.mmcs` of the decoder rows, None without planted directions."""
+    from saelab.metrics import mmcs as mean_max_cosine
+
+    return None if truth is None else mean_max_cosine(W_dec, truth)
 
 
 # --------------------------------------------------------------------------------------------------

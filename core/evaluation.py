@@ -52,7 +52,7 @@ from .errors import UsageError
 from .interfaces import ActivationSource, SparseDictionary
 from .layout import RunLayout
 from .options import Options
-from .positions import PositionFilter, recorded_filter
+from .positions import PositionFilter, dictionary_filter
 
 EVAL_FILE = "eval.json"
 """Name of the evaluation results file written next to a dictionary's ``cfg.json``."""
@@ -155,15 +155,7 @@ def position_filter(config: EvalConfig, module: SparseDictionary, source: Activa
     """The positions ``module``'s headline metrics leave out: the config's where given, else what its
     training recorded in ``cfg.json`` (:func:`saelab.positions.recorded_filter`), else the model's declaration
     (``source.excluded_positions``) without BOS filtering."""
-    recorded = recorded_filter(getattr(module, "extra_config", None))
-    positions = config.exclude_positions
-    if positions is None:
-        positions = recorded.exclude_positions if recorded else tuple(
-            getattr(source, "excluded_positions", ActivationSource.excluded_positions))
-    exclude_bos = config.exclude_bos
-    if exclude_bos is None:
-        exclude_bos = recorded.exclude_bos if recorded else False
-    return PositionFilter.of(positions, exclude_bos)
+    return dictionary_filter(module, source, config.exclude_positions, config.exclude_bos)
 
 
 class DictionaryEvaluator:

@@ -61,7 +61,7 @@ from .fileio import (
     write_json_atomic,
 )
 from .interfaces import ActivationSource, Dataset, SparseDictionary
-from .positions import PositionFilter, recorded_filter
+from .positions import PositionFilter, dictionary_filter
 
 FORMAT = "saelab-latent-cache"
 FORMAT_VERSION = 1
@@ -910,12 +910,7 @@ def _default_exclusions(given: Sequence[int] | None, dictionary: SparseDictionar
                         source: ActivationSource) -> tuple[int, ...]:
     """``--exclude_positions`` when given (``[]``: none), else what the dictionary's training recorded in
     ``cfg.json``, else the model's declaration (``ActivationSource.excluded_positions``)."""
-    if given is not None:
-        return tuple(int(p) for p in given)
-    recorded = recorded_filter(getattr(dictionary, "extra_config", None))
-    if recorded is not None:
-        return recorded.exclude_positions
-    return tuple(getattr(source, "excluded_positions", ActivationSource.excluded_positions))
+    return dictionary_filter(dictionary, source, given).exclude_positions
 
 
 def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: SparseDictionary, hook: str,

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Confusion:
@@ -158,3 +160,12 @@ def binary_metrics(
         "tn": c.tn,
         "fn": c.fn,
     }
+
+
+def mmcs(learned: torch.Tensor, truth: torch.Tensor, chunk: int = 4096) -> float:
+    """Mean max cosine similarity: for each true direction (rows of ``truth [m, d]``), the best cosine
+    with any learned direction (rows of ``learned [n, d]``), averaged over the true directions."""
+    learned = torch.nn.functional.normalize(learned.detach().float(), dim=1)
+    truth = torch.nn.functional.normalize(truth.detach().float(), dim=1)
+    best = torch.cat([(truth[i : i + chunk] @ learned.T).max(dim=1).values for i in range(0, len(truth), chunk)])
+    return float(best.mean())

@@ -85,4 +85,20 @@ def model_exclusions(model: str) -> tuple[int, ...]:
     return tuple(int(p) for p in cls.excluded_positions)
 
 
-__all__ = ["CFG_KEY", "PositionFilter", "model_exclusions", "recorded_filter"]
+def dictionary_filter(dictionary: object, source: object, exclude_positions: Sequence[int] | None = None,
+                      exclude_bos: bool | None = None) -> PositionFilter:
+    """The positions a stage leaves out for ``dictionary`` read through ``source``: each value given wins (``()``
+    means none); else what the dictionary's training recorded in ``cfg.json``; else the model's declaration
+    (``source.excluded_positions``) without BOS filtering. Used by evaluation, ``latents`` and ``run``."""
+    from .interfaces import ActivationSource
+
+    recorded = recorded_filter(getattr(dictionary, "extra_config", None))
+    if exclude_positions is None:
+        exclude_positions = recorded.exclude_positions if recorded else tuple(
+            getattr(source, "excluded_positions", ActivationSource.excluded_positions))
+    if exclude_bos is None:
+        exclude_bos = recorded.exclude_bos if recorded else False
+    return PositionFilter.of(exclude_positions, exclude_bos)
+
+
+__all__ = ["CFG_KEY", "PositionFilter", "dictionary_filter", "model_exclusions", "recorded_filter"]

@@ -87,6 +87,11 @@ def _read_yaml_resource(cls: type, filename: str) -> dict[str, Any]:
         raise UsageError(f"{cls.__qualname__} declares prompt_file {filename!r}, but {str(location)!r} does "
                          f"not exist; accepted: a YAML file next to the module {_declaring_module(cls, 'prompt_file')!r}"
                          ) from None
+    return _yaml_mapping(text, location, "a mapping of template names to templates")
+
+
+def _yaml_mapping(text: str, location: object, expected: str) -> dict[str, PromptValue]:
+    """The mapping a prompt file holds (``{}`` when empty); a parse error or another shape is one line."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -94,7 +99,7 @@ def _read_yaml_resource(cls: type, filename: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise UsageError(f"prompt file {str(location)!r} must hold a mapping of template names to templates")
+        raise UsageError(f"prompt file {str(location)!r} must hold {expected}")
     return dict(data)
 
 
@@ -262,14 +267,8 @@ def read_override_file(path: str | os.PathLike[str], aliases: Mapping[str, str] 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"prompt file {str(path)!r} does not exist; give a YAML file of prompt overrides")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UsageError(f"prompt file {str(path)!r} cannot be parsed: {yaml_error_line(exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise UsageError(f"prompt file {str(path)!r} must hold a mapping such as 'scorers: {{detection: {{system: ...}}}}'")
+    data = _yaml_mapping(path.read_text(encoding="utf-8"), path,
+                         "a mapping such as 'scorers: {detection: {system: ...}}'")
     return {aliases.get(k, k): v for k, v in _flatten(data)}
 
 

@@ -18,9 +18,10 @@ from saelab.dictionary import (
     load_dictionary,
     save_dictionary,
 )
+from saelab.metrics import mmcs
 from saelab.plugins.architectures._topk_family import BatchTopKDictionary, TopKDictionary
 from saelab.training import train_on_tensors
-from training_helpers import mmcs, synthetic
+from training_helpers import synthetic
 
 BUILTIN = {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder"}
 D_IN, D_OUT, D_SAE, K, BATCH = 16, 12, 64, 4, 32

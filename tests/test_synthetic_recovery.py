@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 from saelab.dictionary import build_dictionary
+from saelab.metrics import mmcs
 from saelab.training import train_on_tensors
-from training_helpers import mmcs
 
 D, N_FEATURES, ACTIVE, N_SAMPLES = 128, 1000, 8, 40_000
 

@@ -39,15 +39,6 @@ def synthetic(n: int = 4096, d: int = 32, n_features: int = 96, active: float = 
 
 
 @torch.no_grad()
-def mmcs(learned: torch.Tensor, truth: torch.Tensor, chunk: int = 4096) -> float:
-    """Mean max cosine similarity: for each true direction (rows of ``truth [m, d]``), the best cosine
-    with any learned direction (rows of ``learned [n, d]``), averaged over the true directions."""
-    learned = torch.nn.functional.normalize(learned.detach().float(), dim=1)
-    truth = torch.nn.functional.normalize(truth.detach().float(), dim=1)
-    best = torch.cat([(truth[i : i + chunk] @ learned.T).max(dim=1).values for i in range(0, len(truth), chunk)])
-    return float(best.mean())
-
-
 def topk_sae(d: int, d_sae: int, k: int, seed: int = 0):
     """A real ``topk`` architecture instance (seeded)."""
     from saelab import SiteSpec
