@@ -31,11 +31,12 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import SecretStr
 from rich.progress import ProgressColumn
 from rich.text import Text
 from safetensors import safe_open
@@ -56,6 +57,7 @@ from .fileio import (
 )
 from .interfaces import ActivationSource, Dataset
 from .memory import release_free_heap
+from .options import Options
 from .positions import PositionFilter
 
 FORMAT = "saelab-activation-cache"
@@ -862,3 +864,64 @@ class TokensPerSecondColumn(ProgressColumn):
         """Render the task's speed in tokens per second."""
         speed = task.finished_speed or task.speed
         return Text("? tok/s" if speed is None else f"{speed:,.0f} tok/s", style="progress.data.speed")
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache a command asks for
+
+
+def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: ActivationSource | None = None,
+                        results_root: str | Path | None = None) -> ActivationCache:
+    """The activation cache for resolved command values: reused by fingerprint, resumed, or built.
+
+    ``values`` holds the :class:`saelab.cli_options.CacheCommandOptions` fields (the train and run commands pass
+    theirs); ``source`` reuses an already loaded LM. Returns an :class:`~saelab.activation_cache.ActivationCache`
+    whose ``build_info`` says whether it was ``reused``, ``resumed`` or ``built``.
+    """
+    from .data import load_dataset_source
+    from .layout import activation_store
+    from .models import load_activation_source, source_options
+
+    if isinstance(values, Options):
+        values = values.model_dump()
+    if not values.get("hookpoints"):
+        raise UsageError("no --hookpoints given; e.g. --hookpoints layers.15 (list them: saelab hookpoints MODEL)")
+    token = values.get("hf_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    store = Path(values.get("store") or activation_store(results_root))
+    request_key = cache_request_key(values)
+    check_request_not_being_built(store, request_key)  # before the model loads: fail in seconds, not minutes
+    if source is None:
+        source = load_activation_source(values["model"], **source_options(values))
+    dataset = load_dataset_source(
+        values["dataset_repo"], split=values["dataset_split"], name=values.get("dataset_name") or None,
+        column=values["dataset_column"], hf_token=token,
+    )
+    return build_activation_cache(
+        source, dataset, values["hookpoints"], n_tokens=values["n_tokens"], ctx_len=values["cache_ctx_len"],
+        batch_size=values["batch_size"], store=store, dtype=values.get("dtype", "float32"),
+        overwrite="cache" in (values.get("overwrite") or ()), shard_size_tokens=values.get("shard_size_tokens"),
+        progress=bool(values.get("verbose", True)), verify_checksums=bool(values.get("verify", False)),
+        request_key=request_key,
+    )
+
+
+def cache_request_key(values: Mapping[str, Any]) -> str:
+    """A short hash of the cache flags as given (model, revision, model dtype, hookpoints, dataset, split,
+    name, column, n_tokens, ctx_len, cache dtype; local paths made absolute). Unlike the fingerprint it
+    needs no model, so a second run of the same request can find the cache lock before loading one."""
+
+    def where(value: Any) -> Any:
+        path = Path(str(value)).expanduser()
+        return str(path.resolve()) if value and path.exists() else value
+
+    return json_sha256({
+        "model": where(values.get("model")), "revision": values.get("revision"),
+        "model_dtype": values.get("model_dtype"), "load_in_8bit": bool(values.get("load_in_8bit")),
+        "hookpoints": list(dict.fromkeys(values.get("hookpoints") or ())),
+        "dataset": where(values.get("dataset_repo")), "split": values.get("dataset_split"),
+        "name": values.get("dataset_name") or None, "column": values.get("dataset_column"),
+        "n_tokens": values.get("n_tokens"), "ctx_len": values.get("cache_ctx_len"),
+        "dtype": values.get("dtype", "float32"),
+    }, 24)

@@ -10,8 +10,11 @@ import inspect
 import json
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from .errors import UsageError
 from .fileio import atomic_write
@@ -55,6 +58,22 @@ def load_activation_source(model: str, *, hf_token: str | None = None, **options
     cls = resolve("activation_source", str(model))
     opts = cls.Options.parse({k: v for k, v in options.items() if v is not None}, where=f"model {model} (activation source {cls.name!r})")
     return cls(str(model), opts, **credential_kwargs(cls, hf_token))
+
+
+def source_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword options for :func:`saelab.models.load_activation_source` from resolved values."""
+    token = values.get("hf_token")
+    if isinstance(token, SecretStr):
+        token = token.get_secret_value()
+    opts = {"device": values.get("device"), "dtype": values.get("model_dtype"), "revision": values.get("revision"),
+            "hf_token": token}
+    if values.get("load_in_8bit"):
+        opts["load_in_8bit"] = True
+    if values.get("device") == "auto":
+        opts.pop("device")
+    if values.get("model_dtype") == "float32":
+        opts.pop("dtype")
+    return opts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 from saelab import hookimpl
+from saelab.activation_cache import open_or_build_cache
 from saelab.cli_options import (
     EMBEDDED_NOTE,
     CacheCommandOptions,
@@ -17,7 +18,6 @@ from saelab.cli_options import (
     model_options,
     name_option,
     one_line_warnings,
-    open_or_build_cache,
     overwrite_option,
     resolve_params,
     store_options,

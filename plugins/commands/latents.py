@@ -28,12 +28,12 @@ from saelab.cli_options import (
     parse_positions,
     resolve_params,
     seed_option,
-    source_options,
     verbose_option,
 )
 from saelab.config import config_option, write_run_config
 from saelab.examples import ExampleOptions
 from saelab.layout import RunLayout
+from saelab.models import source_options
 
 
 class LatentsCommandOptions(CacheCommandOptions, ExampleOptions):

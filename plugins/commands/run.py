@@ -39,7 +39,6 @@ from saelab.cli_options import (
     parse_positions,
     resolve_params,
     seed_option,
-    source_options,
     stack_options,
     store_options,
     verbose_option,
@@ -53,6 +52,7 @@ from saelab.config import (
     write_run_config,
 )
 from saelab.examples import ExampleOptions
+from saelab.models import source_options
 from saelab.options import parse_option_value
 
 DEFAULT_SPARSE_MODEL = "EleutherAI/sae-llama-3-8b-32x"

@@ -35,12 +35,12 @@ from saelab.cli_options import (
     overwrite_option,
     resolve_params,
     seed_option,
-    source_options,
     store_options,
     verbose_option,
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.layout import RunLayout
+from saelab.models import source_options
 from saelab.options import load_config_file, parse_option_value
 from saelab.positions import CFG_KEY, PositionFilter, model_exclusions
 from saelab.training import TrainerConfig
@@ -259,7 +259,7 @@ def train_command(values: dict[str, Any]) -> None:
         source, dims = _on_the_fly_source(values, needed, config)
         data_ref = "on_the_fly"
     else:
-        from saelab.cli_options import open_or_build_cache
+        from saelab.activation_cache import open_or_build_cache
 
         cache_values = {**values, "hookpoints": needed}
         if dist.is_main:
