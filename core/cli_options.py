@@ -182,16 +182,20 @@ def model_argument(required: bool = False) -> F:
     )
 
 
-def field_option(model: type[Options], field: str, *decls: str, **click_kwargs: Any) -> F:
+def field_option(model: type[Options], field: str, *decls: str, switch: bool = False, **click_kwargs: Any) -> F:
     """A click option whose default and help text are ``model``'s field ``field`` (its default and docstring),
     so that the flag and the typed options model cannot drift. ``decls`` default to ``--<field>``;
-    ``click_kwargs`` add the click type or metavar (never ``default`` or ``help``)."""
+    ``click_kwargs`` add the click type or metavar (never ``default`` or ``help``). A boolean field gives
+    delphi's ``--flag [BOOL]``, or with ``switch=True`` a plain ``--flag`` taking no value (one that must
+    not read a following positional argument as its value)."""
     if {"default", "help"} & set(click_kwargs):
         raise TypeError("field_option takes its default and help from the options model")
     info = model.model_fields[field]
     default = info.get_default(call_default_factory=True)
     help_text = _doc(field, model)
     decls = decls or (f"--{field}",)
+    if info.annotation is bool and switch:
+        return click.option(*decls, is_flag=True, default=bool(default), help=help_text)
     if info.annotation is bool:
         return bool_option(*decls, default=bool(default), help=help_text)
     show = default is not None and default != "" and default != []

@@ -59,23 +59,25 @@ EVAL_FILE = "eval.json"
 
 
 class EvalConfig(Options):
-    """Options of ``saelab evaluate``."""
+    """Options of ``saelab evaluate`` (each field's docstring is its flag's help text)."""
 
     n_tokens: int = Field(default=32768, ge=1)
     """Held-out tokens to evaluate (whole windows: rounded up to a multiple of ctx_len)."""
     ctx_len: int | None = Field(default=None, ge=2)
-    """Tokens per window; None: the training cache's ctx_len when recorded, else 256."""
+    """Tokens per window [default: the training cache's ctx_len when recorded, else 256]."""
     batch_size: int = Field(default=8, ge=1)
     """Windows per LM forward pass."""
     skip_tokens: int | None = Field(default=None, ge=0)
-    """Dataset stream tokens skipped before the evaluated windows; None: the training cache's tokens."""
+    """Dataset stream tokens skipped before the evaluated windows [default: the tokens the training cache
+    used, so that the evaluated tokens are held out]."""
     exclude_positions: tuple[int, ...] | None = None
-    """Positions left out of the headline metrics (negative ones count from the end); None: those the
-    dictionary's training recorded in ``cfg.json``, else the model's declaration (smollm2: 0-3, 0 the BOS
-    and 1-3 its massive activations; most models: 0)."""
+    """Positions left out of the headline metrics (metrics over every position are reported as *_all)
+    [default: those the dictionary's training recorded in its cfg.json, else the model's declaration: 0 1 2 3
+    on smollm2, whose positions 1-3 carry massive activations, 0 (the BOS) elsewhere]. Negative positions
+    count from the window's end; on the command line they are dropped, so -1 alone means none."""
     exclude_bos: bool | None = None
-    """Also leave out BOS tokens wherever they occur; None: as recorded at training, else False (training's
-    default)."""
+    """Also leave BOS tokens out of the headline metrics wherever they occur [default: as recorded at
+    training, else keep them]."""
     splice_excluded: bool = False
     """Splice the reconstruction at excluded positions too (default: they keep their clean activation)."""
     dense_threshold: float = Field(default=0.1, gt=0, le=1)
@@ -251,7 +253,7 @@ def evaluate(modules: Mapping[str, SparseDictionary], source: ActivationSource,
     config = config or EvalConfig()
     evaluators = {name: DictionaryEvaluator(m.to(config.device), config, position_filter(config, m, source))
                   for name, m in modules.items()}
-    bos = getattr(source.tokenizer, "bos_token_id", None) if getattr(source, "tokenizer", None) is not None else None
+    bos = getattr(source.tokenizer, "bos_token_id", None)
     batch: list[torch.Tensor] = []
     done = 0
 

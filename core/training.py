@@ -68,12 +68,14 @@ TRAINING_LOG = "training_log.jsonl"
 
 
 class TrainerConfig(Options):
-    """Options of the trainer (shared by every dictionary trained on one stream)."""
+    """Options of the trainer (shared by every dictionary trained on one stream). Each field is a flag of
+    ``saelab train`` with its docstring as help text (``batch_size`` is ``--train_batch_size``; ``seed``,
+    ``device`` and ``exclude_bos`` come from the command's ``--seed``, ``--device`` and ``--filter_bos``)."""
 
     batch_size: int = 4096
     """Tokens (activation rows) per optimisation step, across all data-parallel ranks."""
     lr: float | None = None
-    """Adam learning rate; None: ``min(4e-3, 4e-3 / sqrt(d_sae / 16384))`` (see ``auto_lr``). Chosen on
+    """Adam learning rate [default: ``min(4e-3, 4e-3 / sqrt(d_sae / 16384))``, see ``auto_lr``]. Chosen on
     real smollm2 layers.15 activations (positions 0-3 dropped, 94 steps of 4096 = 385k tokens, k 32,
     d_sae 16384, held-out FVU): lr 2e-4 (OpenAI/sparsify's Adam rule, made for runs of 100M+ tokens)
     FVU 0.567; 2e-3 0.301; 4e-3 0.269 (no latent that never fired, 6.5% silent over the last tenth);
@@ -83,9 +85,9 @@ class TrainerConfig(Options):
     epochs: int = 1
     """Passes over the data (a cache or in-memory tensors; the LM on the fly is re-run per epoch)."""
     max_steps: int | None = None
-    """Stop after this many steps (None: epochs x full batches per epoch)."""
+    """Stop after this many steps [default: epochs x full batches per epoch]."""
     warmup_steps: int | None = None
-    """Linear learning-rate warm-up steps; None: min(1000, 5% of the run)."""
+    """Linear learning-rate warm-up steps [default: min(1000, 5% of the run)]."""
     lr_decay: Literal["linear", "cosine", "none"] = "linear"
     """Learning-rate decay to 0 over the last `decay_fraction` of the run ('none' keeps it constant)."""
     decay_fraction: float = 0.2
@@ -97,23 +99,25 @@ class TrainerConfig(Options):
     adam_eps: float = 1e-8
     """Adam epsilon."""
     seed: int = 0
-    """Seed of the data order (shuffling is deterministic in seed and epoch) and of torch's RNG."""
+    """Seed of the data order (shuffling is deterministic in seed and epoch) and of torch's RNG (``saelab
+    train`` sets it from ``--seed``, whose default is 22)."""
     normalise: Literal["norm", "none"] = "norm"
     """'norm': scale inputs (and targets) so that the mean squared row norm equals the width, estimated
     on `init_rows` rows; folded back into the saved weights. 'none': train on raw activations."""
     init_rows: int = 65536
     """Rows sampled from the stream to estimate the normalisation and initialise the dictionary (b_dec)."""
     exclude_positions: tuple[int, ...] | None = None
-    """Window positions never trained on (cache / on-the-fly streams; negative ones count from the end);
-    None: the model's declaration (``ActivationSource.excluded_positions``: 0, the BOS token, for most
-    models; 0-3 for smollm2, whose positions 1-3 carry massive activations, norms ~26k vs a median ~170).
-    Recorded in each dictionary's ``cfg.json`` (``metadata.positions``)."""
+    """Window positions never trained on (cache / on-the-fly streams; negative ones count from the end;
+    empty, or 'none' on the command line: none) [default: the model's declaration
+    (``ActivationSource.excluded_positions``): 0, the BOS token, for most models; 0-3 for smollm2, whose
+    positions 1-3 carry massive activations, norms ~26k vs a median ~170]. Recorded in each dictionary's
+    ``cfg.json`` (``metadata.positions``)."""
     exclude_bos: bool = False
     """Also drop BOS tokens wherever they occur (cache / on-the-fly streams; ``--filter_bos``). Position 0,
     where every window's BOS sits, is already excluded by default."""
     dead_tokens: int | None = None
-    """A latent is dead after this many tokens without firing (drives AuxK); None: a tenth of the run's
-    tokens, clamped to [batch_size, 10M] (sparsify uses 10M, which a short run never reaches)."""
+    """A latent is dead after this many tokens without firing (drives AuxK) [default: a tenth of the run's
+    tokens, clamped to [batch_size, 10M]; sparsify uses 10M, which a short run never reaches]."""
     checkpoint_every: int = 1000
     """Save a resumable checkpoint every N steps (0: not by step count; see `checkpoint_every_minutes`)."""
     checkpoint_every_minutes: float = 10.0

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import Field
 from saelab import UsageError, hookimpl
 from saelab.cli import MultiValueOption
+from saelab.cli_options import field_option
 from saelab.dictionary import detect_format, dictionary_formats, load_dictionary
 from saelab.errors import format_choices
 from saelab.evaluation import (
@@ -27,6 +29,24 @@ from saelab.formats import find_dictionaries
 DEFAULT_DATASET = "wikipedia-sample"
 """Dataset used when none is recorded for the dictionary and none is given."""
 DEFAULT_CTX_LEN = 256
+"""Tokens per window when neither ``--ctx_len`` nor the training cache's is known."""
+
+
+class EvaluateCommandOptions(EvalConfig):
+    """Every option of ``saelab evaluate`` that is not a pure CLI concern: the evaluation's own
+    (:class:`saelab.evaluation.EvalConfig`) and which LM and data to evaluate on (by default those recorded
+    at training). The flags are generated from these fields (``--no_downstream`` sets ``downstream``)."""
+
+    model: str | None = None
+    """LM to splice into [default: the one recorded at training]."""
+    dataset_repo: str | None = Field(
+        default=None, description=f"Dataset [default: the training dataset, else {DEFAULT_DATASET}].")
+    dataset_split: str | None = None
+    """Split expression [default: the training split, else train]."""
+    dataset_name: str | None = None
+    """Dataset configuration name [default: the training one]."""
+    dataset_column: str | None = None
+    """Text column [default: the training column, else text]."""
 
 
 def _dictionary_name(path: Path, root: Path) -> str:
@@ -138,34 +158,28 @@ def register_commands(cli):
 
     @cli.command("evaluate", short_help="Evaluate dictionaries: FVU, L0, dead latents, CE loss recovered, KL.")
     @click.argument("path", metavar="RUN_OR_DICT_DIR")
-    @click.option("--model", default=None, help="LM to splice into (default: the one recorded at training).")
-    @click.option("--dataset_repo", default=None,
-                  help=f"Dataset (default: the training dataset, else {DEFAULT_DATASET}).")
-    @click.option("--dataset_split", default=None, help="Split expression (default: the training split).")
-    @click.option("--dataset_name", default=None, help="Dataset configuration name.")
-    @click.option("--dataset_column", default=None, help="Text column (default: text).")
-    @click.option("--n_tokens", type=int, default=None, help="Held-out tokens to evaluate [default: 32768].")
-    @click.option("--ctx_len", type=int, default=None, help="Tokens per window (default: the training cache's, else 256).")
-    @click.option("--batch_size", type=int, default=None, help="Windows per forward pass [default: 8].")
-    @click.option("--skip_tokens", type=int, default=None,
-                  help="Dataset tokens skipped before evaluating (default: those the training cache used, "
-                       "so the evaluated tokens are held out).")
-    @click.option("--exclude_positions", cls=MultiValueOption, type=int, default=None,
-                  help="Positions left out of the headline metrics [default: those recorded at training, "
-                       "else the model's (smollm2: 0 1 2 3); -1 for none]; metrics over every position are "
-                       "reported as *_all.")
-    @click.option("--exclude_bos/--keep_bos", default=None,
-                  help="Leave BOS tokens out of the headline metrics [default: as at training, else keep].")
-    @click.option("--splice_excluded", is_flag=True, default=None,
-                  help="Splice the reconstruction at excluded positions too.")
+    @field_option(EvaluateCommandOptions, "model")
+    @field_option(EvaluateCommandOptions, "dataset_repo")
+    @field_option(EvaluateCommandOptions, "dataset_split")
+    @field_option(EvaluateCommandOptions, "dataset_name")
+    @field_option(EvaluateCommandOptions, "dataset_column")
+    @field_option(EvaluateCommandOptions, "n_tokens", type=int)
+    @field_option(EvaluateCommandOptions, "ctx_len", type=int)
+    @field_option(EvaluateCommandOptions, "batch_size", type=int)
+    @field_option(EvaluateCommandOptions, "skip_tokens", type=int)
+    @field_option(EvaluateCommandOptions, "exclude_positions", cls=MultiValueOption, type=int)
+    @field_option(EvaluateCommandOptions, "exclude_bos", "--exclude_bos/--keep_bos")
+    @field_option(EvaluateCommandOptions, "splice_excluded", switch=True)
+    @field_option(EvaluateCommandOptions, "dense_threshold", type=float)
     @click.option("--no_downstream", is_flag=True, help="Skip the CE/KL metrics (no spliced forward passes).")
-    @click.option("--device", default=None, help="Device for the dictionary [default: cpu].")
+    @field_option(EvaluateCommandOptions, "device")
     @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
     def evaluate_cmd(path: str, model: str | None, dataset_repo: str | None, dataset_split: str | None,
-                     dataset_name: str | None, dataset_column: str | None, n_tokens: int | None,
-                     ctx_len: int | None, batch_size: int | None, skip_tokens: int | None,
+                     dataset_name: str | None, dataset_column: str | None, n_tokens: int,
+                     ctx_len: int | None, batch_size: int, skip_tokens: int | None,
                      exclude_positions: tuple[int, ...] | None, exclude_bos: bool | None,
-                     splice_excluded: bool | None, no_downstream: bool, device: str | None, as_json: bool) -> None:
+                     splice_excluded: bool, dense_threshold: float, no_downstream: bool, device: str,
+                     as_json: bool) -> None:
         """Evaluate dictionaries: FVU, L0, dead/dense latents, CE loss recovered, KL; writes eval.json."""
         from saelab.progress import stdout_console
 
@@ -176,8 +190,8 @@ def register_commands(cli):
             path, model=model, dataset_repo=dataset_repo, dataset_split=dataset_split, dataset_name=dataset_name,
             dataset_column=dataset_column, n_tokens=n_tokens, ctx_len=ctx_len, batch_size=batch_size,
             skip_tokens=skip_tokens, exclude_positions=excluded, exclude_bos=exclude_bos,
-            splice_excluded=splice_excluded, downstream=False if no_downstream else None, device=device,
-            progress=not as_json)
+            splice_excluded=splice_excluded, dense_threshold=dense_threshold,
+            downstream=False if no_downstream else None, device=device, progress=not as_json)
         if as_json:
             click.echo(json.dumps(results, indent=2, default=str))
             return

@@ -24,8 +24,10 @@ from saelab.cli import MultiValueOption
 from saelab.cli_options import (
     DEFAULT_MODEL,
     EMBEDDED_NOTE,
+    CacheCommandOptions,
     cache_options,
     dataset_options,
+    field_option,
     hf_token_option,
     hookpoints_option,
     model_argument,
@@ -60,6 +62,23 @@ TRAIN_NOTE = (
 )
 
 
+class TrainCommandOptions(CacheCommandOptions):
+    """The options of ``saelab train`` besides the trainer's (:class:`saelab.training.TrainerConfig`, whose
+    fields are flags too): the cache options and which dictionaries to train on which data. The flags are
+    generated from these fields."""
+
+    architectures: list[str] = []
+    """Architecture(s) to train (see `saelab plugins`); several make a sweep. [default: topk]"""
+    arch_options: list[tuple[str, str]] = []
+    """Architecture option, repeatable: -o k 32 -o d_sae 16384 (values parsed as JSON)."""
+    sweep: Path | None = None
+    """YAML/JSON file with a list 'dictionaries' of {architecture, options, name, lr}."""
+    cache_path: Path | None = None
+    """Train from this existing activation cache directory."""
+    on_the_fly: bool = False
+    """Stream activations from the LM while training (no cache written)."""
+
+
 @dataclass
 class DictConfig:
     """One configuration of a sweep."""
@@ -76,22 +95,18 @@ def _trainer_params() -> dict[str, str]:
 
 
 def _trainer_flags(f: Any) -> Any:
-    """Add one flag per TrainerConfig field (documented by the field), except those set by shared flags."""
+    """Add one flag per TrainerConfig field (default and help from the field, see ``field_option``), except
+    those set by shared flags. Values stay strings parsed as JSON by :func:`_trainer_config` (``--lr null``)."""
     for param, field_name in reversed(list(_trainer_params().items())):
-        info = TrainerConfig.model_fields[field_name]
-        flag = "--" + param
-        default = info.default
-        help_text = f"{info.description} [default: {default if not isinstance(default, tuple) else list(default)}]"
-        origin = typing.get_origin(info.annotation)
+        annotation = TrainerConfig.model_fields[field_name].annotation
+        decls = ("--" + param, param)
         if field_name == "exclude_positions":
-            f = click.option(flag, param, cls=MultiValueOption, metavar="POS ...",
-                             help=f"{info.description} [default: the model's declaration; 'none' for no "
-                                  "exclusion]")(f)
-        elif origin is typing.Literal:
-            f = click.option(flag, param, type=click.Choice(typing.get_args(info.annotation)),
-                             default=None, help=help_text)(f)
+            option = field_option(TrainerConfig, field_name, *decls, cls=MultiValueOption, metavar="POS ...")
+        elif typing.get_origin(annotation) is typing.Literal:
+            option = field_option(TrainerConfig, field_name, *decls, type=click.Choice(typing.get_args(annotation)))
         else:
-            f = click.option(flag, param, default=None, metavar="VALUE", help=help_text)(f)
+            option = field_option(TrainerConfig, field_name, *decls, type=click.STRING, metavar="VALUE")
+        f = option(f)
     return f
 
 
@@ -189,16 +204,13 @@ def register_commands(cli: click.Group) -> None:
                  short_help="Train sparse dictionaries on activations of MODEL at hookpoints.")
     @model_argument()
     @hookpoints_option()
-    @click.option("--architecture", "architectures", cls=MultiValueOption, metavar="NAME ...",
-                  help="Architecture(s) to train (see `saelab plugins`); several make a sweep. [default: topk]")
-    @click.option("-o", "--option", "arch_options", nargs=2, multiple=True, metavar="KEY VALUE",
-                  help="Architecture option, repeatable: -o k 32 -o d_sae 16384 (values parsed as JSON).")
-    @click.option("--sweep", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="YAML/JSON file with a list 'dictionaries' of {architecture, options, name, lr}.")
-    @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
-                  help="Train from this existing activation cache directory.")
-    @click.option("--on_the_fly", is_flag=True, default=False,
-                  help="Stream activations from the LM while training (no cache written).")
+    @field_option(TrainCommandOptions, "architectures", "--architecture", "architectures", cls=MultiValueOption,
+                  metavar="NAME ...")
+    @field_option(TrainCommandOptions, "arch_options", "-o", "--option", "arch_options", nargs=2, multiple=True,
+                  metavar="KEY VALUE")
+    @field_option(TrainCommandOptions, "sweep", type=click.Path(dir_okay=False, path_type=Path))
+    @field_option(TrainCommandOptions, "cache_path", "--cache", "cache_path", type=click.Path(path_type=Path))
+    @field_option(TrainCommandOptions, "on_the_fly", switch=True)
     @_trainer_flags
     @dataset_options()
     @cache_options()
