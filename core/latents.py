@@ -38,19 +38,21 @@ output sites that add into the residual stream (``embed``, ``layers.N``, ``layer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
+from .activation_cache import find_activation_cache
 from .errors import CorruptCacheError, UsageError
 from .fileio import (
     DirectoryLock,
@@ -61,7 +63,11 @@ from .fileio import (
     write_json_atomic,
 )
 from .interfaces import ActivationSource, Dataset, SparseDictionary
+from .options import Options
 from .positions import PositionFilter, dictionary_filter
+
+if TYPE_CHECKING:
+    from .activation_cache import ActivationCache
 
 FORMAT = "saelab-latent-cache"
 FORMAT_VERSION = 1
@@ -122,7 +128,7 @@ def dictionary_identity(dictionary: SparseDictionary) -> dict[str, Any]:
     try:
         config = dictionary.config()
     except Exception:  # a third-party architecture without a JSON config still gets a weights hash
-        config = {"architecture": getattr(dictionary, "name", type(dictionary).__name__)}
+        config = {"architecture": dictionary.name}
     return {"config": config, "weights_sha256": digest.hexdigest()}
 
 
@@ -369,59 +375,23 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Finding a reusable activation cache
-
-
-def find_activation_cache(source: ActivationSource, dataset: Dataset, hookpoints: Sequence[str], *, n_tokens: int,
-                          ctx_len: int, store: str | Path, dtype: str = "float32", checksums: bool = False) -> Any:
-    """A complete activation cache in ``store`` over the same model, data, ``n_tokens`` and ``ctx_len`` that
-    covers ``hookpoints``, or None.
-
-    A cache of exactly ``hookpoints`` is looked up by fingerprint first (``dtype`` first, then the other
-    storage dtype); else the store's manifests are read for a cache holding more hookpoints (fewest extra
-    first). ``checksums`` checks every shard's sha256 of the cache found; a damaged cache is skipped."""
-    from .activation_cache import DTYPES, ActivationCache, cache_dir_for, fingerprint_inputs
-    from .activation_cache import MANIFEST as CACHE_MANIFEST
-
-    dtypes = [dtype, *(d for d in DTYPES if d != dtype)] if dtype in DTYPES else list(DTYPES)
-    wanted = {d: fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=d)
-              for d in dtypes}
-    candidates = [cache_dir_for(store, wanted[d]) for d in dtypes]
-    candidates += _covering_caches(Path(store), wanted[dtypes[0]], set(hookpoints), dtypes, CACHE_MANIFEST)
-    for directory in dict.fromkeys(candidates):
-        if (directory / CACHE_MANIFEST).is_file():
-            try:
-                return ActivationCache.open(directory, checksums=checksums)
-            except (UsageError, CorruptCacheError):
-                continue
-    return None
-
-
-def _covering_caches(store: Path, wanted: dict[str, Any], hookpoints: set[str], dtypes: Sequence[str],
-                     manifest_name: str) -> list[Path]:
-    """Complete caches in ``store`` whose fingerprint inputs equal ``wanted`` but for more hookpoints and
-    any storage dtype: ``dtypes`` order, then fewest hookpoints first."""
-    same = json.loads(json.dumps({k: v for k, v in wanted.items() if k not in ("hookpoints", "dtype")}, default=str))
-    found: list[tuple[int, int, Path]] = []
-    try:
-        directories = [p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError:
-        return []
-    for directory in directories:
-        try:
-            manifest = json.loads((directory / manifest_name).read_text(encoding="utf-8"))
-            inputs = dict(manifest["fingerprint_inputs"])
-            held = set(inputs.pop("hookpoints"))
-            stored_dtype = inputs.pop("dtype")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if manifest.get("complete") and held > hookpoints and inputs == same and stored_dtype in dtypes:
-            found.append((list(dtypes).index(stored_dtype), len(held), directory))
-    return [directory for _, _, directory in sorted(found)]
-
-
-# --------------------------------------------------------------------------------------------------
 # Writer
+
+
+@dataclass
+class LatentCacheJob:
+    """One dictionary's latent cache for :func:`build_latent_caches`."""
+
+    dictionary: SparseDictionary
+    """The dictionary whose latents are cached."""
+    out_dir: str | Path
+    """The cache directory (``latents/<hook>/`` of a run)."""
+    hookpoint: str | None = None
+    """Name the cache is stored under (default: the dictionary's first input site)."""
+    exclude_positions: Sequence[int] = ()
+    """Positions left out (:class:`~saelab.positions.PositionFilter`)."""
+    activation_cache: ActivationCache | None = None
+    """A complete activation cache holding the dictionary's input sites to read instead of running the LM."""
 
 
 def build_latent_cache(
@@ -433,39 +403,99 @@ def build_latent_cache(
     dataset: Dataset | None = None,
     n_tokens: int | None = None,
     ctx_len: int = 256,
-    activation_cache: Any = None,
-    n_splits: int = 5,
-    batch_size: int = 32,
-    filter_bos: bool = False,
+    activation_cache: ActivationCache | None = None,
     exclude_positions: Sequence[int] = (),
-    n_quantiles: int = 10,
-    top_logits: int = 10,
-    flush_nonzeros: int = DEFAULT_FLUSH_NONZEROS,
-    encode_rows: int = 4096,
-    overwrite: bool = False,
-    progress: bool = True,
+    **options: Any,
 ) -> LatentCache:
     """Build (or reuse, or resume) the latent cache of ``dictionary`` in ``out_dir``.
 
     Data comes from ``activation_cache`` (an :class:`~saelab.activation_cache.ActivationCache` holding the
     dictionary's input hookpoints; its tokens are reused) or from ``dataset`` tokenised into ``n_tokens``
     tokens of ``ctx_len``-token windows (:mod:`saelab.data`) run through ``source``. ``hookpoint`` names
-    the cache (default: the dictionary's first input site). See the module docstring for the format.
+    the cache (default: the dictionary's first input site); ``options`` are those of
+    :func:`build_latent_caches`. See the module docstring for the format.
     """
-    if getattr(dictionary, "requires_sequences", False):
-        raise UsageError(f"architecture {dictionary.name!r} reads whole sequences; latent caching supports "
-                         f"token-wise dictionaries only")
+    job = LatentCacheJob(dictionary, out_dir, hookpoint, exclude_positions, activation_cache)
+    return build_latent_caches(source, [job], dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len, **options)[0]
+
+
+def build_latent_caches(
+    source: ActivationSource,
+    jobs: Sequence[LatentCacheJob],
+    *,
+    dataset: Dataset | None = None,
+    n_tokens: int | None = None,
+    ctx_len: int = 256,
+    n_splits: int = 5,
+    batch_size: int = 32,
+    filter_bos: bool = False,
+    n_quantiles: int = 10,
+    top_logits: int = 10,
+    flush_nonzeros: int = DEFAULT_FLUSH_NONZEROS,
+    encode_rows: int = 4096,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[LatentCache]:
+    """Build (or reuse, or resume) the latent caches of several dictionaries over the same data, in the
+    order of ``jobs``. The jobs without an activation cache share one pass of the LM over ``dataset``
+    (one forward per batch reading every site they need, as if each had been built alone: the same
+    batches, values and files); a job with one reads its activation cache."""
     if batch_size < 1:
         raise UsageError(f"bad --batch_size {batch_size}; accepted: a positive integer")
     if n_quantiles < 1:
         raise UsageError(f"bad --n_quantiles {n_quantiles}; accepted: a positive integer")
     if flush_nonzeros < 1:
         raise UsageError(f"bad flush_nonzeros {flush_nonzeros}; accepted: a positive integer")
+    started = time.perf_counter()
+    caches: list[LatentCache | None] = []
+    building: list[tuple[int, _Writer, str]] = []
+    with contextlib.ExitStack() as locks:
+        for job in jobs:
+            prepared = _prepare(source, job, locks, dataset=dataset, n_tokens=n_tokens, ctx_len=ctx_len,
+                                n_splits=n_splits, batch_size=batch_size, filter_bos=filter_bos,
+                                n_quantiles=n_quantiles, top_logits=top_logits, flush_nonzeros=flush_nonzeros,
+                                encode_rows=encode_rows, overwrite=overwrite, started=started)
+            if isinstance(prepared, LatentCache):
+                caches.append(prepared)
+                continue
+            building.append((len(caches), *prepared))
+            caches.append(None)
+        writers = [writer for _, writer, _ in building]
+        for writer in writers:
+            if writer.activation_cache is not None:
+                writer.run(progress)
+        streamed = [writer for writer in writers if writer.activation_cache is None]
+        if len(streamed) == 1:
+            streamed[0].run(progress)
+        elif streamed:
+            _run_together(streamed, source, dataset, progress)  # type: ignore[arg-type]
+        for index, writer, status in building:
+            resumed_from = writer.resumed_from
+            _write_stats(writer.out, writer.manifest, n_quantiles, source, writer.dictionary, top_logits)
+            writer.manifest["complete"] = True
+            writer.save_manifest()
+            cache = LatentCache.open(writer.out)
+            cache.build_info = {"status": "built" if resumed_from == 0 and status == "resumed" else status,
+                                "seconds": time.perf_counter() - started, "resumed_from_sequences": resumed_from}
+            caches[index] = cache
+    return [cache for cache in caches if cache is not None]
+
+
+def _prepare(source: ActivationSource, job: LatentCacheJob, locks: contextlib.ExitStack, *,
+             dataset: Dataset | None, n_tokens: int | None, ctx_len: int, n_splits: int, batch_size: int,
+             filter_bos: bool, n_quantiles: int, top_logits: int, flush_nonzeros: int, encode_rows: int,
+             overwrite: bool, started: float) -> LatentCache | tuple[_Writer, str]:
+    """The complete cache of ``job`` when it can be reused; else its writer (``job``'s directory locked in
+    ``locks``) and the status it will report (built, rebuilt or resumed)."""
+    dictionary, activation_cache = job.dictionary, job.activation_cache
+    if dictionary.requires_sequences:
+        raise UsageError(f"architecture {dictionary.name!r} reads whole sequences; latent caching supports "
+                         f"token-wise dictionaries only")
     from .data import WindowSpec, n_windows_for, tokenizer_identity
 
     inputs = list(dictionary.sites.inputs)
     source.check_hookpoints(inputs)
-    hookpoint = hookpoint or inputs[0]
+    hookpoint = job.hookpoint or inputs[0]
     if activation_cache is not None:
         missing = [h for h in inputs if h not in activation_cache.hookpoints]
         if missing:
@@ -486,7 +516,7 @@ def build_latent_cache(
     if target * ctx_len > MAX_TOKENS:
         raise UsageError(f"{target * ctx_len} tokens exceed the latent cache's int32 token index (2**31); "
                          f"use fewer --n_tokens")
-    positions = PositionFilter.of(exclude_positions, filter_bos).positions(ctx_len)
+    positions = PositionFilter.of(job.exclude_positions, filter_bos).positions(ctx_len)
     splits = split_bounds(dictionary.d_sae, n_splits)
     inputs_fp = {
         "format_version": FORMAT_VERSION, "model": source.identity(), "dictionary": dictionary_identity(dictionary),
@@ -494,9 +524,8 @@ def build_latent_cache(
         "splits": splits,
     }
     fp = _hash(inputs_fp)
-    out = Path(out_dir)
+    out = Path(job.out_dir)
     status = "built"
-    started = time.perf_counter()
     if (out / MANIFEST).is_file():
         old = None
         try:
@@ -518,21 +547,78 @@ def build_latent_cache(
         else:
             status = "resumed"
     out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(out, "latent cache"):
-        writer = _Writer(source, dictionary, out, hookpoint, inputs, splits, ctx_len, target, bos, filter_bos,
-                         positions, fp, inputs_fp, activation_cache, dataset, batch_size, flush_nonzeros,
-                         encode_rows)
-        resumed_from = writer.done
-        if resumed_from == 0 and status == "resumed":
-            status = "built"
-        writer.run(progress)
-        _write_stats(out, writer.manifest, n_quantiles, source, dictionary, top_logits)
-        writer.manifest["complete"] = True
-        writer.save_manifest()
-    cache = LatentCache.open(out)
-    cache.build_info = {"status": status, "seconds": time.perf_counter() - started,
-                        "resumed_from_sequences": resumed_from}
-    return cache
+    locks.enter_context(DirectoryLock(out, "latent cache"))
+    writer = _Writer(source, dictionary, out, hookpoint, inputs, splits, ctx_len, target, bos, filter_bos,
+                     positions, fp, inputs_fp, activation_cache, dataset, batch_size, flush_nonzeros, encode_rows)
+    return writer, status
+
+
+def _run_together(writers: Sequence[_Writer], source: ActivationSource, dataset: Dataset, show_progress: bool) -> None:
+    """Feed every writer from one pass of the LM over ``dataset`` (from the writer furthest behind), each
+    forward reading the sites of all of them."""
+    inputs = list(dict.fromkeys(site for writer in writers for site in writer.inputs))
+    first = min(writer.done for writer in writers)
+    first_writer = writers[0]
+    batches = _model_batches(source, dataset, inputs, first_writer.ctx_len, first, first_writer.target,
+                             first_writer.batch_size)
+    label = ", ".join(writer.manifest["hookpoint"] for writer in writers)
+    _consume(writers, batches, first, show_progress, label)
+
+
+def _model_batches(source: ActivationSource, dataset: Dataset, inputs: Sequence[str], ctx_len: int, first: int,
+                   target: int, batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """``(tokens [B, ctx], {site: [B, ctx, d]})`` of windows ``first`` to ``target`` run through ``source``."""
+    import itertools
+
+    from .data import WindowSpec, iter_windows
+
+    if first >= target:
+        return
+    spec = WindowSpec.for_tokenizer(source.tokenizer, ctx_len)
+    windows = iter_windows(dataset.texts(), source.tokenizer, spec, max_windows=target - first, skip_windows=first)
+    device = source.device
+    while True:
+        batch = list(itertools.islice(windows, batch_size))
+        if not batch:
+            return
+        ids = torch.stack(batch)
+        with torch.no_grad():
+            acts = source.activations(ids if device is None else ids.to(device), list(inputs))
+        yield ids, acts
+        if len(batch) < batch_size:
+            return
+
+
+def _consume(writers: Sequence[_Writer], batches: Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+             first: int, show_progress: bool, label: str) -> None:
+    """Hand every batch (sequences ``first`` on) to the writers still missing its sequences, then finish them."""
+    from .progress import progress as make_progress
+
+    ctx_len, target = writers[0].ctx_len, writers[0].target
+    bar = make_progress() if show_progress else None
+    task = None
+    if bar is not None:
+        bar.start()
+        task = bar.add_task(f"latents {label}", total=target * ctx_len, completed=first * ctx_len)
+    try:
+        seq = first
+        for tokens, acts in batches:
+            n = tokens.shape[0]
+            for writer in writers:
+                offset = writer.done - seq
+                if 0 <= offset < n:
+                    writer.consume(tokens[offset:], {site: acts[site][offset:] for site in writer.inputs})
+            seq += n
+            del acts
+            if bar is not None:
+                bar.update(task, advance=n * ctx_len)
+        for writer in writers:
+            writer.flush()
+    finally:
+        if bar is not None:
+            bar.stop()
+    for writer in writers:
+        writer.finish()
 
 
 class _Writer:
@@ -565,6 +651,8 @@ class _Writer:
                 "n_nonzeros": 0, "data_exhausted": False, "chunks": [], "created": now_iso(),
             }
         self.done = int(self.manifest["n_sequences"])
+        self.resumed_from = self.done
+        """Sequences already written when this writer started."""
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
         self._tokens: list[torch.Tensor] = []
@@ -607,24 +695,8 @@ class _Writer:
                 seen += n
                 del tokens, acts
             return
-        import itertools
-
-        from .data import WindowSpec, iter_windows
-
-        spec = WindowSpec.for_tokenizer(self.source.tokenizer, self.ctx_len)
-        windows = iter_windows(self.dataset.texts(), self.source.tokenizer, spec,  # type: ignore[union-attr]
-                               max_windows=self.target - self.done, skip_windows=self.done)
-        device = getattr(self.source, "device", None)
-        while True:
-            batch = list(itertools.islice(windows, self.batch_size))
-            if not batch:
-                return
-            ids = torch.stack(batch)
-            with torch.no_grad():
-                acts = self.source.activations(ids if device is None else ids.to(device), self.inputs)
-            yield ids, acts
-            if len(batch) < self.batch_size:
-                return
+        yield from _model_batches(self.source, self.dataset, self.inputs, self.ctx_len,  # type: ignore[arg-type]
+                                  self.done, self.target, self.batch_size)
 
     # ---- encoding and flushing
 
@@ -682,37 +754,29 @@ class _Writer:
         self.save_manifest()
         self._buffered, self._chunk_start, self._chunk_analysed = 0, self.done, 0
 
-    def run(self, show_progress: bool) -> None:
-        """Encode the missing sequences and write their chunks."""
-        from .progress import progress as make_progress
-
-        self.dictionary.eval()
-        bar = make_progress() if show_progress else None
-        task = None
-        if bar is not None:
-            bar.start()
-            task = bar.add_task(f"latents {self.manifest['hookpoint']}", total=self.target * self.ctx_len,
-                                completed=self.done * self.ctx_len)
-        try:
-            for tokens, acts in self._batches():
-                n = tokens.shape[0]
-                self._encode(tokens, acts, self.done)
-                if self.activation_cache is None:
-                    self._tokens.append(tokens.to(torch.int32).cpu())
-                self.done += n
-                del acts
-                if bar is not None:
-                    bar.update(task, advance=n * self.ctx_len)
-                if self._buffered >= self.flush_nonzeros:
-                    self._flush()
+    def consume(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
+        """Encode the next sequences (``tokens [B, ctx]`` and their input sites), flushing a full chunk."""
+        self._encode(tokens, acts, self.done)
+        if self.activation_cache is None:
+            self._tokens.append(tokens.to(torch.int32).cpu())
+        self.done += tokens.shape[0]
+        if self._buffered >= self.flush_nonzeros:
             self._flush()
-        finally:
-            if bar is not None:
-                bar.stop()
+
+    def flush(self) -> None:
+        """Write the buffered sequences as a chunk."""
+        self._flush()
+
+    def finish(self) -> None:
+        """Record how far the data went (one-line error when it held no whole window)."""
         if self.done == 0:
             raise UsageError("no tokens to analyse: the dataset holds fewer tokens than one context window")
         self.manifest["data_exhausted"] = self.done < self.target
         self.save_manifest()
+
+    def run(self, show_progress: bool) -> None:
+        """Encode the missing sequences and write their chunks."""
+        _consume([self], self._batches(), self.done, show_progress, self.manifest["hookpoint"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -837,7 +901,7 @@ def _direct_logits(source: ActivationSource, dictionary: SparseDictionary, k: in
     if k < 1:
         return None
     W_U = source.unembedding()
-    W_dec = getattr(dictionary, "W_dec", None)
+    W_dec = dictionary.decoder_directions()
     sites = list(dictionary.sites.outputs)
     writing = residual_output_sites(sites)
     if W_U is None or W_dec is None or not writing:
@@ -867,10 +931,12 @@ __all__ = [
     "HIST_BINS",
     "LatentActivations",
     "LatentCache",
+    "LatentCacheJob",
     "build_latent_cache",
+    "build_latent_caches",
     "dictionary_identity",
     "find_activation_cache",
-    "latent_cache_for_run",
+    "latent_caches_for_run",
     "latents_dir",
     "residual_output_sites",
     "select_dictionaries",
@@ -913,41 +979,41 @@ def _default_exclusions(given: Sequence[int] | None, dictionary: SparseDictionar
     return dictionary_filter(dictionary, source, given).exclude_positions
 
 
-def latent_cache_for_run(values: Any, source: ActivationSource, dictionary: SparseDictionary, hook: str,
-                         run_directory: str | Path, *, store: str | Path | None = None) -> LatentCache:
-    """Build, resume or reuse ``latents/<hook>/`` of a run from resolved command values (the
-    ``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``, ``--batch_size``, ``--filter_bos``,
-    ``--exclude_positions``, ``--n_splits``, ``--n_quantiles``, ``--overwrite``, ``--store``, ``--dtype``,
-    ``--verify`` options): the one path of ``saelab latents`` and ``saelab run``.
+def latent_caches_for_run(values: Mapping[str, Any] | Options, source: ActivationSource,
+                          dictionaries: Mapping[str, SparseDictionary], run_directory: str | Path, *,
+                          store: str | Path | None = None) -> dict[str, LatentCache]:
+    """Build, resume or reuse ``latents/<hook>/`` of a run for each ``{hook: dictionary}`` from resolved
+    command values (the ``--dataset_*``, ``--n_tokens``, ``--cache_ctx_len``, ``--batch_size``,
+    ``--filter_bos``, ``--exclude_positions``, ``--n_splits``, ``--n_quantiles``, ``--overwrite``,
+    ``--store``, ``--dtype``, ``--verify`` options): the one path of ``saelab latents`` and ``saelab run``.
 
-    A complete activation cache in ``store`` covering the dictionary's input sites over the same model and
-    data (see :func:`find_activation_cache`) is read instead of running the LM; else the latents are
-    computed from the model's forward pass batch by batch and no dense activation is written to disk.
-    ``--overwrite cache`` always recomputes from the model. :attr:`LatentCache.activation_cache_path` says
-    which was used."""
+    A complete activation cache in ``store`` covering a dictionary's input sites over the same model and
+    data (see :func:`find_activation_cache`) is read instead of running the LM; the other dictionaries'
+    latents are computed from one shared forward pass of the model, batch by batch, and no dense
+    activation is written to disk. ``--overwrite cache`` always recomputes from the model.
+    :attr:`LatentCache.activation_cache_path` says which was used."""
     from pydantic import SecretStr
 
     from .data import load_dataset_source
     from .layout import activation_store
 
-    get = values.get if isinstance(values, dict) else (lambda k, d=None: getattr(values, k, d))
+    get = (values.model_dump() if isinstance(values, Options) else values).get
     token = get("hf_token")
     if isinstance(token, SecretStr):
         token = token.get_secret_value()
     dataset = load_dataset_source(get("dataset_repo"), split=get("dataset_split"), name=get("dataset_name") or None,
                                   column=get("dataset_column", "text"), hf_token=token)
     overwrite = "cache" in (get("overwrite") or ())
-    activation_cache = None
-    if not overwrite:
-        activation_cache = find_activation_cache(source, dataset, list(dictionary.sites.inputs),
-                                                 n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"),
-                                                 store=store or get("store") or activation_store(),
-                                                 dtype=get("dtype") or "float32", checksums=bool(get("verify")))
-    return build_latent_cache(
-        source, dictionary, latents_dir(run_directory, hook), hookpoint=hook, dataset=dataset,
-        n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"), activation_cache=activation_cache,
+    jobs = []
+    for hook, dictionary in dictionaries.items():
+        activation_cache = None if overwrite else find_activation_cache(
+            source, dataset, list(dictionary.sites.inputs), n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"),
+            store=store or get("store") or activation_store(), dtype=get("dtype") or "float32",
+            checksums=bool(get("verify")))
+        jobs.append(LatentCacheJob(dictionary, latents_dir(run_directory, hook), hook,
+                                   _default_exclusions(get("exclude_positions"), dictionary, source), activation_cache))
+    caches = build_latent_caches(
+        source, jobs, dataset=dataset, n_tokens=get("n_tokens"), ctx_len=get("cache_ctx_len"),
         n_splits=get("n_splits", 5), batch_size=get("batch_size", 32), filter_bos=bool(get("filter_bos", False)),
-        exclude_positions=_default_exclusions(get("exclude_positions"), dictionary, source),
-        n_quantiles=get("n_quantiles", 10),
-        overwrite=overwrite, progress=bool(get("verbose", True)),
-    )
+        n_quantiles=get("n_quantiles", 10), overwrite=overwrite, progress=bool(get("verbose", True)))
+    return dict(zip(dictionaries, caches, strict=True))

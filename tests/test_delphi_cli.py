@@ -271,7 +271,7 @@ def test_a_streamed_run_killed_mid_latents_resumes_after_its_last_chunk(cli, res
             "from saelab.plugins.models import transformers_models as models; "
             "forward = models.TransformersSource.activations; "
             "models.TransformersSource.activations = lambda *a, **k: (time.sleep(0.2), forward(*a, **k))[1]; "
-            "latents.build_latent_cache.__kwdefaults__['flush_nonzeros'] = 1; "
+            "latents.build_latent_caches.__kwdefaults__['flush_nonzeros'] = 1; "
             "from saelab.cli import main; main(sys.argv[1:])")
     env = {**os.environ, **{k: v for k, v in ENV.items() if v is not None}, "OMP_NUM_THREADS": "1"}
     env.pop("HF_TOKEN", None)

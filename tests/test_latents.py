@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -102,6 +103,43 @@ def test_top_logits_are_decoder_rows_through_unembedding(built):
     tok = tiny_source().tokenizer
     assert top.tokens[0] == tok.decode([int(logits[5].argmax())])
     assert bottom.values[0] == pytest.approx(float(logits[5].min()), abs=1e-5)
+
+
+def test_interface_defaults_give_a_third_party_dictionary_direct_logits():
+    """A SparseDictionary that is not a LinearDictionary: ``decoder_directions()`` defaults to its ``W_dec``
+    (None without one, and then no top logits), ``extra_config`` starts empty, no pre-encoder bias."""
+    import saelab
+    from saelab.interfaces import SiteSpec
+    from saelab.latents import _direct_logits
+
+    class Tied(saelab.SparseDictionary):
+        name = "tied-test"
+
+        def __init__(self, sites, options, weight=None):
+            super().__init__(sites, options)
+            if weight is not None:
+                self.W_dec = torch.nn.Parameter(weight)
+
+        @property
+        def d_sae(self):
+            return 12
+
+        def encode(self, x):
+            return torch.relu(x[:, 0] @ self.W_dec.T)
+
+        def decode(self, latents):
+            return (latents @ self.W_dec)[:, None]
+
+    sites = SiteSpec(inputs=["layers.0"], outputs=["layers.0"], d_in=64, d_out=64)
+    weight = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
+    tied = Tied(sites, saelab.Options(), weight)
+    assert tied.decoder_directions() is tied.W_dec and tied.extra_config == {} and not tied.uses_pre_encoder_bias
+    logits = _direct_logits(tiny_source(), tied, 3)
+    assert logits is not None
+    expected = (weight @ tiny_source().unembedding().float()).topk(3, dim=1).indices
+    assert torch.equal(logits["top_logit_ids"].long(), expected)
+    bare = Tied(sites, saelab.Options())
+    assert bare.decoder_directions() is None and _direct_logits(tiny_source(), bare, 3) is None
 
 
 def test_reuse_and_rebuild_on_other_dictionary(built, tmp_path):
@@ -238,3 +276,37 @@ def test_latents_command(tmp_path, cli, monkeypatch):
     unused.assert_user_error("co-occurrence", "does not use")
     addressed = cli("latents", *common, *records_args, "--train_type", "mix", "--sampler_option", "mix.ratio_top", "0.5")
     assert addressed.exit_code == 0, addressed.output
+
+
+def test_several_dictionaries_share_one_forward_pass(tmp_path, monkeypatch):
+    """Dictionaries at two sites built together: one LM forward per batch reading both sites, and each cache
+    holds exactly the files and values it gets when built alone (also when one of them resumes)."""
+    from saelab.latents import LatentCacheJob, build_latent_caches
+
+    first, second = tiny_dictionary("layers.0", seed=0), tiny_dictionary("layers.1", seed=1)
+    alone = [build(tmp_path / "alone" / hook, d) for hook, d in (("layers.0", first), ("layers.1", second))]
+    # the second cache was killed after its first chunks: the shared pass starts at its first missing sequence
+    shutil.copytree(alone[1].path, tmp_path / "together" / "layers.1")
+    manifest = json.loads((tmp_path / "together" / "layers.1" / "manifest.json").read_text())
+    kept = manifest["chunks"][:2]
+    manifest.update(complete=False, chunks=kept, n_sequences=kept[-1]["seq_stop"],
+                    n_analysed=sum(c["n_analysed"] for c in kept),
+                    n_nonzeros=sum(s["nnz"] for c in kept for s in c["splits"]))
+    (tmp_path / "together" / "layers.1" / "manifest.json").write_text(json.dumps(manifest))
+    source = tiny_source()
+    calls = []
+    activations = source.activations
+    monkeypatch.setattr(source, "activations",
+                        lambda ids, hookpoints: calls.append(list(hookpoints)) or activations(ids, hookpoints))
+    jobs = [LatentCacheJob(first, tmp_path / "together" / "layers.0", "layers.0"),
+            LatentCacheJob(second, tmp_path / "together" / "layers.1", "layers.1")]
+    together = build_latent_caches(source, jobs, dataset=lee_dataset(), n_tokens=N_TOKENS, ctx_len=CTX, n_splits=3,
+                                   batch_size=5, flush_nonzeros=1500, progress=False)
+    assert calls and all(hooks == ["layers.0", "layers.1"] for hooks in calls)
+    assert len(calls) == -(-(N_TOKENS // CTX) // 5)  # one forward per batch for both dictionaries
+    assert [c.build_info["status"] for c in together] == ["built", "resumed"]
+    for one, both in zip(alone, together, strict=True):
+        assert torch.equal(one.tokens(), both.tokens())
+        assert torch.equal(one.dense(), both.dense())
+    assert together[0].manifest["chunks"] == alone[0].manifest["chunks"]
+    assert together[1].build_info["resumed_from_sequences"] == kept[-1]["seq_stop"] > 0

@@ -117,7 +117,7 @@ def register_commands(cli: click.Group) -> None:
 def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     """Build the latent caches (and records) of ``saelab latents``; prints the summary table."""
     from saelab.examples import build_records
-    from saelab.latents import latent_cache_for_run, select_dictionaries
+    from saelab.latents import latent_caches_for_run, select_dictionaries
     from saelab.models import load_activation_source
     from saelab.pipeline import example_options as example_values
 
@@ -126,9 +126,11 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     chosen = select_dictionaries(options.sparse_model, options.hookpoints)  # type: ignore[arg-type]
     with one_line_warnings():
         source = load_activation_source(options.model, **source_options(options.model_dump()))
+        caches = latent_caches_for_run(options, source, {hook: dictionary for hook, dictionary, _ in chosen},
+                                       directory)
         rows = []
         for hook, dictionary, path in chosen:
-            cache = latent_cache_for_run(options, source, dictionary, hook, directory)
+            cache = caches[hook]
             summary = cache.stats()["summary"]
             row = {"hookpoint": hook, "dictionary": str(path), "status": cache.build_info["status"],
                    "tokens": cache.n_analysed, "d_sae": cache.d_sae, "nonzeros": cache.manifest["n_nonzeros"],

@@ -531,7 +531,7 @@ def run_command(values: dict[str, Any]) -> dict[str, Any]:
 
 def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     from saelab.dictionary import load_dictionary
-    from saelab.latents import latent_cache_for_run
+    from saelab.latents import latent_caches_for_run
     from saelab.layout import RunLayout
     from saelab.models import load_activation_source
     from saelab.pipeline import (
@@ -561,10 +561,11 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     contrastive = (values.get("explainer") or "").lower() == "contrastive"
     record_sets: list[Any] = []
     caches: dict[str, str | None] = {}
+    # the same path as `saelab latents`: a matching activation cache is read, else the latents of every
+    # dictionary are computed from one forward pass of the model and no dense activation is written
+    latent_caches = latent_caches_for_run(values, source, dictionaries, layout.root)
     for hook, dictionary in dictionaries.items():
-        # the same path as `saelab latents`: a matching activation cache is read, else the latents are
-        # computed from the model's forward pass and no dense activation is written
-        latent_cache = latent_cache_for_run(values, source, dictionary, hook, layout.root)
+        latent_cache = latent_caches[hook]
         caches[hook] = latent_cache.activation_cache_path
         record_sets.append(record_set(layout, latent_cache, example_options(values, contrastive),
                                       tokenizer=source.tokenizer, dictionary=dictionary,
