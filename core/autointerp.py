@@ -16,7 +16,7 @@ import asyncio
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -33,7 +33,7 @@ from .highlight import (
 from .interfaces import Explainer, Provider, Scorer
 from .metrics import binary_metrics, probability_of_one
 from .options import Options
-from .prompts import chat_prompt, fill
+from .prompts import PromptValue, chat_prompt, fill
 from .records import (
     Example,
     Explanation,
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 Messages = list[dict[str, str]]
 
 _Result = TypeVar("_Result", Explanation, ScoreResult)
+_OptionsT = TypeVar("_OptionsT", bound=Options)
 
 
 def checked_result(value: object, expected: type[_Result], kind: str, plugin: Explainer | Scorer) -> _Result:
@@ -60,6 +61,17 @@ def checked_result(value: object, expected: type[_Result], kind: str, plugin: Ex
         return value
     method = "explain" if kind == "explainer" else "score"
     raise wrong_return_type(kind, plugin, value, f"saelab.records.{expected.__name__}", method)
+
+
+def typed_options(plugin: Explainer | Scorer, base: type[_OptionsT], kind: str) -> _OptionsT:
+    """``plugin.options`` when it is a ``base`` instance (the fields :class:`LLMExplainer` /
+    :class:`PromptScorer` read), else a one-line :class:`saelab.UsageError` naming the plugin."""
+    if isinstance(plugin.options, base):
+        return plugin.options
+    cls = type(plugin)
+    raise UsageError(f"{kind} {plugin.name!r} ({cls.__module__}.{cls.__qualname__}) has options "
+                     f"{type(plugin.options).__qualname__}, which do not subclass saelab.autointerp.{base.__name__}; "
+                     f"its Options must subclass {base.__name__}")
 
 # --------------------------------------------------------------------------------------------------
 # LLM calls
@@ -101,19 +113,14 @@ def provider_names(provider: Provider | None) -> tuple[str, str]:
     """``(provider name, model)`` of a provider (empty strings when None)."""
     if provider is None:
         return "", ""
-    model = getattr(provider, "model", None) or getattr(getattr(provider, "options", None), "model", None) or ""
-    return str(getattr(provider, "name", type(provider).__name__)), str(model)
+    return provider.name, provider.model
 
 
-def provider_identity(provider: Provider | None) -> dict[str, Any]:
-    """The provider's identity for fingerprints (``identity()`` when it has one)."""
+def provider_identity(provider: Provider | None) -> dict[str, object]:
+    """The provider's :meth:`~saelab.Provider.identity` for fingerprints (``{}`` when None)."""
     if provider is None:
         return {}
-    identity = getattr(provider, "identity", None)
-    if callable(identity):
-        return dict(identity())
-    name, model = provider_names(provider)
-    return {"provider": name, "model": model}
+    return dict(provider.identity())
 
 
 def explanation_fingerprint(record: LatentRecord, explainer: Explainer, provider: Provider | None) -> str:
@@ -273,38 +280,32 @@ def _digit(token: str) -> str:
     return token.strip().strip("[],'\" ")
 
 
-def binary_probabilities(completion: Any, n: int) -> list[float | None] | None:
+def binary_probabilities(completion: Completion | None, n: int) -> list[float | None] | None:
     """P(1) / (P(0) + P(1)) for each of the ``n`` answer positions from the completion's logprobs:
     the last ``n`` generated tokens that read ``0`` or ``1`` (ignoring brackets, commas and spaces),
     each using its ``top_logprobs`` (a class missing from them has probability 0; with no
     alternatives, the chosen token's probability p gives ``1 - p`` to the other class). None when
     logprobs are missing or fewer than ``n`` such tokens were generated."""
-    entries = getattr(completion, "logprobs", None)
+    entries = completion.logprobs if completion is not None else None
     if not entries:
         return None
-    positions = [e for e in entries if _digit(_attr(e, "token")) in ("0", "1")]
+    positions = [e for e in entries if _digit(e.token) in ("0", "1")]
     if len(positions) < n:
         return None
     out: list[float | None] = []
     for entry in positions[-n:]:
-        tops = _attr(entry, "top_logprobs") or {}
-        if isinstance(tops, list):
-            tops = {_attr(t, "token"): _attr(t, "logprob") for t in tops}
-        lp = {"0": None, "1": None}
-        for token, logprob in tops.items():
+        lp: dict[str, float | None] = {"0": None, "1": None}
+        for token, logprob in (entry.top_logprobs or {}).items():
             digit = _digit(token)
             if digit in lp and logprob is not None:
-                lp[digit] = logprob if lp[digit] is None else _logaddexp(lp[digit], logprob)
+                known = lp[digit]
+                lp[digit] = logprob if known is None else _logaddexp(known, logprob)
         if lp["0"] is None and lp["1"] is None:
-            p = math.exp(_attr(entry, "logprob"))
-            out.append(p if _digit(_attr(entry, "token")) == "1" else 1.0 - p)
+            p = math.exp(entry.logprob)
+            out.append(p if _digit(entry.token) == "1" else 1.0 - p)
         else:
             out.append(probability_of_one(lp["1"], lp["0"]))
     return out
-
-
-def _attr(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -387,7 +388,13 @@ class LLMExplainer(Explainer):
     :meth:`system_message`, :meth:`few_shot` and :meth:`parse`).
     """
 
-    Options: ClassVar[type[Options]] = ExplainerOptions
+    Options: ClassVar[type[ExplainerOptions]] = ExplainerOptions
+
+    def __init__(self, options: Options | Mapping[str, object] | None = None,
+                 prompts: Mapping[str, PromptValue] | None = None):
+        super().__init__(options, prompts)
+        self.options: ExplainerOptions = typed_options(self, ExplainerOptions, "explainer")
+        """The validated options (an :class:`ExplainerOptions`)."""
 
     def system_message(self) -> str:
         """The system prompt."""
@@ -395,7 +402,7 @@ class LLMExplainer(Explainer):
 
     def few_shot(self) -> Messages:
         """Few-shot messages (empty when ``few_shot`` is off)."""
-        if not getattr(self.options, "few_shot", True):
+        if not self.options.few_shot:
             return []
         return self.prompts.few_shot(self.prompt_prefix)
 
@@ -405,7 +412,7 @@ class LLMExplainer(Explainer):
 
     def train_examples(self, record: LatentRecord) -> list[Example]:
         """The train examples shown, at most ``max_examples``."""
-        limit = getattr(self.options, "max_examples", None)
+        limit = self.options.max_examples
         return list(record.train[:limit] if limit else record.train)
 
     def messages(self, record: LatentRecord) -> list[Messages]:
@@ -428,7 +435,7 @@ class LLMExplainer(Explainer):
 
     def answer_format(self) -> dict[str, Any] | None:
         """The ``answer_format`` requested (one ``[EXPLANATION]:`` line), None when ``constrain_answer`` is off."""
-        if not getattr(self.options, "constrain_answer", False):
+        if not self.options.constrain_answer:
             return None
         return {"type": "prefixed_line", "prefix": EXPLANATION_PREFIX}
 
@@ -517,7 +524,13 @@ class PromptScorer(Scorer):
     :meth:`parse_batch` (answer -> per-example predictions), and may override :meth:`metrics`.
     """
 
-    Options: ClassVar[type[Options]] = ScorerOptions
+    Options: ClassVar[type[ScorerOptions]] = ScorerOptions
+
+    def __init__(self, options: Options | Mapping[str, object] | None = None,
+                 prompts: Mapping[str, PromptValue] | None = None):
+        super().__init__(options, prompts)
+        self.options: ScorerOptions = typed_options(self, ScorerOptions, "scorer")
+        """The validated options (a :class:`ScorerOptions`)."""
 
     # -- building prompts
 
@@ -561,7 +574,7 @@ class PromptScorer(Scorer):
     def call_params(self) -> dict[str, Any]:
         """Per-call provider parameters (logprobs when ``log_probs``)."""
         params: dict[str, Any] = {"temperature": self.options.temperature, "max_tokens": self.options.max_tokens}
-        if getattr(self.options, "log_probs", False):
+        if self.options.log_probs:
             params.update(logprobs=True, top_logprobs=self.options.top_logprobs)
         return params
 
@@ -573,7 +586,7 @@ class PromptScorer(Scorer):
         """:meth:`call_params` plus the batch's answer format where ``constrain_answer`` is on and the
         provider takes one."""
         params = self.call_params()
-        answer_format = self.answer_format(batch) if getattr(self.options, "constrain_answer", False) else None
+        answer_format = self.answer_format(batch) if self.options.constrain_answer else None
         if answer_format is not None and accepts_answer_format(provider):
             params["answer_format"] = answer_format
         return params
@@ -647,7 +660,7 @@ class BinaryPromptScorer(PromptScorer):
         if values is None:
             return self.failed_predictions(batch, 0, result.text)
         probs: list[float | None] | None = None
-        if getattr(self.options, "log_probs", False):
+        if self.options.log_probs:
             probs = binary_probabilities(result.completion, len(batch))
         out = []
         for i, (item, value) in enumerate(zip(batch, values, strict=True)):
@@ -685,4 +698,5 @@ __all__ = [
     "provider_identity",
     "provider_names",
     "score_fingerprint",
+    "typed_options",
 ]

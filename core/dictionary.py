@@ -525,11 +525,7 @@ def save_dictionary(dictionary: SparseDictionary, path: str | Path, extra_cfg: M
     from .manager import registry
 
     if extra_cfg:
-        meta = getattr(dictionary, "extra_config", None)
-        if meta is None:
-            meta = {}
-            dictionary.extra_config = meta  # type: ignore[attr-defined]
-        meta.update(extra_cfg)
+        dictionary.extra_config.update(extra_cfg)
     path = Path(path)
     registry("dictionary_format").get(format)().save(dictionary, path)
     return path

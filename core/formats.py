@@ -105,7 +105,7 @@ def fold_pre_encoder_bias(b_enc: torch.Tensor, b_dec: torch.Tensor, W_enc: torch
                           module: SparseDictionary) -> torch.Tensor:
     """The encoder bias that makes ``module`` compute the same pre-activations as a source that does
     (``source_subtracts``) or does not encode ``x - b_dec``: ``b_dec @ W_enc`` folded in where the two differ."""
-    target_subtracts = bool(getattr(module, "uses_pre_encoder_bias", False))
+    target_subtracts = module.uses_pre_encoder_bias
     if source_subtracts == target_subtracts:
         return b_enc
     shift = b_dec @ W_enc

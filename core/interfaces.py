@@ -70,6 +70,9 @@ class ActivationSource(Plugin, ABC):
     """The model's tokenizer (a Hugging Face tokenizer)."""
     model_id: str
     """The id, path or embedded name the source was created from."""
+    device: torch.device | str | None = None
+    """Where the model runs: the engine moves input ids there before :meth:`activations` (None: it leaves
+    them on the CPU, for a source that places its inputs itself)."""
 
     @classmethod
     def accepts(cls, model: str) -> bool:
@@ -292,7 +295,9 @@ class SparseDictionary(nn.Module, Plugin, ABC):
 
     **Working defaults** (override where the architecture needs more): :meth:`forward` (encode, decode,
     loss ``mse``), the training hooks :meth:`initialize_from_data`, :meth:`before_optimizer_step`,
-    :meth:`after_optimizer_step`, :meth:`synchronize` (no-ops), and :meth:`config`.
+    :meth:`after_optimizer_step`, :meth:`synchronize` (no-ops), :meth:`config`, :attr:`extra_config`,
+    :attr:`uses_pre_encoder_bias` (False), :meth:`decoder_directions` (``W_dec`` when there is one) and
+    :meth:`encoder_directions` (``W_enc`` transposed).
 
     **Needed for normalised training**: :meth:`fold_scaling` has no generic default (the base raises:
     how scales enter the weights depends on the architecture). The trainer normalises by default
@@ -311,6 +316,29 @@ class SparseDictionary(nn.Module, Plugin, ABC):
         super().__init__()
         self.sites = sites
         self.options = options
+        self.extra_config: dict[str, object] = {}
+        """Free-form metadata recorded with the dictionary (training's position exclusions, normalisation,
+        source format...); :class:`saelab.dictionary.LinearDictionary` saves it under ``"metadata"`` in
+        ``cfg.json``."""
+
+    @property
+    def uses_pre_encoder_bias(self) -> bool:
+        """Whether the encoder reads ``x - b_dec`` (SAELens' ``apply_b_dec_to_input``); False by default."""
+        return False
+
+    def decoder_directions(self) -> torch.Tensor | None:
+        """Each latent's decoder direction, ``[d_sae, n_outputs * d_out]`` (SAELens ``W_dec`` layout), for
+        direct logit attribution; None when the decoder has no such matrix. Default: the module's ``W_dec``
+        tensor when it has one."""
+        weight = getattr(self, "W_dec", None)
+        return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+    def encoder_directions(self) -> torch.Tensor | None:
+        """Each latent's encoder direction, ``[d_sae, n_inputs * d_in]``, for encoder-similarity neighbours;
+        None when the encoder has no such matrix. Default: the transpose of the module's ``W_enc`` tensor
+        (``[n_inputs * d_in, d_sae]``) when it has one."""
+        weight = getattr(self, "W_enc", None)
+        return weight.T if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
     @classmethod
     def missing_methods(cls, *, fold_scaling: bool = False) -> list[str]:
@@ -479,6 +507,10 @@ class Provider(Plugin, ABC):
 
     Implementations normally subclass :class:`saelab.llm.LLMProvider`, which adds the response cache,
     the concurrency limit, retries and usage accounting around one ``_complete`` attempt.
+
+    **Must implement**: :meth:`generate`. **Working defaults**: the constructor ``cls(options)`` (stores
+    ``options``), :attr:`model`, :attr:`max_concurrency`, :attr:`usage`, :meth:`identity`, :meth:`prices` and
+    :meth:`aclose` (a no-op).
     """
 
     takes_answer_format: ClassVar[bool] = False
@@ -487,10 +519,44 @@ class Provider(Plugin, ABC):
     usage: Usage | None = None
     """Calls, tokens and cost so far (:class:`saelab.records.Usage`; :class:`saelab.llm.LLMProvider` keeps
     one per instance); None for a provider that does not count (the run summary then shows no usage)."""
+    max_concurrency: int | None = None
+    """Requests this provider keeps in flight at once; the engine runs twice as many latents at a time
+    (None: no limit of its own; the engine then runs 4 latents at a time)."""
+    options: Options | None = None
+    """The validated options (``cls.Options``) the provider was built with; None for one that keeps none."""
+    _model: str | None = None
+
+    def __init__(self, options: Options | None = None):
+        """Store ``options`` (``cls.Options()`` when None); how :func:`saelab.llm.make_provider` builds it."""
+        self.options = options if options is not None else self.Options()
+
+    @property
+    def model(self) -> str:
+        """The model that answers, recorded with every explanation and score and part of their fingerprints:
+        what the provider assigned (``self.model = ...``), else its options' ``model`` field when the options
+        model has one, else ``""``."""
+        if self._model:
+            return self._model
+        fields = self.options.model_dump(include={"model"}) if self.options is not None else {}
+        return str(fields.get("model") or "")
+
+    @model.setter
+    def model(self, value: str) -> None:
+        self._model = value
+
+    def identity(self) -> dict[str, object]:
+        """What identifies this provider's answers, part of every explanation and score fingerprint
+        (default: ``{"provider": name, "model": model}``)."""
+        return {"provider": self.name, "model": self.model}
 
     def prices(self) -> tuple[float, float] | None:
-        """USD per input and per output token of this provider's model, when known (dry-run estimates)."""
+        """USD per 1k input and per 1k output tokens of this provider's model, when known (dry-run
+        estimates)."""
         return None
+
+    async def aclose(self) -> None:
+        """Release clients and background tasks; the engine calls it when a run's LLM work ends (default:
+        nothing to release)."""
 
     @abstractmethod
     async def generate(self, messages: Sequence[ChatMessage], **params: ParamValue) -> Completion:
@@ -549,6 +615,13 @@ class _PromptedPlugin(Plugin):
         from .prompts import read_prompt_file
 
         return read_prompt_file(cls, cls.prompt_file, cls.prompt_prefix)
+
+    def call_params(self) -> dict[str, ParamValue]:
+        """Per-call provider parameters this plugin sends (``temperature``, ``max_tokens``...); the engine
+        reads ``max_tokens`` for dry-run estimates and context fitting. Default: the options' ``max_tokens``
+        when the options model has that field, else nothing."""
+        max_tokens = self.options.model_dump(include={"max_tokens"}).get("max_tokens")
+        return {} if max_tokens is None else {"max_tokens": max_tokens}
 
     def prompt_version(self) -> str:
         """Hash of the prompts this instance uses (stored with every result)."""

@@ -43,7 +43,7 @@ from .autointerp import checked_result, explanation_fingerprint, provider_names,
 from .errors import UsageError
 from .fileio import atomic_write
 from .formats import canonical_hookpoint, dictionaries_by_hookpoint, dictionary_sites_text, records_hookpoint
-from .interfaces import Explainer, Provider, Scorer, SiteSpec, SparseDictionary
+from .interfaces import Explainer, Plugin, Provider, Scorer, SiteSpec, SparseDictionary
 from .layout import RunLayout
 from .records import (
     Explanation,
@@ -269,7 +269,7 @@ class AutoInterp:
             self.overwrite.add("scores")
         # Twice the provider's limit: while some latents wait for their explanation, others' scoring prompts
         # keep every request slot busy (with exactly the limit, slots idle at each explain -> score step).
-        default = 2 * (getattr(provider, "max_concurrency", None) or 2)
+        default = 2 * ((provider.max_concurrency if provider is not None else None) or 2)
         self.latent_concurrency = max(1, int(latent_concurrency or default))
         """Latents in flight at once (default: twice the provider's ``max_concurrency``)."""
         self.explainer_max_len = explainer_max_len
@@ -348,9 +348,8 @@ class AutoInterp:
             with bar:
                 await asyncio.gather(*(one(r) for r in records))
         finally:
-            close = getattr(self.provider, "aclose", None)
-            if close is not None:
-                await close()
+            if self.provider is not None:
+                await self.provider.aclose()
         report.usage = _usage_delta(before, _usage_snapshot(self.provider))
         return report
 
@@ -833,8 +832,8 @@ def scorer_names(names: Iterable[str]) -> list[str]:
     return out
 
 
-def _fields(cls: type[Any]) -> Mapping[str, Any]:
-    return getattr(getattr(cls, "Options", None), "model_fields", {}) or {}
+def _fields(cls: type[Plugin]) -> Mapping[str, Any]:
+    return cls.Options.model_fields
 
 
 def make_explainer(name: str, options: Mapping[str, Any] | None = None, prompts: Any = None) -> Explainer:
@@ -1072,9 +1071,9 @@ __all__ = [
 ]
 
 
-def _max_tokens(component: Any) -> int:
+def _max_tokens(component: Explainer | Scorer | None) -> int:
     """The answer budget an explainer or scorer asks for (its per-call params, e.g. chain of thought)."""
-    call_params = getattr(component, "call_params", None)
-    if callable(call_params):
-        return int(call_params().get("max_tokens") or 0)
-    return int(getattr(getattr(component, "options", None), "max_tokens", 0) or 0)
+    if component is None:
+        return 0
+    value = component.call_params().get("max_tokens")
+    return int(value) if isinstance(value, (int, float)) else 0

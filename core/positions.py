@@ -17,9 +17,12 @@ latent cache default to that record (:func:`recorded_filter`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .interfaces import ActivationSource, SparseDictionary
 
 CFG_KEY = "positions"
 """Key of the record in a dictionary's ``cfg.json`` ``metadata``."""
@@ -85,17 +88,14 @@ def model_exclusions(model: str) -> tuple[int, ...]:
     return tuple(int(p) for p in cls.excluded_positions)
 
 
-def dictionary_filter(dictionary: object, source: object, exclude_positions: Sequence[int] | None = None,
-                      exclude_bos: bool | None = None) -> PositionFilter:
+def dictionary_filter(dictionary: SparseDictionary, source: ActivationSource,
+                      exclude_positions: Sequence[int] | None = None, exclude_bos: bool | None = None) -> PositionFilter:
     """The positions a stage leaves out for ``dictionary`` read through ``source``: each value given wins (``()``
     means none); else what the dictionary's training recorded in ``cfg.json``; else the model's declaration
     (``source.excluded_positions``) without BOS filtering. Used by evaluation, ``latents`` and ``run``."""
-    from .interfaces import ActivationSource
-
-    recorded = recorded_filter(getattr(dictionary, "extra_config", None))
+    recorded = recorded_filter(dictionary.extra_config)
     if exclude_positions is None:
-        exclude_positions = recorded.exclude_positions if recorded else tuple(
-            getattr(source, "excluded_positions", ActivationSource.excluded_positions))
+        exclude_positions = recorded.exclude_positions if recorded else tuple(source.excluded_positions)
     if exclude_bos is None:
         exclude_bos = recorded.exclude_bos if recorded else False
     return PositionFilter.of(exclude_positions, exclude_bos)

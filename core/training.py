@@ -405,7 +405,7 @@ class LMSource(BatchSource):
     window with ``rank_split="rows"``, on its share of the windows with ``"shards"``.
     """
 
-    def __init__(self, source: Any, windows: Callable[[], Iterable[torch.Tensor]], hookpoints: Sequence[str],
+    def __init__(self, source: ActivationSource, windows: Callable[[], Iterable[torch.Tensor]], hookpoints: Sequence[str],
                  *, n_rows: int | None = None, lm_batch_size: int = 32, buffer_sequences: int = 256,
                  exclude_positions: Sequence[int] = (), exclude_bos: bool = False):
         self.source = source
@@ -480,8 +480,7 @@ class LMSource(BatchSource):
             carry = {hp: t[full * step:] for hp, t in buf.items()}
 
     def identity(self) -> dict[str, Any]:
-        identity = getattr(self.source, "identity", lambda: {})()
-        return {"kind": "on_the_fly", "model": identity, "hookpoints": self.hookpoints, "rows": self.n_rows,
+        return {"kind": "on_the_fly", "model": self.source.identity(), "hookpoints": self.hookpoints, "rows": self.n_rows,
                 "exclude_positions": list(self.exclude_positions), "exclude_bos": self.exclude_bos}
 
 

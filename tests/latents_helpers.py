@@ -75,6 +75,7 @@ class PatternSource:
 
     name = "pattern"
     model_id = "pattern"
+    device = None  # what saelab.ActivationSource declares: inputs stay on the CPU
 
     def __init__(self, pattern: torch.Tensor):
         self.pattern = pattern

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from latents_helpers import PatternSource, lee_dataset, passthrough_dictionary
-from saelab import UsageError, resolve
+from saelab import Options, SiteSpec, SparseDictionary, UsageError, resolve
 from saelab.examples import NeighbourContext
 from saelab.latents import build_latent_cache
 
@@ -43,9 +41,33 @@ def test_cooccurrence_jaccard_known_values(pattern_cache):
     assert finder.neighbours([0], k=1, context=NeighbourContext(pattern_cache))[0] == [(2, pytest.approx(1.0))]
 
 
+
+class HandDictionary(SparseDictionary):
+    """A dictionary with hand-set weights (``W_dec [d_sae, d]``, ``W_enc [d, d_sae]``; none when not given)."""
+
+    name = "hand"
+
+    def __init__(self, W_dec: torch.Tensor | None = None, W_enc: torch.Tensor | None = None):
+        super().__init__(SiteSpec(["layers.0"], ["layers.0"], 3, 3), Options())
+        if W_dec is not None:
+            self.W_dec = torch.nn.Parameter(W_dec)
+        if W_enc is not None:
+            self.W_enc = torch.nn.Parameter(W_enc)
+
+    @property
+    def d_sae(self) -> int:
+        return 5
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.W_enc
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents @ self.W_dec
+
+
 def test_decoder_and_encoder_similarity_known_neighbours():
     W_dec = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
-    dictionary = SimpleNamespace(W_dec=W_dec, W_enc=W_dec.T.clone(), name="hand")
+    dictionary = HandDictionary(W_dec, W_dec.T.clone())
     context = NeighbourContext(cache=None, dictionary=dictionary)
     for kind in ("decoder_similarity", "encoder_similarity"):
         finder = resolve("neighbour_finder", kind)({"chunk": 2})
@@ -61,7 +83,7 @@ def test_decoder_and_encoder_similarity_known_neighbours():
 def test_similarity_needs_weights():
     finder = resolve("neighbour_finder", "decoder_similarity")()
     with pytest.raises(UsageError, match="co-occurrence"):
-        finder.neighbours([0], 2, NeighbourContext(cache=None, dictionary=SimpleNamespace(name="x")))
+        finder.neighbours([0], 2, NeighbourContext(cache=None, dictionary=HandDictionary()))
 
 
 def test_names_are_case_insensitive():

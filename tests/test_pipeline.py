@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import saelab
 from interp_helpers import make_record, openai_provider
 from llm_server import Reply, ScriptedLLMServer
 from pipeline_helpers import API_KEY, SmartHandler
 from saelab.layout import RunLayout
+from saelab.llm import Completion
 from saelab.pipeline import (
     AutoInterp,
     RecordSet,
@@ -214,6 +216,98 @@ def test_summary_means_failures_and_skipped(tmp_path, monkeypatch):
     assert det["latents"] == 2 and det["missing"] == 1 and det["skipped_min_examples"] == 1
     assert det["failed_prompts"] == 6 and det["failed_examples"] == 26 and det["calls"] == 6
     assert rows["default"]["latents"] == 2 and rows["default"]["calls"] == 2
+
+
+class _MinimalOptions(saelab.Options):
+    """A third-party provider's options: only a model name."""
+
+    model: str | None = None
+    """Recorded with every explanation and score."""
+
+
+class _MinimalProvider(saelab.Provider):
+    """A third-party provider that implements ``generate`` only: the interface's defaults do the rest
+    (constructor, model, max_concurrency, identity, aclose)."""
+
+    name = "minimal"
+    Options = _MinimalOptions
+
+    async def generate(self, messages, **params) -> Completion:
+        return Completion(text="[EXPLANATION]: the letter e", prompt_tokens=3, completion_tokens=5)
+
+
+class _MinimalPlugin:
+    @saelab.hookimpl
+    def register_providers(self, register) -> None:
+        register(_MinimalProvider)
+
+
+def test_a_provider_with_only_generate_runs_through_the_factory_and_the_engine(tmp_path):
+    from saelab.pipeline import make_run_provider
+
+    saelab.register_plugin(_MinimalPlugin(), name="minimal-provider")
+    provider = make_run_provider("minimal", model="tiny-model", max_concurrency=3, given={"model"})
+    assert isinstance(provider, _MinimalProvider) and isinstance(provider.options, _MinimalOptions)
+    assert (provider.model, provider.max_concurrency) == ("tiny-model", None)
+    assert provider.identity() == {"provider": "minimal", "model": "tiny-model"}
+    layout = RunLayout(tmp_path / "r")
+    engine = AutoInterp(layout, make_explainer("default"), make_scorers(["detection"]), provider, progress=False)
+    assert engine.latent_concurrency == 4  # no limit of its own: twice the fallback of 2
+    report = engine.run(records(2))  # the default aclose() is awaited at the end
+    assert report.explain.computed == 2 and not report.errors
+    explanation = Explanation.load(layout.explanation_path("layers.1", 0))
+    assert (explanation.text, explanation.provider, explanation.model) == ("the letter e", "minimal", "tiny-model")
+    assert ScoreResult.load(layout.score_path("detection", "layers.1", 0)).model == "tiny-model"
+    unnamed = _MinimalProvider()  # built without options: its own model says nothing
+    assert (unnamed.model, unnamed.identity()["model"]) == ("", "")
+    unnamed.model = "assigned"
+    assert unnamed.identity() == {"provider": "minimal", "model": "assigned"}
+
+
+def test_answer_budget_defaults_to_the_options_max_tokens():
+    """The engine's dry-run and context-fitting budget: ``call_params()["max_tokens"]``; a plugin without
+    ``call_params`` of its own gives its options' ``max_tokens`` when it has one, else nothing."""
+    from saelab.pipeline import _max_tokens
+
+    class Budget(saelab.Options):
+        max_tokens: int = 77
+        """Longest answer."""
+
+    class Bare(saelab.Scorer):
+        name = "bare-budget"
+
+        async def score(self, record, explanation, provider):
+            raise AssertionError("not called")
+
+    class Budgeted(Bare):
+        Options = Budget
+
+    assert Bare().call_params() == {} and _max_tokens(Bare()) == 0
+    assert Budgeted().call_params() == {"max_tokens": 77} and _max_tokens(Budgeted()) == 77
+    assert _max_tokens(make_explainer("default")) == make_explainer("default").options.max_tokens
+    assert _max_tokens(None) == 0
+
+
+def test_llm_explainer_and_prompt_scorer_options_must_subclass_their_base():
+    from saelab.autointerp import LLMExplainer, PromptScorer
+
+    class Own(saelab.Options):
+        few_shot: bool = True
+        """Few-shot examples."""
+
+    class Odd(LLMExplainer):
+        name = "odd"
+        prompt_prefix = "explainers.odd"
+        Options = Own  # type: ignore[assignment]
+
+    class OddScorer(PromptScorer):
+        name = "odd-scorer"
+        prompt_prefix = "scorers.odd"
+        Options = Own  # type: ignore[assignment]
+
+    for cls, base in ((Odd, "ExplainerOptions"), (OddScorer, "ScorerOptions")):
+        with pytest.raises(saelab.UsageError, match=f"Own, which do not subclass saelab.autointerp.{base}"):
+            cls()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -591,7 +591,7 @@ def _place_dictionary(source: Any, hook: str, dictionary: Any, sparse_model: str
         dictionary.sites = sites_at(hook, dictionary.sites)
         click.echo(f"note: {sparse_model} records no hookpoint; --hookpoints sets it: the dictionary "
                    f"{dictionary_sites_text(dictionary.sites)}", err=True)
-    model = getattr(source, "model_id", "the model")
+    model = source.model_id or "the model"
     source.check_hookpoints([*dictionary.sites.inputs, *dictionary.sites.outputs])
     for site, width in ((s, dictionary.sites.d_in) for s in dictionary.sites.inputs):
         have = source.hookpoint_dim(site)

@@ -74,7 +74,7 @@ class SaelabFormat(DictionaryFormat):
         if missing or unexpected:
             raise UsageError(f"{str(path / WEIGHTS_FILE)!r} does not match architecture "
                              f"{cfg['architecture']!r}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        if cfg.get("metadata") and hasattr(module, "extra_config"):
+        if cfg.get("metadata"):
             module.extra_config.update(cfg["metadata"])
         return module.to(device)
 

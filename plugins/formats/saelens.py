@@ -66,6 +66,7 @@ _NORMALISATIONS_OK = ("none", "expected_average_only_in")
 _SAELENS_SITES = {
     "hook_resid_post": "", "hook_mlp_out": ".mlp", "hook_attn_out": ".self_attn",
     "ln1.hook_normalized": ".self_attn.input", "ln2.hook_normalized": ".mlp.input",
+    "hook_resid_mid": ".resid_mid",
 }
 """TransformerLens hook of block N -> suffix of the saelab hookpoint ``layers.N``."""
 _TL_SITES = {suffix.lstrip("."): hook for hook, suffix in _SAELENS_SITES.items()}
@@ -251,7 +252,7 @@ def saelens_state(module: SparseDictionary) -> tuple[dict[str, Any], dict[str, t
     skip = hasattr(module, "W_skip") and getattr(module, "skip_connection", True)
     tensors = {"W_enc": module.W_enc.detach(), "b_enc": module.b_enc.detach(),
                "W_dec": module.W_dec.detach(), "b_dec": module.b_dec.detach()}
-    pre_bias = bool(getattr(module, "uses_pre_encoder_bias", not transcoder))
+    pre_bias = module.uses_pre_encoder_bias
     if transcoder and pre_bias:
         raise UsageError(f"{what}: a transcoder that subtracts b_dec from its input has no SAELens form")
     if skip:
@@ -278,7 +279,7 @@ def saelens_state(module: SparseDictionary) -> tuple[dict[str, Any], dict[str, t
     metadata: dict[str, Any] = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
                                 "hook_name": to_external_name(sites.inputs[0]),
                                 "exported_by": f"saelab {saelab_version()}", "saelab_architecture": module.name}
-    extra = getattr(module, "extra_config", {}) or {}
+    extra = module.extra_config
     if extra.get("model"):
         metadata["model_name"] = extra["model"]
     cfg: dict[str, Any] = {"d_in": sites.d_in, "d_sae": module.d_sae, "dtype": "float32", "device": "cpu",
