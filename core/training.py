@@ -54,7 +54,7 @@ from torch import nn
 
 from .errors import UsageError
 from .fileio import safetensors_os_errors
-from .interfaces import SiteSpec, SparseDictionary
+from .interfaces import ActivationSource, SiteSpec, SparseDictionary
 from .options import Options
 from .positions import PositionFilter
 
