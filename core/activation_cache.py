@@ -11,7 +11,8 @@ The fingerprint hashes everything that changes the cached values: model identity
 hash or revision, dtype), tokenizer, hookpoints, dataset identity (repo, name, split, column and a
 content hash for local data), the tokenisation scheme (BOS/EOS handling, :mod:`saelab.data`),
 ``n_tokens``, ``ctx_len`` and the cache dtype. Batch size and shard size are not in it: any run with
-the same inputs reuses the cache whatever its name.
+the same inputs reuses the cache whatever its name, and so does a run asking for fewer hookpoints of a
+complete cache (:func:`find_activation_cache`; it reads only the hookpoints it asks for).
 
 Each batch's activations are appended to the open shard files as soon as they are computed (the
 writer holds one batch, never a shard or the cache; :class:`~saelab.fileio.StreamedSafetensorsFile`),
@@ -181,7 +182,8 @@ class ActivationCache:
         self._tokens: torch.Tensor | None = None
         self.build_info: dict[str, Any] = {"status": "opened"}
         """How :func:`build_activation_cache` got this cache: ``status`` (reused, resumed, built, or
-        opened when read with :meth:`open`), ``seconds`` and ``tokens_written``."""
+        opened when read with :meth:`open`), ``seconds`` and ``tokens_written``; a reused cache that holds
+        more hookpoints than were asked for adds ``covering: True`` and ``requested_hookpoints``."""
 
     # ---- opening and metadata
 
@@ -550,6 +552,65 @@ def default_shard_size_tokens(dims: Sequence[int], dtype: str, ctx_len: int) -> 
     return max(ctx_len, (SHARD_TARGET_BYTES // bytes_per_token) // ctx_len * ctx_len)
 
 
+# --------------------------------------------------------------------------------------------------
+# Finding a complete cache that covers a request
+
+
+def find_activation_cache(source: ActivationSource, dataset: Dataset, hookpoints: Sequence[str], *, n_tokens: int,
+                          ctx_len: int, store: str | Path, dtype: str = "float32", other_dtypes: bool = True,
+                          checksums: bool = False) -> ActivationCache | None:
+    """A complete activation cache in ``store`` over the same model, data, ``n_tokens`` and ``ctx_len`` that
+    holds ``hookpoints`` (exactly, or more of them), or None; looking writes nothing.
+
+    The cache of exactly ``hookpoints`` is looked up by fingerprint first, then the store's manifests are
+    read for a cache holding more hookpoints (fewest extra first). Storage ``dtype`` comes first; with
+    ``other_dtypes`` (what ``saelab latents`` / ``run`` accept) a cache of the other storage dtype follows,
+    without it only ``dtype`` is accepted (what ``saelab cache`` / ``train`` accept, so that the trained
+    values never depend on which caches the store happens to hold). ``checksums`` checks every shard's
+    sha256 of the cache found; a damaged cache is skipped."""
+    dtypes = [dtype, *(d for d in DTYPES if d != dtype and other_dtypes)] if dtype in DTYPES else list(DTYPES)
+    wanted = fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=dtypes[0])
+    return _find_covering(Path(store), wanted, dtypes, checksums)
+
+
+def _find_covering(store: Path, wanted: dict[str, Any], dtypes: Sequence[str],
+                   checksums: bool) -> ActivationCache | None:
+    """The first complete, undamaged cache of :func:`find_activation_cache`'s order for fingerprint inputs
+    ``wanted`` (of storage dtype ``dtypes[0]``)."""
+    candidates = [cache_dir_for(store, {**wanted, "dtype": d}) for d in dtypes]
+    candidates += covering_caches(store, wanted, dtypes)
+    for directory in dict.fromkeys(candidates):
+        if (directory / MANIFEST).is_file():
+            try:
+                return ActivationCache.open(directory, checksums=checksums)
+            except (UsageError, CorruptCacheError):
+                continue
+    return None
+
+
+def covering_caches(store: Path | str, wanted: Mapping[str, Any], dtypes: Sequence[str]) -> list[Path]:
+    """Complete caches in ``store`` whose fingerprint inputs equal ``wanted`` but for more hookpoints and a
+    storage dtype among ``dtypes``: in ``dtypes`` order, then fewest hookpoints first."""
+    same = json.loads(json.dumps({k: v for k, v in wanted.items() if k not in ("hookpoints", "dtype")}, default=str))
+    hookpoints = set(wanted["hookpoints"])
+    found: list[tuple[int, int, str, Path]] = []
+    try:
+        directories = [p for p in Path(store).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    for directory in directories:
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+            inputs = dict(manifest["fingerprint_inputs"])
+            held = set(inputs.pop("hookpoints"))
+            stored_dtype = inputs.pop("dtype")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if manifest.get("complete") and held > hookpoints and inputs == same and stored_dtype in dtypes:
+            found.append((list(dtypes).index(stored_dtype), len(held), directory.name, directory))
+    return [directory for *_, directory in sorted(found)]
+
+
 def build_activation_cache(
     source: ActivationSource,
     dataset: Dataset,
@@ -569,8 +630,10 @@ def build_activation_cache(
     """Build (or reuse, or resume) the activation cache of ``hookpoints`` over ``dataset``.
 
     A complete cache with the same fingerprint is reused (file sizes checked; sha256 too with
-    ``verify_checksums``); a partial one is resumed after its last complete shard; ``overwrite``
-    deletes and rebuilds. ``shard_size_tokens`` (rounded down to whole sequences) defaults to about
+    ``verify_checksums``); else a complete cache of the same storage ``dtype`` holding more hookpoints
+    (:func:`find_activation_cache`) is reused, and ``build_info["covering"]`` says so; else a partial cache
+    of the same fingerprint is resumed after its last complete shard. ``overwrite`` deletes the cache of
+    this fingerprint and builds it, never reusing another. ``shard_size_tokens`` (rounded down to whole sequences) defaults to about
     128 MiB per hookpoint file; a resumed cache keeps the shard size it was started with.
     Temporary files of killed runs are deleted first (one :class:`PartialDataRemovedWarning` line).
     ``request_key`` (see :func:`check_request_not_being_built`) is recorded while building.
@@ -595,6 +658,12 @@ def build_activation_cache(
             cache = ActivationCache.open(directory, checksums=verify_checksums)
             cache.build_info = {"status": "reused", "seconds": time.perf_counter() - started, "tokens_written": 0}
             return cache
+    if not overwrite:
+        covering = _find_covering(Path(store), inputs, [dtype], verify_checksums)
+        if covering is not None:
+            covering.build_info = {"status": "reused", "seconds": time.perf_counter() - started, "tokens_written": 0,
+                                   "covering": True, "requested_hookpoints": list(hookpoints)}
+            return covering
     directory.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(directory, "activation cache"):
         if request_key:
@@ -749,7 +818,7 @@ class _Writer:
         index = len(self.manifest["shards"])
         ctx = self.spec.ctx_len
         tokens = torch.empty(size, ctx, dtype=torch.int64)
-        device = getattr(self.source, "device", None)
+        device = self.source.device
         files: dict[str, StreamedSafetensorsFile] = {}
         n = 0
         try:
@@ -854,7 +923,7 @@ class _Writer:
 
     def dataset_name(self) -> str:
         """The dataset's repo for messages."""
-        return str(self.dataset.identity().get("repo", getattr(self.dataset, "repo", "?")))
+        return str(self.dataset.identity().get("repo", self.dataset.repo))
 
 
 class TokensPerSecondColumn(ProgressColumn):
@@ -872,7 +941,8 @@ class TokensPerSecondColumn(ProgressColumn):
 
 def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: ActivationSource | None = None,
                         results_root: str | Path | None = None) -> ActivationCache:
-    """The activation cache for resolved command values: reused by fingerprint, resumed, or built.
+    """The activation cache for resolved command values: reused (by fingerprint, or a complete cache of
+    more hookpoints: :func:`build_activation_cache`), resumed, or built.
 
     ``values`` holds the :class:`saelab.cli_options.CacheCommandOptions` fields (the train and run commands pass
     theirs); ``source`` reuses an already loaded LM. Returns an :class:`~saelab.activation_cache.ActivationCache`

@@ -9,6 +9,10 @@ Hookpoint names are the same for every architecture (GPT-2, Llama, Mistral, Qwen
                             *before* the final norm, unlike Hugging Face's last ``hidden_states`` entry)
 ``layers.N.self_attn``      output of block N's attention module (after its output projection)
 ``layers.N.self_attn.input``  input of the attention module (the normed residual stream)
+``layers.N.resid_mid``      residual stream between block N's attention and its MLP (block N's input
+                            plus its attention output, before the norm that feeds the MLP;
+                            TransformerLens ``blocks.N.hook_resid_mid``); models whose attention and MLP
+                            run in parallel (GPT-J, Phi-2, GPT-NeoX with ``use_parallel_residual``) have none
 ``layers.N.mlp``            output of block N's MLP module
 ``layers.N.mlp.input``      input of the MLP module (the normed residual stream)
 ==========================  ============================================================================
@@ -29,7 +33,7 @@ from typing import Literal
 
 from .errors import UsageError
 
-Site = Literal["embed", "resid", "self_attn", "mlp"]
+Site = Literal["embed", "resid", "resid_mid", "self_attn", "mlp"]
 """Where in a block a hookpoint is."""
 IO = Literal["output", "input"]
 """Whether a hookpoint is a module's input or its output."""
@@ -37,14 +41,15 @@ ExternalNames = Callable[[str], str | None]
 """A translator from another library's hook name to a saelab hookpoint (None when it is not one)."""
 
 HOOKPOINT_FORMS = (
-    "embed, layers.N, layers.N.mlp, layers.N.mlp.input, layers.N.self_attn, layers.N.self_attn.input"
+    "embed, layers.N, layers.N.mlp, layers.N.mlp.input, layers.N.resid_mid, layers.N.self_attn, "
+    "layers.N.self_attn.input"
 )
 """The accepted hookpoint forms, for error messages."""
 
-_HOOKPOINT_RE = re.compile(r"^layers\.(\d+)(?:\.(mlp|self_attn)(?:\.(input))?)?$")
+_HOOKPOINT_RE = re.compile(r"^layers\.(\d+)(?:\.(mlp|self_attn)(?:\.(input))?|\.(resid_mid))?$")
 _LAYER_RE = re.compile(r"layers\.\d+")
-_SITE_ORDER = {("self_attn", "input"): 0, ("self_attn", "output"): 1, ("mlp", "input"): 2,
-               ("mlp", "output"): 3, ("resid", "output"): 4}
+_SITE_ORDER = {("self_attn", "input"): 0, ("self_attn", "output"): 1, ("resid_mid", "output"): 2,
+               ("mlp", "input"): 3, ("mlp", "output"): 4, ("resid", "output"): 5}
 _external_names: list[ExternalNames] = []
 
 
@@ -55,7 +60,8 @@ class Hookpoint:
     layer: int
     """Block index; ``-1`` for ``embed`` (the residual stream before block 0)."""
     site: Site
-    """``embed``, ``resid`` (the block's output), ``self_attn`` or ``mlp``."""
+    """``embed``, ``resid`` (the block's output), ``resid_mid`` (between attention and MLP), ``self_attn``
+    or ``mlp``."""
     io: IO = "output"
     """``input`` for the ``.input`` sites (the module's input, i.e. after the norm), else ``output``."""
 
@@ -67,6 +73,8 @@ class Hookpoint:
         base = f"layers.{self.layer}"
         if self.site == "resid":
             return base
+        if self.site == "resid_mid":
+            return f"{base}.resid_mid"
         return f"{base}.{self.site}" + (".input" if self.io == "input" else "")
 
     @property
@@ -105,16 +113,20 @@ def parse_hookpoint(name: str) -> Hookpoint:
             + (f" (did you mean {hint!r}?)" if hint else "")
             + f"; accepted forms: {HOOKPOINT_FORMS}"
         )
+    if m.group(4):
+        return Hookpoint(int(m.group(1)), "resid_mid")
     layer, site, io = int(m.group(1)), m.group(2) or "resid", m.group(3) or "output"
     return Hookpoint(layer, site, io)  # type: ignore[arg-type]
 
 
-def hookpoint_names(n_layers: int) -> list[str]:
-    """Every valid hookpoint of a model with ``n_layers`` blocks, in forward order."""
+def hookpoint_names(n_layers: int, *, resid_mid: bool = True) -> list[str]:
+    """Every valid hookpoint of a model with ``n_layers`` blocks, in forward order (without the
+    ``layers.N.resid_mid`` sites when ``resid_mid`` is false: a parallel attention + MLP block)."""
     names = ["embed"]
     for i in range(n_layers):
-        names += [f"layers.{i}.self_attn.input", f"layers.{i}.self_attn", f"layers.{i}.mlp.input",
-                  f"layers.{i}.mlp", f"layers.{i}"]
+        names += [f"layers.{i}.self_attn.input", f"layers.{i}.self_attn"]
+        names += [f"layers.{i}.resid_mid"] if resid_mid else []
+        names += [f"layers.{i}.mlp.input", f"layers.{i}.mlp", f"layers.{i}"]
     return names
 
 
@@ -136,8 +148,10 @@ def validate_hookpoints(requested: Sequence[str], valid: Sequence[str], model: s
     layer out of range, a close match) and listing the valid names."""
     valid_set = set(valid)
     n_layers = sum(1 for v in valid if _LAYER_RE.fullmatch(v))
-    listing = (f"valid hookpoints: {HOOKPOINT_FORMS} with N in 0..{n_layers - 1}"
-               if n_layers and set(hookpoint_names(n_layers)) == valid_set
+    forms = HOOKPOINT_FORMS if n_layers and set(hookpoint_names(n_layers)) == valid_set else None
+    if forms is None and n_layers and set(hookpoint_names(n_layers, resid_mid=False)) == valid_set:
+        forms = HOOKPOINT_FORMS.replace(" layers.N.resid_mid,", "")
+    listing = (f"valid hookpoints: {forms} with N in 0..{n_layers - 1}" if forms is not None
                else "valid hookpoints: " + ", ".join(valid))
     if isinstance(requested, str):
         requested = [requested]

@@ -50,9 +50,9 @@ class Plugin:
 class ActivationSource(Plugin, ABC):
     """A language model that returns activations at model-agnostic hookpoints.
 
-    Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.mlp`` /
-    ``layers.N.mlp.input``, ``layers.N.self_attn`` / ``layers.N.self_attn.input`` (see
-    :mod:`saelab.hookpoints`). Created as ``cls(model_id, options)`` with ``options`` an instance of
+    Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.resid_mid``
+    (between its attention and its MLP), ``layers.N.mlp`` / ``layers.N.mlp.input``, ``layers.N.self_attn`` /
+    ``layers.N.self_attn.input`` (see :mod:`saelab.hookpoints`). Created as ``cls(model_id, options)`` with ``options`` an instance of
     ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a name, adding the
     credential ``hf_token=...`` (not an option) when the constructor takes that keyword.
     """

@@ -136,6 +136,66 @@ def test_reuse_ignores_batch_size_and_overwrite_rebuilds(tokenizer, news, tmp_pa
     assert all(after[k][2] == before[k][2] for k in before)  # same values (fake source is exact)
 
 
+def _store_dirs(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_a_complete_cache_of_more_sites_is_reused_and_read_only_where_asked(tiny_source, news, tmp_path):
+    sites = ("layers.0", "layers.1.resid_mid", "layers.1")
+    wide = build(tiny_source, news, tmp_path, hookpoints=sites)
+    store = tmp_path / "store"
+    assert _store_dirs(store) == [wide.path.name]
+    reused = build(tiny_source, news, tmp_path, hookpoints=("layers.1.resid_mid", "layers.0"), batch_size=7)
+    assert reused.path == wide.path and reused.hookpoints == list(sites)
+    assert reused.build_info["status"] == "reused" and reused.build_info["covering"] is True
+    assert reused.build_info["requested_hookpoints"] == ["layers.1.resid_mid", "layers.0"]
+    assert _store_dirs(store) == [wide.path.name]  # nothing written
+    # The same storage dtype only, and the same model, data, n_tokens and ctx_len.
+    for other in ({"dtype": "float16"}, {"n_tokens": 1000}, {"ctx_len": 64}):
+        built = build(tiny_source, news, tmp_path, hookpoints=("layers.1",), **other)
+        assert built.build_info["status"] == "built" and built.path != wide.path, other
+    # --overwrite cache builds the exact cache; its values are those of the covering cache, bit for bit.
+    exact = build(tiny_source, news, tmp_path, hookpoints=("layers.1.resid_mid",), overwrite=True)
+    assert exact.build_info["status"] == "built" and exact.path != wide.path
+    assert exact.hookpoints == ["layers.1.resid_mid"]
+    assert build(tiny_source, news, tmp_path, hookpoints=("layers.1.resid_mid",)).path == exact.path  # exact first
+    read: list[str] = []
+    original = ActivationCache._load
+
+    def spy(self, entry, key):
+        read.append(entry["path"])
+        return original(self, entry, key)
+
+    ActivationCache._load = spy
+    try:
+        kwargs = {"seed": 3, "exclude_positions": (0, 1), "shuffle_buffer_shards": 2}
+        from_wide = list(reused.iter_batches(["layers.1.resid_mid"], 50, **kwargs))
+    finally:
+        ActivationCache._load = original
+    assert read and all(p.startswith(("activations/layers.1.resid_mid/", "tokens/")) for p in read)
+    from_exact = list(exact.iter_batches(["layers.1.resid_mid"], 50, **kwargs))
+    assert len(from_wide) == len(from_exact) > 1
+    assert all(torch.equal(a["layers.1.resid_mid"], b["layers.1.resid_mid"]) for a, b in zip(from_wide, from_exact, strict=True))
+
+
+def test_find_activation_cache_other_dtypes_only_when_asked(tiny_source, news, tmp_path):
+    from saelab.activation_cache import find_activation_cache
+
+    store = tmp_path / "store"
+    half = build(tiny_source, news, tmp_path, hookpoints=("layers.0", "layers.1"), dtype="float16")
+    find = {"n_tokens": 2000, "ctx_len": 32, "store": store}
+    assert find_activation_cache(tiny_source, news, ["layers.1"], **find).path == half.path  # latents: any dtype
+    assert find_activation_cache(tiny_source, news, ["layers.1"], other_dtypes=False, **find) is None
+    assert find_activation_cache(tiny_source, news, ["layers.1"], dtype="float16", other_dtypes=False,
+                                 **find).path == half.path
+    # A damaged covering cache is passed over, and building then writes the exact cache.
+    shard = half.path / half.shards[0]["files"]["activations"]["layers.1"]["path"]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert find_activation_cache(tiny_source, news, ["layers.1"], dtype="float16", **find) is None
+    built = build(tiny_source, news, tmp_path, hookpoints=("layers.1",), dtype="float16")
+    assert built.build_info["status"] == "built" and built.path != half.path
+
+
 def test_shards_are_streamed_to_disk_while_building(tokenizer, news, tmp_path):
     seen = []
     store = tmp_path / "store"
@@ -365,6 +425,45 @@ def test_cli_reuses_across_run_names_and_records_the_cache(cli, results_dir):
     assert third.exit_code == 0 and third.stdout == ""
     cache = ActivationCache.open(configs[0]["activation_cache"], checksums=True)
     assert cache.hookpoints == ["layers.0", "layers.1"] and cache.n_tokens == 1504
+
+
+def test_cli_train_reuses_a_cache_of_more_sites_and_trains_the_same_weights(cli, results_dir):
+    from training_helpers import train_args
+
+    data = ["--dataset_repo", "news-sample", "--dataset_split", "train", "--n_tokens", "4096",
+            "--cache_ctx_len", "64"]
+    store = results_dir / ".activations"
+    res = cli("cache", TINY, "--hookpoints", "layers.0", "layers.1.resid_mid", "layers.1", *data, "--name", "wide",
+              "--verbose", "false")
+    assert res.exit_code == 0, res.stderr
+    wide = json.loads((results_dir / "wide" / "run_config.json").read_text())["activation_cache"]
+    assert _store_dirs(store) == [Path(wide).name]
+    again = cli("cache", TINY, "--hookpoints", "layers.1.resid_mid", *data, "--name", "sub")
+    assert again.exit_code == 0, again.stderr
+    assert "reused (a cache of more sites; asked: layers.1.resid_mid)" in " ".join(again.stdout.split())
+    assert json.loads((results_dir / "sub" / "run_config.json").read_text())["activation_cache"] == wide
+
+    def train(name: str, *extra: str) -> dict:
+        res = cli(train_args(None, name, "--hookpoints", "layers.1.resid_mid", *data, "--max_steps", "6", *extra))
+        assert res.exit_code == 0, res.stderr
+        return json.loads((results_dir / name / "dictionaries" / "layers.1.resid_mid" / "cfg.json").read_text())
+
+    cfg = train("reusing")
+    assert cfg["metadata"]["activation_cache"] == wide and _store_dirs(store) == [Path(wide).name]
+    cfg = train("exact", "--overwrite", "cache")
+    exact = cfg["metadata"]["activation_cache"]
+    assert exact != wide and sorted(_store_dirs(store)) == sorted([Path(wide).name, Path(exact).name])
+    assert ActivationCache.open(exact).hookpoints == ["layers.1.resid_mid"]
+    weights = [load_file(results_dir / n / "dictionaries" / "layers.1.resid_mid" / "dictionary.safetensors")
+               for n in ("reusing", "exact")]
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # A transcoder from resid_mid to the MLP output of the same block.
+    res = cli(train_args(None, "tc", "--hookpoints", "layers.1.resid_mid:layers.1.mlp", "--architecture",
+                         "transcoder", *data, "--max_steps", "4"))
+    assert res.exit_code == 0, res.stderr
+    cfg = json.loads(next((results_dir / "tc" / "dictionaries").glob("*/cfg.json")).read_text())
+    assert cfg["sites"]["inputs"] == ["layers.1.resid_mid"] and cfg["sites"]["outputs"] == ["layers.1.mlp"]
 
 
 def test_cli_names_a_truncated_shard(cli, results_dir):

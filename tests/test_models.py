@@ -109,9 +109,32 @@ def test_external_names() -> None:
     assert from_external_name("lm_head") is None
 
 
+def test_resid_mid_name_order_and_external_name() -> None:
+    from saelab.plugins.formats.saelens import to_external_name
+
+    assert parse_hookpoint("layers.4.resid_mid") == Hookpoint(4, "resid_mid")
+    assert parse_hookpoint("layers.4.resid_mid").name == "layers.4.resid_mid"
+    assert sort_hookpoints(["layers.4", "layers.4.mlp.input", "layers.4.resid_mid", "layers.4.self_attn"]) == [
+        "layers.4.self_attn", "layers.4.resid_mid", "layers.4.mlp.input", "layers.4"]
+    assert hookpoint_names(1) == ["embed", "layers.0.self_attn.input", "layers.0.self_attn", "layers.0.resid_mid",
+                                  "layers.0.mlp.input", "layers.0.mlp", "layers.0"]
+    assert "layers.0.resid_mid" not in hookpoint_names(1, resid_mid=False)
+    assert from_external_name("blocks.4.hook_resid_mid") == "layers.4.resid_mid"
+    assert to_external_name("layers.4.resid_mid") == "blocks.4.hook_resid_mid"
+    for bad in ("layers.4.resid_mid.input", "layers.4.mlp.resid_mid"):
+        with pytest.raises(UsageError, match="layers.N.resid_mid"):
+            parse_hookpoint(bad)
+    with pytest.raises(UsageError, match=r"did you mean 'layers\.4\.resid_mid'"):
+        parse_hookpoint("blocks.4.hook_resid_mid")
+    # A model without resid_mid still gets the forms listing, without resid_mid in it.
+    with pytest.raises(UsageError) as err:
+        validate_hookpoints(["layers.7"], hookpoint_names(2, resid_mid=False), "parallel")
+    assert "N in 0..1" in str(err.value) and "resid_mid" not in str(err.value)
+
+
 def test_names_and_order() -> None:
     names = hookpoint_names(3)
-    assert len(names) == 1 + 5 * 3 and names[0] == "embed" and names[-1] == "layers.2"
+    assert len(names) == 1 + 6 * 3 and names[0] == "embed" and names[-1] == "layers.2"
     assert sort_hookpoints(list(reversed(names))) == names
     assert sort_hookpoints(["layers.1", "layers.1.mlp", "embed", "layers.0.self_attn.input"]) == [
         "embed", "layers.0.self_attn.input", "layers.1.mlp", "layers.1"]
@@ -256,6 +279,52 @@ def test_sites_equal_independent_recomputation(source) -> None:
         # The sites are genuinely different tensors (the checks above could not pass by aliasing).
         assert (acts[f"layers.{i}.mlp.input"] - resid_mid).abs().max() > 1e-3
         assert (acts[f"layers.{i}.self_attn.input"] - resid_pre).abs().max() > 1e-3
+
+
+def test_resid_mid_is_the_residual_between_attention_and_mlp(source) -> None:
+    ids = _batch(source)
+    acts = source.activations(ids, source.hookpoints())
+    blocks, _attn, _mlp, _norm1, norm2, _ = _parts(source)
+    for i in range(source.n_layers):
+        mid = acts[f"layers.{i}.resid_mid"]
+        resid_pre = acts["embed"] if i == 0 else acts[f"layers.{i - 1}"]
+        torch.testing.assert_close(mid, acts[f"layers.{i}"] - acts[f"layers.{i}.mlp"])
+        torch.testing.assert_close(mid, resid_pre + acts[f"layers.{i}.self_attn"])
+        with torch.no_grad():
+            torch.testing.assert_close(getattr(blocks[i], norm2)(mid), acts[f"layers.{i}.mlp.input"])
+        assert (mid - resid_pre).abs().max() > 1e-3 and (mid - acts[f"layers.{i}"]).abs().max() > 1e-3
+    assert source.hookpoint_dim("layers.1.resid_mid") == 64
+    # Alone, it stops the forward before the MLP runs.
+    calls: list[str] = []
+    handles = [getattr(blocks[0], _mlp).register_forward_pre_hook(lambda *a: calls.append("mlp")),
+               blocks[1].register_forward_pre_hook(lambda *a: calls.append("block1"))]
+    try:
+        alone = source.activations(ids, ["layers.0.resid_mid"])["layers.0.resid_mid"]
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []
+    torch.testing.assert_close(alone, acts["layers.0.resid_mid"])
+
+
+def test_resid_mid_replacement_feeds_mlp_and_residual(source) -> None:
+    ids = _batch(source)
+    blocks, _attn, mlp, _norm1, norm2, final_norm = _parts(source)
+    reference = source.logits(ids)
+    torch.testing.assert_close(source.logits(ids, {"layers.0.resid_mid": lambda x: x}), reference)
+    last = source.n_layers - 1
+    mid = source.activations(ids, [f"layers.{last}.resid_mid"])[f"layers.{last}.resid_mid"]
+    with torch.no_grad():
+        new = 2 * mid
+        out = new + getattr(blocks[last], mlp)(getattr(blocks[last], norm2)(new))
+        expected = source.model.get_output_embeddings()(final_norm(out))
+    got = source.logits(ids, {f"layers.{last}.resid_mid": lambda x: 2 * x})
+    torch.testing.assert_close(got, expected)
+    # Replaced together with the block output, the block output's function sees the changed residual.
+    seen = {}
+    source.logits(ids, {f"layers.{last}.resid_mid": lambda x: 2 * x,
+                        f"layers.{last}": lambda x: seen.setdefault("x", x)})
+    torch.testing.assert_close(seen["x"], out)
 
 
 def test_attention_mask_and_1d_input(source) -> None:
@@ -507,7 +576,7 @@ def test_hub_id_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     repo, sha = offline_hub(tmp_path, monkeypatch)
     src = load_activation_source(repo)
     assert src.identity() == {"model": repo, "source": "transformers", "dtype": "float32", "revision": sha}
-    assert len(src.hookpoints()) == 11
+    assert len(src.hookpoints()) == 13
     ids = torch.tensor([[1, 50, 60, 70]])
     local = load_activation_source(str(TINY_LLAMA))
     torch.testing.assert_close(src.activations(ids, ["layers.1"])["layers.1"],
@@ -588,6 +657,62 @@ def test_other_architectures(arch: str, tmp_path: Path) -> None:
     finally:
         handle.remove()
     assert calls == []
+
+
+def _tiny_arch(arch: str, directory: Path, **extra: object):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=2048, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0, **{**_ARCHS.get(arch, {"intermediate_size": 64}), **extra})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(directory))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_LLAMA / f, directory / f)
+    return load_activation_source(str(directory))
+
+
+@pytest.mark.parametrize(("arch", "extra", "post_norm"), [
+    ("qwen2", {}, None), ("mistral", {}, None), ("gemma2", {}, "post_attention_layernorm"),
+    ("olmo2", {"num_key_value_heads": 4}, "post_attention_layernorm"),
+    ("gpt_neox", {"use_parallel_residual": False}, None)])
+def test_resid_mid_of_other_architectures(arch: str, extra: dict, post_norm: str | None, tmp_path: Path) -> None:
+    """resid_mid = block input + the attention's contribution (Gemma 2 and OLMo 2 norm the attention
+    output first), and what the MLP's norm reads (Gemma 2: pre_feedforward_layernorm; OLMo 2: none)."""
+    src = _tiny_arch(arch, tmp_path, **extra)
+    assert "layers.1.resid_mid" in src.hookpoints()
+    ids = torch.randint(3, 2048, (2, 9), generator=torch.Generator().manual_seed(0))
+    acts = src.activations(ids, src.hookpoints())
+    for i in range(2):
+        block, mid = src.blocks[i], acts[f"layers.{i}.resid_mid"]
+        attn = acts[f"layers.{i}.self_attn"]
+        with torch.no_grad():
+            attn = getattr(block, post_norm)(attn) if post_norm else attn
+            torch.testing.assert_close(mid, (acts["embed"] if i == 0 else acts[f"layers.{i - 1}"]) + attn)
+            mlp_norm = src._resid_mid_module(i)
+            if mlp_norm is block.mlp:
+                torch.testing.assert_close(mid, acts[f"layers.{i}.mlp.input"])
+            else:
+                torch.testing.assert_close(mlp_norm(mid), acts[f"layers.{i}.mlp.input"])
+    reference = src.logits(ids)
+    torch.testing.assert_close(src.logits(ids, {"layers.1.resid_mid": lambda x: x}), reference)
+    assert (src.logits(ids, {"layers.1.resid_mid": lambda x: 3 * x}) - reference).abs().max() > 1e-4
+
+
+def test_parallel_blocks_have_no_resid_mid(tmp_path: Path) -> None:
+    src = _tiny_arch("gpt_neox", tmp_path)
+    assert src.parallel_residual and "layers.0.resid_mid" not in src.hookpoints()
+    assert len(src.hookpoints()) == len(hookpoint_names(2)) - 2
+    ids = torch.randint(3, 2048, (1, 5), generator=torch.Generator().manual_seed(0))
+    for call in (lambda: src.activations(ids, ["layers.0", "layers.1.resid_mid"]),
+                 lambda: src.hookpoint_dim("layers.0.resid_mid"),
+                 lambda: src.logits(ids, {"layers.0.resid_mid": lambda x: x})):
+        with pytest.raises(UsageError) as err:
+            call()
+        msg = str(err.value)
+        assert "\n" not in msg and "resid_mid'" in msg and "gpt_neox" in msg and "parallel" in msg
+    with pytest.raises(UsageError, match="layer 5 is out of range"):
+        src.check_hookpoints(["layers.5"])
 
 
 def test_accepts_leaves_other_shapes_to_other_plugins() -> None:

@@ -80,7 +80,8 @@ def register_commands(cli: click.Group) -> None:
             info = cache.build_info
             rows = [
                 ("activation cache", str(cache.path)),
-                ("status", info["status"]),
+                ("status", info["status"] + (f" (a cache of more sites; asked: {', '.join(info['requested_hookpoints'])})"
+                                             if info.get("covering") else "")),
                 ("model", options.model),
                 ("hookpoints", ", ".join(f"{hp} (d={cache.dim(hp)})" for hp in cache.hookpoints)),
                 ("dataset", f"{options.dataset_repo} split={options.dataset_split}"

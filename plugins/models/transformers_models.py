@@ -9,7 +9,10 @@
 Hookpoints are the model-agnostic names of :mod:`saelab.hookpoints`, found through a small table of
 module paths (Llama/Mistral/Qwen/Gemma ``model.layers[i].{self_attn,mlp}``, GPT-2 ``transformer.h[i]
 .{attn,mlp}``, GPT-NeoX ``gpt_neox.layers[i].{attention,mlp}``...). Activations are captured with forward
-hooks and the forward pass stops as soon as the last requested one is captured.
+hooks and the forward pass stops as soon as the last requested one is captured. ``layers.N.resid_mid`` is
+the input of the norm that feeds the MLP (Llama/Mistral/Qwen ``post_attention_layernorm``, Gemma 2/3
+``pre_feedforward_layernorm``, GPT-2 ``ln_2``; the MLP's own input where no norm precedes it, as in OLMo 2);
+models whose attention and MLP read the same residual stream in parallel have none.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import click
 import torch
 from pydantic import SecretStr, field_validator
 from saelab import ActivationSource, Options, UsageError, hookimpl
-from saelab.hookpoints import Hookpoint, hookpoint_names, parse_hookpoint
+from saelab.hookpoints import Hookpoint, hookpoint_names, is_hookpoint, parse_hookpoint, sort_hookpoints
 from saelab.models import load_activation_source, weights_hash
 from saelab.paths import cache_dir
 from torch import nn
@@ -38,6 +41,11 @@ _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.langu
                 "model.decoder.layers", "transformer.layers", "transformer.blocks", "layers", "h")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_MID_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm", "norm_2")
+"""Names of the norm before the MLP, whose input is ``resid_mid`` (Gemma 2/3's ``pre_feedforward_layernorm``
+first: there ``post_attention_layernorm`` norms the attention output)."""
+_PARALLEL_MODEL_TYPES = ("gptj", "codegen", "phi", "cohere", "cohere2")
+"""Model types whose attention and MLP always run in parallel on the block input (no ``resid_mid``)."""
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -271,18 +279,55 @@ class TransformersSource(ActivationSource):
         raise UsageError(f"block {layer} of model {self.model_id!r} ({type(block).__name__}) has no {what} module "
                          f"named {' or '.join(names)}")
 
+    @property
+    def parallel_residual(self) -> bool:
+        """Whether attention and MLP read the same block input in parallel (GPT-J, Phi-2, Cohere, GPT-NeoX
+        with ``use_parallel_residual``, Falcon with ``parallel_attn``): then there is no ``resid_mid``.
+        Read from the config; no weights are loaded."""
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        if getattr(cfg, "model_type", None) in _PARALLEL_MODEL_TYPES:
+            return True
+        return any(getattr(cfg, flag, False) is True
+                   for flag in ("use_parallel_residual", "parallel_attn", "new_decoder_architecture"))
+
+    def _resid_mid_module(self, layer: int) -> nn.Module:
+        """The module whose input is ``layers.{layer}.resid_mid``: the norm before the MLP, or the MLP
+        itself where the block norms the MLP's output instead (OLMo 2)."""
+        block = self.blocks[layer]
+        if isinstance(getattr(block, "post_feedforward_layernorm", None), nn.Module) and not isinstance(
+                getattr(block, "pre_feedforward_layernorm", None), nn.Module):
+            return self._submodule(layer, _MLP_NAMES, "mlp")
+        return self._submodule(layer, _MID_NORM_NAMES, "norm before the MLP (for resid_mid)")
+
     def module_for(self, hookpoint: Hookpoint) -> tuple[nn.Module, Literal["input", "output"]]:
         """The module whose input or output is ``hookpoint``'s activation."""
         if hookpoint.site == "embed":
             return self.blocks[0], "input"
         if hookpoint.site == "resid":
             return self.blocks[hookpoint.layer], "output"
+        if hookpoint.site == "resid_mid":
+            return self._resid_mid_module(hookpoint.layer), "input"
         names = _ATTN_NAMES if hookpoint.site == "self_attn" else _MLP_NAMES
         return self._submodule(hookpoint.layer, names, hookpoint.site), hookpoint.io
 
     def hookpoints(self) -> list[str]:
-        """Every valid hookpoint, in forward order."""
-        return hookpoint_names(self.n_layers)
+        """Every valid hookpoint, in forward order (no ``layers.N.resid_mid`` in a parallel block)."""
+        return hookpoint_names(self.n_layers, resid_mid=not self.parallel_residual)
+
+    def check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
+        """:meth:`ActivationSource.check_hookpoints`, with a one-line error for ``resid_mid`` of a model
+        whose attention and MLP run in parallel."""
+        names = [hookpoints] if isinstance(hookpoints, str) else list(hookpoints)
+        if self.parallel_residual:
+            for name in names:
+                if is_hookpoint(name) and parse_hookpoint(name).site == "resid_mid":
+                    cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+                    raise UsageError(
+                        f"hookpoint {name!r} does not exist in model {self.model_id!r} "
+                        f"({getattr(cfg, 'model_type', type(self.config).__name__)}): its attention and MLP read "
+                        f"the block input in parallel, so there is no residual stream between them; use "
+                        f"layers.N.mlp.input or the block input (layers.N-1, or embed for block 0)")
+        return super().check_hookpoints(names)
 
     def hookpoint_dim(self, hookpoint: str) -> int:
         """Width of the activations at ``hookpoint`` (the residual width for every standard site)."""
@@ -380,9 +425,10 @@ class TransformersSource(ActivationSource):
     ) -> torch.Tensor:
         """Float32 logits ``[batch, seq, vocab]`` of a full forward pass in which the activation at each
         hookpoint of ``replacements`` is replaced by ``fn(activation)`` (``fn`` gets and returns float32
-        ``[batch, seq, d]``; the result is cast back to the model's dtype)."""
+        ``[batch, seq, d]``; the result is cast back to the model's dtype). A replaced ``resid_mid`` feeds
+        both the MLP and the block's residual connection (its change is added to the block's output)."""
         replacements = dict(replacements or {})
-        names = self.check_hookpoints(list(replacements)) if replacements else []
+        names = sort_hookpoints(self.check_hookpoints(list(replacements))) if replacements else []
         handles = []
 
         def swap(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -393,8 +439,11 @@ class TransformersSource(ActivationSource):
 
         try:
             for name in names:
-                module, where = self.module_for(parse_hookpoint(name))
-                if where == "input":
+                hookpoint = parse_hookpoint(name)
+                module, where = self.module_for(hookpoint)
+                if hookpoint.site == "resid_mid":
+                    handles += self._replace_resid_mid(hookpoint.layer, module, lambda t, _n=name: swap(_n, t))
+                elif where == "input":
                     def pre(_m: nn.Module, args: tuple, kwargs: dict, _n: str = name) -> tuple[tuple, dict]:
                         return _replace_input(args, kwargs, lambda t: swap(_n, t))
 
@@ -410,6 +459,27 @@ class TransformersSource(ActivationSource):
             for h in handles:
                 h.remove()
         return out.logits.to(torch.float32)
+
+    def _replace_resid_mid(self, layer: int, module: nn.Module,
+                           fn: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+        """Hooks that replace ``layers.{layer}.resid_mid`` by ``fn(resid_mid)``: the norm before the MLP
+        gets the new value, and the block's output gets ``new - old`` added, since the block adds the
+        original ``resid_mid`` (held in a local variable) to the MLP output."""
+        delta: dict[str, torch.Tensor] = {}
+
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            def replace(t: torch.Tensor) -> torch.Tensor:
+                new = fn(t)
+                delta["d"] = new - t
+                return new
+
+            return _replace_input(args, kwargs, replace)
+
+        def post(_m: nn.Module, _args: tuple, output: Any) -> Any:
+            return _replace_output(output, lambda t: t + delta.pop("d"))
+
+        return [module.register_forward_pre_hook(pre, with_kwargs=True),
+                self.blocks[layer].register_forward_hook(post, prepend=True)]
 
     def unembedding(self) -> torch.Tensor | None:
         """The unembedding matrix ``[d_model, vocab]`` (float32), or None when the model has none."""
