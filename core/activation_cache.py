@@ -213,6 +213,11 @@ class ActivationCache:
         """The cache's fingerprint (its directory name in the store)."""
         return str(self.manifest["fingerprint"])
 
+    def size_on_disk(self) -> int:
+        """Bytes of the cache's shard files (tokens and activations), as its manifest lists them."""
+        return sum(f["size"] for shard in self.shards
+                   for f in (shard["files"]["tokens"], *shard["files"]["activations"].values()))
+
     @property
     def dtype(self) -> torch.dtype:
         """Storage dtype of the activations."""
@@ -664,6 +669,9 @@ def build_activation_cache(
             covering.build_info = {"status": "reused", "seconds": time.perf_counter() - started, "tokens_written": 0,
                                    "covering": True, "requested_hookpoints": list(hookpoints)}
             return covering
+    written = int(_read_manifest(directory).get("n_sequences", 0)) if (directory / MANIFEST).is_file() else 0
+    check_free_disk(Path(store), cache_bytes([source.hookpoint_dim(h) for h in hookpoints], target - written,
+                                             ctx_len, dtype), f"the activation cache of {', '.join(hookpoints)}")
     directory.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(directory, "activation cache"):
         if request_key:
@@ -691,6 +699,37 @@ def build_activation_cache(
         "resumed_from_tokens": resumed_from * cache.ctx_len,
     }
     return cache
+
+
+def cache_bytes(dims: Sequence[int], n_sequences: int, ctx_len: int, dtype: str) -> int:
+    """Bytes on disk of ``n_sequences`` cached sequences of sites of widths ``dims`` (activations in storage
+    ``dtype`` and int32 tokens; headers left out)."""
+    return max(0, n_sequences) * ctx_len * (sum(dims) * DTYPES[dtype].itemsize + 4)
+
+
+def free_disk(where: Path | str) -> int:
+    """Free bytes on the disk holding ``where`` (or its nearest existing parent)."""
+    folder = Path(where).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_free_disk(where: Path, n_bytes: int, what: str) -> None:
+    """One-line :class:`UsageError` when the disk holding ``where`` has less than ``n_bytes`` free for ``what``."""
+    free = free_disk(where)
+    if n_bytes > free:
+        raise UsageError(f"{what} needs {human_bytes(n_bytes)} but {where} has {human_bytes(free)} free; "
+                         f"free some space, use another --store, fewer --n_tokens or --dtype float16")
+
+
+def human_bytes(n_bytes: float) -> str:
+    """``n_bytes`` as ``512 B``, ``12.3 MiB``, ``4.5 GiB``..."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n_bytes < 1024 or unit == "TiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} TiB"
 
 
 def _size(n_bytes: int) -> str:

@@ -333,6 +333,17 @@ class SparseDictionary(nn.Module, Plugin, ABC):
         weight = getattr(self, "W_dec", None)
         return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
+    per_layer_sites: ClassVar[bool] = False
+    """True when the sites are layers: input site ``i`` and output site ``i`` belong to layer ``i``, in forward
+    order, and ``d_sae`` counts the latents of every layer (a cross-layer transcoder)."""
+
+    @classmethod
+    def sites_for_layers(cls, layers: Sequence[int], options: Options) -> tuple[list[str], list[str]] | None:
+        """The input and output sites of one dictionary of this architecture spanning ``layers`` (sorted
+        block indices; ``saelab train --layers``) with ``options`` (an instance of ``cls.Options``); None
+        (the default) when the architecture does not span layers."""
+        return None
+
     def encoder_directions(self) -> torch.Tensor | None:
         """Each latent's encoder direction, ``[d_sae, n_inputs * d_in]``, for encoder-similarity neighbours;
         None when the encoder has no such matrix. Default: the transpose of the module's ``W_enc`` tensor

@@ -89,11 +89,12 @@ def test_shapes(name: str, multi: bool) -> None:
     s = module.sites
     x, y = data(module)
     z = module.encode(x)
-    assert z.shape == (BATCH, module.d_sae) == (BATCH, D_SAE)
+    width = D_SAE * (len(s.inputs) if module.per_layer_sites else 1)  # d_sae per layer for layer-spanning ones
+    assert z.shape == (BATCH, module.d_sae) == (BATCH, width)
     assert module.decode(z).shape == (BATCH, len(s.outputs), s.d_out)
     out = module(x, target=y)
     assert out.reconstruction.shape == (BATCH, len(s.outputs), s.d_out)
-    assert out.latents.shape == (BATCH, D_SAE)
+    assert out.latents.shape == (BATCH, width)
     assert "mse" in out.losses and all(v.dim() == 0 and torch.isfinite(v) for v in out.losses.values())
     target = x if y is None else y
     expected_mse = (out.reconstruction - target).pow(2).sum((1, 2)).mean()

@@ -31,7 +31,7 @@ from saelab.errors import UsageError
 from saelab.registry import normalise_name
 
 EXPECTED_BUILTINS: dict[str, set[str]] = {
-    "architecture": {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder"},
+    "architecture": {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder", "clt"},
     "dictionary_format": {"saelab", "saelens", "sparsify"},
     "activation_source": {"transformers", "smollm2"},
     "dataset": {"wikipedia-sample", "news-sample", "huggingface", "local-files"},
@@ -368,6 +368,11 @@ def eval_windows() -> list[torch.Tensor]:
     return list(heldout_windows(tiny_source(), lee_dataset(8), 32, 128, 0))
 TRANSCODER_SITES = ("layers.0.mlp.input", "layers.0.mlp")
 """Sites given to an architecture that refuses to reconstruct its own input (transcoders)."""
+LAYER_SITES = (("layers.0.self_attn.input", "layers.0.mlp.input", "layers.1.self_attn.input", "layers.1.mlp.input"),
+               ("layers.0.self_attn", "layers.0.mlp", "layers.1.self_attn", "layers.1.mlp"))
+"""Sites given to an architecture whose sites are layers (``per_layer_sites``: cross-layer transcoders): four
+(input, output) pairs of the 2-layer fixture in forward order, so that the triangular indexing runs on more
+than two layers."""
 
 
 def build_architecture(name: str, options: dict | None = None):
@@ -379,6 +384,10 @@ def build_architecture(name: str, options: dict | None = None):
     cls = saelab.registry("architecture").get(name)
     options = {**_architecture_options(cls), **(options or {})}
     torch.manual_seed(0)
+    if cls.per_layer_sites:
+        inputs, outputs = LAYER_SITES
+        sites = {"inputs": list(inputs), "outputs": list(outputs), "d_in": D, "d_out": D}
+        return build_dictionary(name, sites, options), LAYER_SITES
     try:
         return build_dictionary(name, {"inputs": [HOOK], "outputs": [HOOK], "d_in": D, "d_out": D}, options), (HOOK, HOOK)
     except UsageError as exc:
@@ -403,8 +412,10 @@ def test_architecture_trains_saves_loads_and_evaluates(name, tmp_path, eval_wind
     from training_helpers import synthetic
 
     module, sites = build_architecture(name)
+    inputs, outputs = ([s] if isinstance(s, str) else list(s) for s in sites)
     x, _ = synthetic(n=2048, d=D, n_features=256, active=4.0, scale=3.0)
-    data = {HOOK: x} if sites[0] == sites[1] else {sites[0]: x, sites[1]: x @ torch.randn(D, D, generator=GEN) / 8}
+    data = {HOOK: x} if inputs == outputs else {**{h: x for h in inputs},
+                                                **{h: x @ torch.randn(D, D, generator=GEN) / 8 for h in outputs}}
     config = TrainerConfig.parse({"batch_size": 128, "max_steps": 32, "log_every": 4, "device": "cpu",
                                   "init_rows": 512, "exclude_positions": ()})
     out = tmp_path / "dict"
@@ -414,7 +425,7 @@ def test_architecture_trains_saves_loads_and_evaluates(name, tmp_path, eval_wind
     assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], f"{name}: loss did not fall: {losses}"
 
     trained = result.module.eval()
-    batch = x[:32, None]
+    batch = x[:32, None].repeat(1, len(inputs), 1)
     loaded = load_dictionary(out)
     assert type(loaded) is type(trained)
     save_dictionary(loaded, tmp_path / "again")

@@ -8,51 +8,14 @@ kernel of width ``bandwidth`` (the paper's eqs. 11-12). Decoder rows are kept un
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from saelab import DictionaryOutput, SiteSpec, hookimpl
 from saelab.dictionary import DictionaryOptions, LinearDictionary
 
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """``pre * H(pre - theta)``; d/dpre = H, d/dtheta = -(theta / eps) K((pre - theta) / eps)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre > theta)
-        grad_theta = (-(theta / eps) * _rectangle((pre - theta) / eps) * grad).sum(0)
-        return grad_pre, grad_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """``H(pre - theta)``; d/dpre = 0, d/dtheta = -(1 / eps) K((pre - theta) / eps)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta = (-(1.0 / eps) * _rectangle((pre - theta) / eps) * grad).sum(0)
-        return None, grad_theta, None
+from ._jumprelu import _JumpReLU, _Step
 
 
 class JumpReLUOptions(DictionaryOptions):

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 from saelab import hookimpl
-from saelab.activation_cache import open_or_build_cache
+from saelab.activation_cache import human_bytes, open_or_build_cache
 from saelab.cli_options import (
     EMBEDDED_NOTE,
     CacheCommandOptions,
@@ -25,19 +25,6 @@ from saelab.cli_options import (
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.layout import RunLayout
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _cache_size(cache: Any) -> int:
-    return sum(f["size"] for shard in cache.shards
-               for f in (shard["files"]["tokens"], *shard["files"]["activations"].values()))
 
 
 @hookimpl
@@ -91,7 +78,7 @@ def register_commands(cli: click.Group) -> None:
                            + (" - data ran out" if cache.manifest.get("data_exhausted") else "")),
                 ("shards", len(cache.shards)),
                 ("dtype", cache.manifest["dtype"]),
-                ("size on disk", _human_bytes(_cache_size(cache))),
+                ("size on disk", human_bytes(cache.size_on_disk())),
                 ("time", f"{info.get('seconds', 0.0):.1f} s"),
             ]
             if info.get("tokens_written") and info.get("seconds"):

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from saelab import SiteSpec, UsageError, hookimpl
+from saelab.activation_cache import cache_bytes, free_disk, human_bytes
 from saelab.cli import MultiValueOption
 from saelab.cli_options import (
     DEFAULT_MODEL,
@@ -41,8 +43,8 @@ from saelab.cli_options import (
     verbose_option,
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
-from saelab.layout import RunLayout
-from saelab.models import source_options
+from saelab.layout import RunLayout, activation_store
+from saelab.models import load_activation_source, source_options
 from saelab.options import load_config_file, parse_option_value
 from saelab.positions import CFG_KEY, PositionFilter, model_exclusions
 from saelab.training import TrainerConfig
@@ -77,6 +79,10 @@ class TrainCommandOptions(CacheCommandOptions):
     """Train from this existing activation cache directory."""
     on_the_fly: bool = False
     """Stream activations from the LM while training (no cache written)."""
+    layers: list[str] = []
+    """Train one dictionary spanning these layers instead of one per hookpoint (an architecture whose sites
+    are layers: clt): a range 0-29, a list 0,3,5 or 0 3 5, or both (0-3,7); its sites come from the
+    architecture's options (clt: -o input_site mlp.input|resid_mid)."""
 
 
 @dataclass
@@ -137,20 +143,55 @@ def _with_model_exclusions(config: TrainerConfig, model: str) -> TrainerConfig:
     return config.model_copy(update={"exclude_positions": model_exclusions(model)})
 
 
-def _parse_sites(specs: list[str]) -> list[tuple[str, str]]:
-    sites = []
+Sites = tuple[tuple[str, ...], tuple[str, ...]]
+"""The input and output hookpoints of one dictionary."""
+
+
+def _parse_sites(specs: list[str]) -> list[Sites]:
+    sites: list[Sites] = []
     for spec in specs:
         parts = spec.split(":")
         if len(parts) == 1 and parts[0]:
-            sites.append((parts[0], parts[0]))
+            sites.append(((parts[0],), (parts[0],)))
         elif len(parts) == 2 and all(parts):
-            sites.append((parts[0], parts[1]))
+            sites.append(((parts[0],), (parts[1],)))
         else:
             raise UsageError(f"bad hookpoint {spec!r}; accepted: NAME (e.g. layers.15) or IN:OUT "
                              "(e.g. layers.3.mlp.input:layers.3.mlp)")
     if len(set(sites)) != len(sites):
         raise UsageError(f"hookpoint given twice in {specs}")
     return sites
+
+
+def parse_layers(specs: list[str]) -> list[int]:
+    """``--layers`` values (``0-29``, ``0,3,5``, ``0 3 5``, ``0-3,7``) as sorted distinct block indices."""
+    layers: set[int] = set()
+    for part in (p.strip() for spec in specs for p in str(spec).replace(",", " ").split()):
+        low, dash, high = part.partition("-")
+        if not (low.isdigit() and (not dash or high.isdigit())) or (dash and int(high) < int(low)):
+            raise UsageError(f"bad --layers {part!r}; accepted: a range 0-29, a list 0,3,5 or both (0-3,7)")
+        layers.update(range(int(low), int(high if dash else low) + 1))
+    if not layers:
+        raise UsageError("--layers names no layer; e.g. --layers 0-2")
+    return sorted(layers)
+
+
+def _layer_sites(layers: list[int], configs: list[DictConfig]) -> list[tuple[Sites, DictConfig]]:
+    """One dictionary spanning ``layers`` per configuration (one-line error for an architecture that does
+    not span layers)."""
+    from saelab import registry
+
+    reg = registry("architecture")
+    pairs = []
+    for cfg in configs:
+        cls = reg.get(cfg.architecture)
+        sites = cls.sites_for_layers(layers, cls.Options.parse(cfg.options, where=f"architecture {cls.name!r}"))
+        if sites is None:
+            spanning = [n for n in reg.names() if reg.get(n).sites_for_layers(layers, reg.get(n).Options()) is not None]
+            raise UsageError(f"architecture {cls.name!r} does not span layers (--layers); accepted: "
+                             f"{', '.join(spanning) or 'none registered'}, or --hookpoints for one dictionary per site")
+        pairs.append(((tuple(sites[0]), tuple(sites[1])), cfg))
+    return pairs
 
 
 def _dict_configs(architectures: list[str], options: list[tuple[str, str]], sweep: Path | None) -> list[DictConfig]:
@@ -191,9 +232,23 @@ def _dict_configs(architectures: list[str], options: list[tuple[str, str]], swee
     return configs
 
 
-def _dictionary_name(site: tuple[str, str], config: DictConfig, n_configs: int) -> str:
-    base = site[0] if site[0] == site[1] else f"{site[0]}__{site[1]}"
+def _dictionary_name(site: Sites, config: DictConfig, n_configs: int, layers: list[int] | None = None) -> str:
+    if layers:
+        base = "layers." + _compact(layers)
+    else:
+        base = site[0][0] if site[0] == site[1] else f"{site[0][0]}__{site[1][0]}"
     return base if n_configs == 1 else f"{base}-{config.name}"
+
+
+def _compact(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2_5``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return "_".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 @hookimpl
@@ -211,6 +266,7 @@ def register_commands(cli: click.Group) -> None:
     @field_option(TrainCommandOptions, "sweep", type=click.Path(dir_okay=False, path_type=Path))
     @field_option(TrainCommandOptions, "cache_path", "--cache", "cache_path", type=click.Path(path_type=Path))
     @field_option(TrainCommandOptions, "on_the_fly", switch=True)
+    @field_option(TrainCommandOptions, "layers", cls=MultiValueOption, metavar="LAYERS")
     @_trainer_flags
     @dataset_options()
     @cache_options()
@@ -242,15 +298,21 @@ def train_command(values: dict[str, Any]) -> None:
     directory = layout.root
     if values.get("cache_path") is not None and values.get("on_the_fly"):
         raise UsageError("--cache and --on_the_fly exclude each other; give one (or neither to build a cache)")
-    if not values.get("hookpoints"):
-        raise UsageError("no --hookpoints given; e.g. --hookpoints layers.15")
-    sites = _parse_sites(list(values["hookpoints"]))
+    layers = parse_layers(list(values["layers"])) if values.get("layers") else None
+    if layers and values.get("hookpoints"):
+        raise UsageError("--layers and --hookpoints exclude each other; give --layers for one dictionary spanning "
+                         "layers, --hookpoints for one per site")
+    if not layers and not values.get("hookpoints"):
+        raise UsageError("no --hookpoints given; e.g. --hookpoints layers.15 (or --layers 0-2 with --architecture clt)")
     configs = _dict_configs(list(values.get("architectures") or []), list(values.get("arch_options") or []),
                             values.get("sweep"))
-    needed = list(dict.fromkeys(hp for site in sites for hp in site))
+    pairs = (_layer_sites(layers, configs) if layers
+             else [(site, cfg) for site in _parse_sites(list(values["hookpoints"])) for cfg in configs])
+    needed = list(dict.fromkeys(hp for site, _ in pairs for group in site for hp in group))
     dist = init_distributed(config.device)
 
     cache = None
+    plan = f"{len(pairs)} dictionar{'y' if len(pairs) == 1 else 'ies'}"
     if values.get("cache_path") is not None:
         from saelab.activation_cache import ActivationCache
 
@@ -266,19 +328,29 @@ def train_command(values: dict[str, Any]) -> None:
                              exclude_bos=config.exclude_bos, shuffle_buffer_shards=config.shuffle_buffer_shards)
         dims = {hp: cache.dim(hp) for hp in needed}
         data_ref = str(cache.path)
+        preflight(pairs, dims, config, values, plan, f"activation cache {human_bytes(cache.size_on_disk())} (reused)")
     elif values.get("on_the_fly"):
         config = _with_model_exclusions(config, values["model"])
         source, dims = _on_the_fly_source(values, needed, config)
         data_ref = "on_the_fly"
+        preflight(pairs, dims, config, values, plan, "no activation cache (streamed from the LM)")
     else:
         from saelab.activation_cache import open_or_build_cache
 
         cache_values = {**values, "hookpoints": needed}
+        lm = load_activation_source(values["model"], **source_options(values))
+        dims = {hp: lm.hookpoint_dim(hp) for hp in lm.check_hookpoints(needed)}
+        size = cache_bytes(list(dims.values()), -(-values["n_tokens"] // values["cache_ctx_len"]),
+                           values["cache_ctx_len"], values.get("dtype") or "float32")
+        preflight(pairs, dims, config, values, plan, f"activation cache at most {human_bytes(size)} to write "
+                  f"(free disk {human_bytes(free_disk(values.get('store') or activation_store()))}) unless a "
+                  f"matching cache is reused")
         if dist.is_main:
-            cache = open_or_build_cache(cache_values)
+            cache = open_or_build_cache(cache_values, source=lm)
         dist.barrier()
         if not dist.is_main:
-            cache = open_or_build_cache({**cache_values, "verbose": False})
+            cache = open_or_build_cache({**cache_values, "verbose": False}, source=lm)
+        del lm  # the trainer reads the cache: the LM's memory goes back before training
         assert cache is not None
         config = _with_model_exclusions(config, values["model"])
         source = CacheSource(cache, needed, exclude_positions=config.exclude_positions,
@@ -288,27 +360,23 @@ def train_command(values: dict[str, Any]) -> None:
 
     provenance = data_provenance(values, cache)
 
-    import torch
-
     jobs, skipped = [], []
     overwrite = "train" in (values.get("overwrite") or [])
-    for site in sites:
-        for cfg in configs:
-            name = _dictionary_name(site, cfg, len(configs))
-            out = layout.dictionary_dir(name)
-            if overwrite and out.exists() and dist.is_main:
-                shutil.rmtree(out)
-            elif (out / "cfg.json").is_file():
-                skipped.append((name, out))
-                continue
-            torch.manual_seed(config.seed)  # the same initial weights on every rank and on a resumed run
-            spec = SiteSpec(inputs=[site[0]], outputs=[site[1]], d_in=dims[site[0]], d_out=dims[site[1]])
-            module = build_dictionary(cfg.architecture, spec, cfg.options)
-            extra = {"model": values.get("model"), "run": values["name"], "dictionary_name": name,
-                     "hookpoints": {"inputs": [site[0]], "outputs": [site[1]]}, "activation_cache": data_ref,
-                     "data": provenance, CFG_KEY: PositionFilter.of(config.exclude_positions or (),
-                                                                   config.exclude_bos).record()}
-            jobs.append(DictionaryJob(name=name, module=module, lr=cfg.lr, out_dir=out, extra_cfg=extra))
+    for site, cfg in pairs:
+        name = _dictionary_name(site, cfg, len(configs), layers)
+        out = layout.dictionary_dir(name)
+        if overwrite and out.exists() and dist.is_main:
+            shutil.rmtree(out)
+        elif (out / "cfg.json").is_file():
+            skipped.append((name, out))
+            continue
+        torch.manual_seed(config.seed)  # the same initial weights on every rank and on a resumed run
+        module = build_dictionary(cfg.architecture, _site_spec(site, dims), cfg.options)
+        extra = {"model": values.get("model"), "run": values["name"], "dictionary_name": name,
+                 "hookpoints": {"inputs": list(site[0]), "outputs": list(site[1])}, "activation_cache": data_ref,
+                 "data": provenance, CFG_KEY: PositionFilter.of(config.exclude_positions or (),
+                                                               config.exclude_bos).record()}
+        jobs.append(DictionaryJob(name=name, module=module, lr=cfg.lr, out_dir=out, extra_cfg=extra))
     dist.barrier()
     results = []
     if jobs:
@@ -346,6 +414,63 @@ def train_command(values: dict[str, Any]) -> None:
     _shutdown(dist)
 
 
+ADAM_BYTES_PER_PARAMETER = 16
+"""float32 weights, gradients and Adam's two moment estimates."""
+
+
+def preflight(pairs: list[tuple[Sites, DictConfig]], dims: dict[str, int], config: TrainerConfig,
+              values: dict[str, Any], plan: str, data: str) -> None:
+    """Print what training will hold (parameters; weights, gradients and Adam state; the data) and refuse
+    in one line when the weights and optimiser state exceed the memory free on the training device."""
+    from saelab.dictionary import build_dictionary
+
+    params = 0
+    for site, cfg in pairs:
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated
+                module = build_dictionary(cfg.architecture, _site_spec(site, dims), cfg.options)
+        except (NotImplementedError, RuntimeError):  # an initialisation that needs real values
+            module = build_dictionary(cfg.architecture, _site_spec(site, dims), cfg.options)
+        params += sum(p.numel() for p in module.parameters())
+    state = params * ADAM_BYTES_PER_PARAMETER
+    device, free = available_memory(config.device)
+    if values.get("verbose", True) and os.environ.get("RANK", "0") == "0":
+        click.echo(f"train: {plan}, {params:,} parameters; weights + gradients + Adam state "
+                   f"{human_bytes(state)} ({device} free: {human_bytes(free)}); {data}", err=True)
+    if state > free:
+        raise UsageError(f"training needs {human_bytes(state)} for the weights, gradients and Adam state of "
+                         f"{params:,} parameters but {device} has {human_bytes(free)} free; train fewer layers, "
+                         f"a smaller -o d_sae or fewer architectures at once")
+
+
+def available_memory(device: str) -> tuple[str, int]:
+    """``(what, bytes free)`` of the device training runs on: the GPU's free memory, else the RAM the OS
+    says is available (``MemAvailable``)."""
+    from saelab.training import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return f"GPU {resolved}", int(torch.cuda.mem_get_info(resolved)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return "RAM", int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return "RAM", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _site_spec(site: Sites, dims: dict[str, int]) -> SiteSpec:
+    """The :class:`SiteSpec` of one dictionary (its input sites of one width, its output sites of one width)."""
+    widths = [{dims[h] for h in group} for group in site]
+    for group, width in zip(site, widths, strict=True):
+        if len(width) > 1:
+            raise UsageError(f"the sites {', '.join(group)} differ in width ({', '.join(str(dims[h]) for h in group)}); "
+                             f"one dictionary reads sites of one width")
+    return SiteSpec(inputs=list(site[0]), outputs=list(site[1]), d_in=widths[0].pop(), d_out=widths[1].pop())
+
+
 def data_provenance(values: dict[str, Any], cache: Any | None) -> dict[str, Any]:
     """Where the training tokens came from, for ``cfg.json`` ``metadata.data`` (``saelab evaluate``
     reads it through ``saelab.evaluation.training_data`` to evaluate on held-out tokens): model,
@@ -380,7 +505,6 @@ def _shutdown(dist: Any) -> None:
 
 def _on_the_fly_source(values: dict[str, Any], hookpoints: list[str], config: TrainerConfig) -> tuple[Any, dict]:
     from saelab.data import WindowSpec, iter_windows, load_dataset_source, n_windows_for
-    from saelab.models import load_activation_source
     from saelab.training import LMSource
 
     source = load_activation_source(values["model"], **source_options(values))
