@@ -52,9 +52,9 @@ class ActivationSource(Plugin, ABC):
 
     Hookpoint names: ``embed``, ``layers.N`` (residual stream after block N), ``layers.N.resid_mid``
     (between its attention and its MLP), ``layers.N.mlp`` / ``layers.N.mlp.input``, ``layers.N.self_attn`` /
-    ``layers.N.self_attn.input`` (see :mod:`saelab.hookpoints`). Created as ``cls(model_id, options)`` with ``options`` an instance of
-    ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a name, adding the
-    credential ``hf_token=...`` (not an option) when the constructor takes that keyword.
+    ``layers.N.self_attn.input`` (see :mod:`saelab.hookpoints`). Created as ``cls(model_id, options)`` with
+    ``options`` an instance of ``cls.Options``; :func:`saelab.models.load_activation_source` does that from a
+    name, adding the credential ``hf_token=...`` (not an option) when the constructor takes that keyword.
     """
 
     default_values: ClassVar[Mapping[str, str | int | float | bool]] = {}
