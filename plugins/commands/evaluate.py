@@ -1,5 +1,5 @@
 """``saelab evaluate`` (reconstruction, sparsity and spliced-LM metrics on held-out tokens) and
-``saelab convert`` (between dictionary formats: saelab, SAELens, sparsify)."""
+``saelab convert`` (between dictionary formats: saelab, SAELens, sparsify, circuit-tracer)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from saelab.evaluation import (
     EvalConfig,
     evaluate,
     heldout_windows,
+    layers_table,
     results_table,
     skip_tokens_for,
     training_data,
@@ -196,6 +197,10 @@ def register_commands(cli):
             click.echo(json.dumps(results, indent=2, default=str))
             return
         stdout_console.print(results_table({k: v["metrics"] for k, v in results.items()}))
+        for name, v in results.items():
+            per_layer = layers_table(name, v["metrics"])
+            if per_layer is not None:
+                stdout_console.print(per_layer)
         first = next(iter(results.values()))
         stdout_console.print(f"model {first['model']}, dataset {first['dataset']['repo']} "
                              f"({first['dataset']['split']}), held out: {first['held_out']} ({first['held_out_how']})")
@@ -206,9 +211,9 @@ def register_commands(cli):
     @click.argument("src", metavar="SRC")
     @click.argument("dst", metavar="DST")
     @click.option("--to", "to", required=True, metavar="FORMAT",
-                  help="Target format: saelab, saelens or sparsify (any registered dictionary format).")
+                  help="Target format: saelab, saelens, sparsify or circuit_tracer (any registered dictionary format).")
     @click.option("--overwrite", is_flag=True, help="Replace DST when it exists.")
     def convert_cmd(src: str, dst: str, to: str, overwrite: bool) -> None:
-        """Convert a dictionary (or a directory of them) between formats: saelab, SAELens, sparsify."""
+        """Convert a dictionary (or a directory of them) between formats: saelab, SAELens, sparsify, circuit-tracer."""
         for path in convert_dictionaries(src, dst, to, overwrite=overwrite):
             click.echo(f"wrote {path} ({to})")
