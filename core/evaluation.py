@@ -27,6 +27,34 @@ identical in all three runs and only dilute the differences).
 Transcoders and other dictionaries whose outputs differ from their inputs: the inputs are read in a
 clean forward pass, and the output site(s) are replaced by the dictionary applied to those inputs.
 
+Dictionaries whose sites are layers (``per_layer_sites``: a cross-layer transcoder, a transcoder set; L
+layers, input site ``i`` and output site ``i`` of layer ``i``, latent ``f`` of layer ``i`` at ``i * F + f``) are
+evaluated as a **replacement model** (:class:`ReplacementEvaluator`). The keys above stay, computed
+**open-loop** (every encoder reads the clean forward; all L output sites replaced together, so
+``ce_spliced`` is the open-loop replacement's CE and ``ce_zero`` zeroes all L outputs), and ``eval.json``'s
+``metrics`` gain:
+
+* ``per_layer``: one entry per layer: ``layer``, ``input``, ``output`` (hookpoints), ``tokens`` and, with
+  suffix ``_open_loop`` and ``_closed_loop``, ``fvu``, ``explained_variance``, ``mse``, ``cosine`` (that
+  layer's output site), ``l0`` (active latents of that layer's encoder per token) and ``dead_frac`` (that
+  layer's latents that never fired on the evaluated tokens);
+* totals: ``n_layers``; ``l0_open_loop`` (= ``l0``, all layers), ``fvu_open_loop`` (= ``fvu``),
+  ``l0_closed_loop``, ``fvu_closed_loop`` and ``dead_frac_closed_loop`` (pooled over layers); and for each
+  ``<loop>`` in ``open_loop`` / ``closed_loop``: ``ce_<loop>`` (CE loss of the LM with all L output sites
+  replaced at once; ``ce_open_loop`` = ``ce_spliced``), ``kl_<loop>`` (KL of the clean next-token
+  distribution to it), ``top1_<loop>`` (fraction of predictions whose argmax token is the clean model's)
+  and ``ce_loss_recovered_<loop>`` (against ``ce_zero``, all L outputs zeroed).
+
+**Closed-loop** is the headline (Anthropic's replacement model): one forward with replacements, which
+run in forward order; at input site ``i`` the current activation is kept as encoder ``i``'s input, at
+output site ``j`` the dictionary's reconstruction from the layers ``<= j`` replaces the activation
+(:func:`closed_loop_forward`), so each encoder reads the residual stream already changed by the replaced
+layers below it (layers not reached yet hold their clean inputs, which matters only to an encoder that
+couples layers: the CLT's TopK across layers chooses layer ``j``'s latents with them). Its per-layer FVU compares the reconstruction with what the model's own MLP outputs on
+that changed stream. Excluded positions keep the MLP's own output (``splice_excluded`` replaces them too)
+and do not count. The closed loop costs one more LM forward and L dictionary passes per batch; with
+``downstream=False`` it is skipped (only the open-loop per-layer keys are written).
+
 Held-out tokens. Windows come from the dataset in its fixed order (:func:`saelab.data.iter_windows`).
 The first ``skip_tokens`` stream tokens are skipped; by default that is the number of tokens the
 training activation cache used (``n_windows * ctx_len`` from the dictionary's or run's recorded data
@@ -39,7 +67,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +77,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .errors import UsageError
+from .hookpoints import parse_hookpoint
 from .interfaces import ActivationSource, SparseDictionary
 from .layout import RunLayout
 from .options import Options
@@ -208,6 +237,7 @@ class DictionaryEvaluator:
         active = latents[flat_mask] != 0
         self.l0_sum += float(active.sum())
         self.fire_counts += active.sum(0).double()
+        self._add_layers(y, recon, latents, flat_mask)
         if not cfg.downstream:
             return
         splice_mask = torch.ones_like(mask) if cfg.splice_excluded else mask
@@ -226,6 +256,16 @@ class DictionaryEvaluator:
         ids_cpu = ids.cpu()
         self.downstream.add({"clean": clean.cpu(), "spliced": spliced.cpu(), "zero": zero.cpu()}, ids_cpu,
                             mask.cpu())
+        self._add_replacement(source, ids, x, y, mask, splice_mask, clean, spliced)
+
+    def _add_layers(self, y: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
+                    flat_mask: torch.Tensor) -> None:
+        """Per-layer open-loop metrics of a batch (:class:`ReplacementEvaluator`); nothing here."""
+
+    def _add_replacement(self, source: ActivationSource, ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                         mask: torch.Tensor, splice_mask: torch.Tensor, clean: torch.Tensor,
+                         spliced: torch.Tensor) -> None:
+        """Replacement-model metrics of a batch (:class:`ReplacementEvaluator`); nothing here."""
 
     def metrics(self) -> dict[str, Any]:
         """All metrics (headline over kept rows; ``*_all`` over every position)."""
@@ -243,15 +283,252 @@ class DictionaryEvaluator:
         return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Dictionaries whose sites are layers (per_layer_sites): the replacement model, open- and closed-loop
+
+
+@dataclass
+class _Agreement:
+    """Streaming sums of CE, KL to the clean distribution and top-1 agreement, per replacement."""
+
+    n: int = 0
+    ce: dict[str, float] = field(default_factory=lambda: {"open_loop": 0.0, "closed_loop": 0.0})
+    kl: dict[str, float] = field(default_factory=lambda: {"open_loop": 0.0, "closed_loop": 0.0})
+    top1: dict[str, float] = field(default_factory=lambda: {"open_loop": 0.0, "closed_loop": 0.0})
+
+    def add(self, clean: torch.Tensor, logits: Mapping[str, torch.Tensor], ids: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        """Predictions at positions ``t < T-1`` where ``mask`` is true (as :class:`_Downstream`)."""
+        pred_mask = mask[:, :-1]
+        n = int(pred_mask.sum())
+        if n == 0:
+            return
+        labels = ids[:, 1:][pred_mask]
+        logp_clean = F.log_softmax(clean[:, :-1][pred_mask].float(), dim=-1)
+        p_clean, top_clean = logp_clean.exp(), logp_clean.argmax(-1)
+        self.n += n
+        for name, value in logits.items():
+            logp = F.log_softmax(value[:, :-1][pred_mask].float(), dim=-1)
+            self.ce[name] += float(F.nll_loss(logp, labels, reduction="sum"))
+            self.kl[name] += float((p_clean * (logp_clean - logp)).sum())
+            self.top1[name] += float((logp.argmax(-1) == top_clean).sum())
+
+    def metrics(self, ce_clean: float | None, ce_zero: float | None) -> dict[str, float | None]:
+        if self.n == 0:
+            return {}
+        out: dict[str, float | None] = {}
+        for name in self.ce:
+            ce = self.ce[name] / self.n
+            gap = None if ce_clean is None or ce_zero is None else ce_zero - ce_clean
+            out[f"ce_{name}"] = ce
+            out[f"ce_loss_recovered_{name}"] = (ce_zero - ce) / gap if gap is not None and abs(gap) > 1e-12 else None
+            out[f"kl_{name}"] = self.kl[name] / self.n
+            out[f"top1_{name}"] = self.top1[name] / self.n
+        return out
+
+
+@dataclass
+class ClosedLoopForward:
+    """One closed-loop forward of the replacement model (:func:`closed_loop_forward`); rows are the
+    batch's tokens in ``[B * T]`` order."""
+
+    logits: torch.Tensor
+    """``[B, T, vocab]`` float32 logits of the LM with every output site replaced."""
+    reconstruction: torch.Tensor
+    """``[B * T, L, d_out]`` what the dictionary returned for each output site (before the position mask)."""
+    targets: torch.Tensor
+    """``[B * T, L, d_out]`` the model's own activation at each output site in this forward (the MLP's
+    output on the changed residual stream)."""
+    inputs: torch.Tensor
+    """``[B * T, L, d_in]`` what each input site held in this forward (what encoder ``i`` read)."""
+    latents: torch.Tensor
+    """``[B * T, d_sae]`` the latents of every layer on those inputs."""
+
+
+def check_layer_order(module: SparseDictionary) -> None:
+    """One-line :class:`UsageError` unless ``module``'s sites run in forward order layer by layer: input
+    site ``i`` no later than output site ``i``, and output site ``i`` before input site ``i + 1`` (what a
+    closed-loop replacement needs)."""
+    ins, outs = module.sites.inputs, module.sites.outputs
+    if len(ins) != len(outs):
+        raise UsageError(f"a dictionary whose sites are layers needs one input and one output site per layer; "
+                         f"got inputs {ins} and outputs {outs}")
+    order = [(parse_hookpoint(h).order, k) for pair in zip(ins, outs, strict=True) for k, h in enumerate(pair)]
+    for (prev, _), (cur, kind) in zip(order, order[1:], strict=False):
+        if cur < prev or (cur == prev and kind == 0):
+            raise UsageError(f"the sites of a dictionary whose sites are layers must run in forward order (input i, "
+                             f"output i, input i+1...) for closed-loop evaluation; got inputs {ins} and outputs {outs}")
+
+
+@torch.no_grad()
+def closed_loop_forward(module: SparseDictionary, source: ActivationSource, ids: torch.Tensor,
+                        splice_mask: torch.Tensor, inputs: torch.Tensor | None = None,
+                        targets: torch.Tensor | None = None, device: str | torch.device = "cpu") -> ClosedLoopForward:
+    """The LM with all L output sites of a ``per_layer_sites`` dictionary replaced at once, each encoder
+    reading the residual stream already changed by the replaced layers below it (one forward with
+    replacements, which run in forward order: at input site ``i`` the current activation is kept as
+    layer ``i``'s input; at output site ``j`` the dictionary runs on the inputs reached so far and layer
+    ``j``'s reconstruction replaces the activation where ``splice_mask [B, T]`` is true, elsewhere the
+    model keeps its own).
+
+    Layers not reached yet are given their clean ``inputs`` (``[B * T, L, d_in]``; read from ``source``
+    when None): they do not change the reconstruction of an earlier layer unless the encoder couples
+    layers (TopK across layers: there layer ``j``'s latents are chosen with the clean inputs of the later
+    layers). ``targets`` (clean outputs) only feed loss terms some architectures compute; ``device`` is
+    where the dictionary runs (in eval mode, set by the caller)."""
+    check_layer_order(module)
+    sites = module.sites
+    L, (B, T) = len(sites.inputs), ids.shape
+    N, dev = B * T, torch.device(device)
+    if inputs is None:
+        acts = source.activations(ids, list(dict.fromkeys(sites.inputs)))
+        inputs = torch.stack([acts[h].float().cpu() for h in sites.inputs], dim=2).reshape(N, L, sites.d_in)
+    x = inputs.to(dev, torch.float32).clone()
+    y = targets.to(dev, torch.float32) if targets is not None else None
+    recon = torch.zeros(N, L, sites.d_out)
+    own = torch.zeros(N, L, sites.d_out)
+    latents: list[torch.Tensor] = []
+
+    def read(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            x[:, i] = act.reshape(N, sites.d_in).to(dev, torch.float32)
+            return act
+        return fn
+
+    def write(j: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            out = module(x, y)
+            y_hat = out.reconstruction[:, j].float()
+            recon[:, j] = y_hat.cpu()
+            own[:, j] = act.reshape(N, sites.d_out).float().cpu()
+            if j == L - 1:
+                latents.append(out.latents.float().cpu())
+            m = splice_mask.to(act.device)[..., None]
+            return torch.where(m, y_hat.reshape(B, T, sites.d_out).to(act.device, act.dtype), act)
+        return fn
+
+    steps: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+    for i, h in enumerate(sites.inputs):
+        steps.setdefault(h, []).append(read(i))
+    for j, h in enumerate(sites.outputs):
+        steps.setdefault(h, []).append(write(j))
+
+    def chain(fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            for f in fns:
+                act = f(act)
+            return act
+        return fn
+
+    logits = source.logits(ids, {h: chain(fns) for h, fns in steps.items()})
+    return ClosedLoopForward(logits.float().cpu(), recon, own, x.cpu(), latents[0])
+
+
+class ReplacementEvaluator(DictionaryEvaluator):
+    """Evaluator of a dictionary whose sites are layers (``per_layer_sites``: cross-layer transcoders,
+    transcoder sets): the metrics of :class:`DictionaryEvaluator` (open loop, pooled over layers) plus
+    per-layer FVU / L0 / dead latents and the replacement model's CE, KL and top-1 agreement, open- and
+    closed-loop (see the module docstring)."""
+
+    def __init__(self, module: SparseDictionary, config: EvalConfig, positions: PositionFilter | None = None):
+        super().__init__(module, config, positions)
+        L = len(self.sites.inputs)
+        if len(self.sites.outputs) != L or module.d_sae % L:
+            raise UsageError(f"a dictionary whose sites are layers needs as many input as output sites and d_sae "
+                             f"divisible by their number; got {L} inputs, {len(self.sites.outputs)} outputs, "
+                             f"d_sae={module.d_sae}")
+        check_layer_order(module)
+        self.n_layers = L
+        """Number of layers L."""
+        self.d_sae_per_layer = module.d_sae // L
+        """Latents per layer F (latent ``f`` of layer ``i`` is ``i * F + f``)."""
+        self.open_layers = [_Moments() for _ in range(L)]
+        self.closed_layers = [_Moments() for _ in range(L)]
+        self.closed = _Moments()
+        self.l0_open = torch.zeros(L, dtype=torch.float64)
+        self.l0_closed = torch.zeros(L, dtype=torch.float64)
+        self.fire_closed = torch.zeros(module.d_sae, dtype=torch.float64)
+        self.n_closed = 0
+        self.agreement = _Agreement()
+
+    def _per_layer_l0(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[L]`` active latents per layer, summed over the rows of ``latents [N, d_sae]``."""
+        active = (latents != 0).reshape(latents.shape[0], self.n_layers, self.d_sae_per_layer)
+        return active.sum((0, 2)).double()
+
+    def _add_layers(self, y: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
+                    flat_mask: torch.Tensor) -> None:
+        for j, moments in enumerate(self.open_layers):
+            moments.add(y[flat_mask, j], recon[flat_mask, j])
+        self.l0_open += self._per_layer_l0(latents[flat_mask])
+
+    def _add_replacement(self, source: ActivationSource, ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                         mask: torch.Tensor, splice_mask: torch.Tensor, clean: torch.Tensor,
+                         spliced: torch.Tensor) -> None:
+        run = closed_loop_forward(self.module, source, ids, splice_mask, x, y, self.config.device)
+        flat_mask = mask.reshape(-1).cpu()
+        for j, moments in enumerate(self.closed_layers):
+            moments.add(run.targets[flat_mask, j], run.reconstruction[flat_mask, j])
+        rows = flat_mask.sum()
+        self.closed.add(run.targets[flat_mask].reshape(int(rows), -1), run.reconstruction[flat_mask].reshape(int(rows), -1))
+        kept = run.latents[flat_mask]
+        self.l0_closed += self._per_layer_l0(kept)
+        self.fire_closed += (kept != 0).sum(0).double()
+        self.n_closed += int(rows)
+        self.agreement.add(clean.cpu(), {"open_loop": spliced.cpu(), "closed_loop": run.logits}, ids.cpu(),
+                           mask.cpu())
+
+    def metrics(self) -> dict[str, Any]:
+        """The metrics of :class:`DictionaryEvaluator` plus the per-layer table (``per_layer``) and the
+        open-/closed-loop totals."""
+        out = super().metrics()
+        L, F_ = self.n_layers, self.d_sae_per_layer
+        n_open, n_closed = max(self.kept.n, 1), max(self.n_closed, 1)
+        layers = []
+        for j in range(L):
+            row: dict[str, Any] = {"layer": j, "input": self.sites.inputs[j], "output": self.sites.outputs[j]}
+            loops = [("open_loop", self.open_layers[j], self.l0_open[j] / n_open, self.fire_counts)]
+            if self.n_closed:
+                loops.append(("closed_loop", self.closed_layers[j], self.l0_closed[j] / n_closed, self.fire_closed))
+            for loop, moments, l0, fired in loops:
+                m = moments.metrics()
+                for key in ("fvu", "explained_variance", "mse", "cosine"):
+                    row[f"{key}_{loop}"] = m[key]
+                row[f"l0_{loop}"] = float(l0)
+                row[f"dead_frac_{loop}"] = float((fired[j * F_:(j + 1) * F_] == 0).double().mean())
+            row["tokens"] = self.open_layers[j].n
+            layers.append(row)
+        out["per_layer"] = layers
+        out["n_layers"] = L
+        out["l0_open_loop"] = out["l0"]
+        out["fvu_open_loop"] = out["fvu"]
+        if self.n_closed:
+            closed = self.closed.metrics()
+            out["fvu_closed_loop"] = closed["fvu"]
+            out["l0_closed_loop"] = float(self.l0_closed.sum() / n_closed)
+            out["dead_frac_closed_loop"] = float((self.fire_closed == 0).double().mean())
+        out.update(self.agreement.metrics(out.get("ce_clean"), out.get("ce_zero")))
+        return out
+
+
+def evaluator_for(module: SparseDictionary, config: EvalConfig,
+                  positions: PositionFilter | None = None) -> DictionaryEvaluator:
+    """The evaluator of ``module``: :class:`ReplacementEvaluator` when its sites are layers
+    (``per_layer_sites``), else :class:`DictionaryEvaluator`."""
+    cls = ReplacementEvaluator if module.per_layer_sites else DictionaryEvaluator
+    return cls(module, config, positions)
+
+
 def evaluate(modules: Mapping[str, SparseDictionary], source: ActivationSource,
              windows: Iterable[torch.Tensor], config: EvalConfig | None = None,
              progress: Any = None) -> dict[str, dict[str, Any]]:
     """Evaluate several dictionaries on the same windows (``[T]`` int64 tensors, batched here).
 
-    Returns ``{name: metrics}``. ``progress`` (optional) is called with the number of windows done.
+    Returns ``{name: metrics}`` (:func:`evaluator_for`: a dictionary whose sites are layers also gets the
+    per-layer and replacement-model metrics). ``progress`` (optional) is called with the number of windows done.
     """
     config = config or EvalConfig()
-    evaluators = {name: DictionaryEvaluator(m.to(config.device), config, position_filter(config, m, source))
+    evaluators = {name: evaluator_for(m.to(config.device), config, position_filter(config, m, source))
                   for name, m in modules.items()}
     bos = getattr(source.tokenizer, "bos_token_id", None)
     batch: list[torch.Tensor] = []
@@ -383,6 +660,15 @@ def _json_default(value: Any) -> Any:
 TABLE_METRICS = ("fvu", "fvu_all", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac",
                  "ce_clean", "ce_spliced", "ce_zero", "ce_loss_recovered", "kl_spliced", "kl_zero", "tokens")
 """Metrics shown in the printed table, in order."""
+REPLACEMENT_TABLE_METRICS = ("ce_closed_loop", "kl_closed_loop", "top1_closed_loop", "ce_loss_recovered_closed_loop",
+                             "l0_closed_loop", "fvu_closed_loop", "ce_open_loop", "kl_open_loop", "top1_open_loop",
+                             "ce_loss_recovered_open_loop")
+"""Rows added to the printed table when a dictionary's sites are layers (the replacement-model totals)."""
+LAYER_TABLE_COLUMNS = (("fvu_closed_loop", "FVU closed"), ("fvu_open_loop", "FVU open"),
+                       ("explained_variance_closed_loop", "EV closed"), ("l0_closed_loop", "L0 closed"),
+                       ("l0_open_loop", "L0 open"), ("dead_frac_closed_loop", "dead closed"),
+                       ("dead_frac_open_loop", "dead open"))
+"""Columns of the per-layer table (``per_layer`` key, header)."""
 
 
 def results_table(results: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -398,8 +684,32 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> Any:
         table.add_column(name)
     for metric in TABLE_METRICS:
         table.add_row(metric, *(format_value(r.get(metric)) for r in results.values()))
+    for metric in REPLACEMENT_TABLE_METRICS:
+        if any(metric in r for r in results.values()):
+            table.add_row(metric, *(format_value(r.get(metric)) for r in results.values()))
     return table
 
 
-__all__ = ["DATA_KEYS", "EVAL_FILE", "DictionaryEvaluator", "EvalConfig", "evaluate", "heldout_windows",
+def layers_table(name: str, metrics: Mapping[str, Any]) -> Any:
+    """A rich table of a ``per_layer_sites`` dictionary's ``per_layer`` metrics, one row per layer (None when
+    ``metrics`` has none); the closed-loop columns are empty when the downstream passes were skipped."""
+    from rich.table import Table
+
+    from .progress import format_value
+
+    rows = metrics.get("per_layer")
+    if not rows:
+        return None
+    table = Table(title=f"{name}: per layer (closed loop: each encoder reads the stream changed by the replaced "
+                        f"layers below; open loop: the clean stream)", title_justify="left")
+    for header in ("layer", "sites", *(h for _, h in LAYER_TABLE_COLUMNS)):
+        table.add_column(header)
+    for row in rows:
+        table.add_row(str(row["layer"]), f"{row['input']} -> {row['output']}",
+                      *(format_value(row.get(key)) for key, _ in LAYER_TABLE_COLUMNS))
+    return table
+
+
+__all__ = ["DATA_KEYS", "EVAL_FILE", "ClosedLoopForward", "DictionaryEvaluator", "EvalConfig", "ReplacementEvaluator",
+           "check_layer_order", "closed_loop_forward", "evaluate", "evaluator_for", "heldout_windows", "layers_table",
            "position_filter", "results_table", "skip_tokens_for", "training_data", "write_eval"]
