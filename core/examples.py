@@ -283,8 +283,10 @@ class ExampleOptions(Options):
     """Keep a leading BOS token out of example windows (the latent cache must have dropped BOS too)."""
     max_latents: int | None = Field(default=None, ge=1)
     """Analyse the first N latents that qualify."""
-    feature_num: list[int] | None = None
-    """Explicit latent indices (--feature_num 0 1 2 3 4; the order is kept)."""
+    feature_num: list[int | str] | None = None
+    """Explicit latent indices (--feature_num 0 1 2 3 4; the order is kept). A dictionary whose latents
+    belong to layers (clt, transcoder_set) also takes LAYER:INDEX, e.g. 1:3 (latent LAYER x F + INDEX, F
+    latents per layer)."""
     seed: int = 22
     """Random seed."""
     overwrite_neighbours: bool = False
@@ -501,10 +503,10 @@ class RecordBuilder:
         self.neighbours: dict[int, list[tuple[int, float]]] = {}
         self.summary = RecordsSummary(cache.hookpoint)
         """Counts of the last :meth:`iter_records` run."""
-        if options.feature_num is not None:
-            bad = [i for i in options.feature_num if not 0 <= i < cache.d_sae]
-            if bad:
-                raise UsageError(f"--feature_num {bad[0]} out of range; this dictionary has latents 0..{cache.d_sae - 1}")
+        self.feature_num = resolve_feature_num(options.feature_num, cache.d_sae,
+                                               None if dictionary is None else latent_layers(dictionary))
+        """``feature_num`` as latent indices."""
+        self._norms: torch.Tensor | None = None
 
     # ---- selection
 
@@ -521,7 +523,7 @@ class RecordBuilder:
         """Latents to build, in order: ``feature_num`` (or all), those with at least ``min_examples``
         candidates, the first ``max_latents`` of them; fills ``summary.considered`` and ``skipped``."""
         self.summary = RecordsSummary(self.cache.hookpoint)
-        pool = self.options.feature_num if self.options.feature_num is not None else range(self.cache.d_sae)
+        pool = self.feature_num if self.feature_num is not None else range(self.cache.d_sae)
         counts = self.cache.stats()["latents"]["firing_count"]
         chosen: list[int] = []
         for latent in pool:
@@ -636,7 +638,21 @@ class RecordBuilder:
             bottom_logits=bottom,
             neighbours=None if neighbours is None else [Neighbour(j, s, self.finder.name)  # type: ignore[union-attr]
                                                         for j, s in neighbours],
+            decoder_norms=self.decoder_norms(latent),
         )
+
+    def decoder_norms(self, latent: int) -> dict[str, float] | None:
+        """The norm of ``latent``'s decoder to each output site, by site name, for a dictionary whose sites
+        are layers (:attr:`~saelab.interfaces.SparseDictionary.per_layer_sites`); None otherwise."""
+        d = self.dictionary
+        if d is None or latent_layers(d) is None:
+            return None
+        if self._norms is None:
+            norms = d.decoder_norms_by_output()
+            if norms is None:
+                return None
+            self._norms = norms.detach().float().cpu()
+        return {site: float(v) for site, v in zip(d.sites.outputs, self._norms[latent].tolist(), strict=True)}
 
     def iter_records(self, latents: Sequence[int] | None = None) -> Iterator[LatentRecord]:
         """Records of ``latents`` (default :meth:`qualifying`), in order; ``summary`` counts them."""
@@ -652,6 +668,62 @@ class RecordBuilder:
                 continue
             self.summary.built += 1
             yield record
+
+
+def latent_layers(dictionary: SparseDictionary) -> tuple[int, int] | None:
+    """``(L, F)`` of a dictionary whose latents belong to layers (``per_layer_sites``: latent ``f`` of layer
+    ``l`` is ``l * F + f``); None for any other dictionary."""
+    n = len(dictionary.sites.inputs)
+    if not dictionary.per_layer_sites or n < 1 or dictionary.d_sae % n:
+        return None
+    return n, dictionary.d_sae // n
+
+
+def feature_num_values(values: Sequence[int | str] | None) -> list[int | str] | None:
+    """``--feature_num`` values as given, each an ``int`` where it is one (``LAYER:INDEX`` and other text kept
+    for :func:`resolve_feature_num`); None when none is given."""
+    out: list[int | str] = []
+    for value in values or ():
+        try:
+            out.append(int(value))
+        except (TypeError, ValueError):
+            out.append(str(value))
+    return out or None
+
+
+def resolve_feature_num(values: Sequence[int | str] | None, d_sae: int, layers: tuple[int, int] | None = None,
+                        where: str = "") -> list[int] | None:
+    """Latent indices of ``--feature_num`` values (None when none is given): a latent index ``0..d_sae-1``,
+    or with ``layers = (L, F)`` (:func:`latent_layers`) also ``LAYER:INDEX``, the latent ``LAYER * F + INDEX``.
+    One-line :class:`~saelab.UsageError` naming the bad value and the accepted forms; ``where`` (e.g.
+    ``" for 'layers.0-1'"``) says which dictionary."""
+    if not values:
+        return None
+    accepted = f"0..{d_sae - 1}"
+    if layers is not None:
+        accepted += (f" (latent index) or LAYER:INDEX with LAYER 0..{layers[0] - 1} and INDEX 0..{layers[1] - 1} "
+                     f"(latent LAYER x {layers[1]} + INDEX)")
+    out = []
+    for value in values:
+        text = str(value).strip()
+        layer, colon, index = text.partition(":")
+        try:
+            numbers = [int(layer), int(index)] if colon else [int(text)]
+        except ValueError:
+            raise UsageError(f"bad --feature_num {text!r}{where}; accepted: {accepted}") from None
+        if colon and layers is None:
+            raise UsageError(f"--feature_num {text}{where}: LAYER:INDEX needs a dictionary whose latents belong to "
+                             f"layers (clt, transcoder_set); accepted: {accepted}")
+        if colon and layers is not None:
+            ok = 0 <= numbers[0] < layers[0] and 0 <= numbers[1] < layers[1]
+            latent = numbers[0] * layers[1] + numbers[1]
+        else:
+            latent = numbers[0]
+            ok = 0 <= latent < d_sae
+        if not ok:
+            raise UsageError(f"--feature_num {text} out of range{where}; accepted: {accepted}")
+        out.append(latent)
+    return out
 
 
 def addressed_options(pairs: Sequence[Sequence[str]] | Mapping[str, Mapping[str, Any]] | None,
@@ -734,8 +806,11 @@ __all__ = [
     "assign_quantiles",
     "build_records",
     "candidate_windows",
+    "feature_num_values",
     "fires_in",
+    "latent_layers",
     "random_blocks",
+    "resolve_feature_num",
     "split_pools",
     "spread_over_quantiles",
 ]

@@ -333,6 +333,31 @@ class SparseDictionary(nn.Module, Plugin, ABC):
         weight = getattr(self, "W_dec", None)
         return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
+    def _decoder_blocks(self) -> torch.Tensor | None:
+        """:meth:`decoder_directions` as float32 ``[d_sae, n_outputs, d_out]``; None without one."""
+        weight = self.decoder_directions()
+        n, d = len(self.sites.outputs), self.sites.d_out
+        if weight is None or weight.shape[-1] != n * d:
+            return None
+        return weight.detach().float().reshape(-1, n, d)
+
+    def output_directions(self, outputs: Sequence[int] | None = None) -> torch.Tensor | None:
+        """Each latent's decoder rows summed over the output sites ``outputs`` (indices into
+        ``sites.outputs``; default all), float32 ``[d_sae, d_out]``: what the latent adds to the residual
+        stream when ``outputs`` are the sites that write into it (direct logit attribution). None when the
+        decoder has no such matrix. Default: built on :meth:`decoder_directions`."""
+        blocks = self._decoder_blocks()
+        if blocks is None:
+            return None
+        return (blocks if outputs is None else blocks[:, list(outputs)]).sum(1)
+
+    def decoder_norms_by_output(self) -> torch.Tensor | None:
+        """Norm of each latent's decoder to each output site, float32 ``[d_sae, n_outputs]`` (zero where it
+        does not write); None when the decoder has no such matrix. Default: built on
+        :meth:`decoder_directions`."""
+        blocks = self._decoder_blocks()
+        return None if blocks is None else blocks.norm(dim=-1)
+
     per_layer_sites: ClassVar[bool] = False
     """True when the sites are layers: input site ``i`` and output site ``i`` belong to layer ``i``, in forward
     order, and ``d_sae`` counts the latents of every layer (a cross-layer transcoder)."""

@@ -897,20 +897,20 @@ def _quantile_bounds(fine: torch.Tensor, lo: torch.Tensor, width: torch.Tensor, 
 @torch.no_grad()
 def _direct_logits(source: ActivationSource, dictionary: SparseDictionary, k: int,
                    chunk: int = 512) -> dict[str, torch.Tensor] | None:
-    """Top and bottom ``k`` logits of each latent's decoder direction through the unembedding."""
+    """Top and bottom ``k`` logits of each latent's decoder direction through the unembedding: its decoder
+    rows summed over the output sites that write into the residual stream
+    (:meth:`~saelab.interfaces.SparseDictionary.output_directions`; a CLT latent's over the layers it writes to)."""
     if k < 1:
         return None
     W_U = source.unembedding()
-    W_dec = dictionary.decoder_directions()
-    sites = list(dictionary.sites.outputs)
-    writing = residual_output_sites(sites)
-    if W_U is None or W_dec is None or not writing:
+    writing = residual_output_sites(list(dictionary.sites.outputs))
+    if W_U is None or not writing or W_U.shape[0] != dictionary.sites.d_out:
+        return None
+    directions = dictionary.output_directions(writing)  # summed over the sites that write the residual stream
+    if directions is None:
         return None
     W_U = W_U.detach().float().cpu()
-    d_out = dictionary.sites.d_out
-    if W_dec.shape[-1] != len(sites) * d_out or W_U.shape[0] != d_out:
-        return None
-    W = W_dec.detach().float().cpu().reshape(-1, len(sites), d_out)[:, writing].sum(1)
+    W = directions.detach().float().cpu()
     k = min(k, W_U.shape[1])
     parts: dict[str, list[torch.Tensor]] = {"top_logit_ids": [], "top_logit_values": [], "bottom_logit_ids": [],
                                             "bottom_logit_values": []}

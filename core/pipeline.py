@@ -947,7 +947,9 @@ def example_options(values: Mapping[str, Any], contrastive: bool = False) -> dic
     """:class:`saelab.examples.ExampleOptions` values from resolved run values."""
     options = {k: values[k] for k in EXAMPLE_KEYS if k in values}
     if options.get("feature_num") is not None:
-        options["feature_num"] = [int(x) for x in options["feature_num"]] or None
+        from .examples import feature_num_values
+
+        options["feature_num"] = feature_num_values(options["feature_num"])
     if contrastive:
         options["n_train_non_activating"] = int(values.get("n_examples_train", 40))
     options["overwrite_neighbours"] = "neighbours" in set(values.get("overwrite") or ())

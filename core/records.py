@@ -304,6 +304,10 @@ class LatentRecord(_Record):
     """Tokens whose logits it lowers most (None when not computed)."""
     neighbours: list[Neighbour] | None = None
     """Related latents (None when not computed)."""
+    decoder_norms: dict[str, float] | None = None
+    """Norm of the latent's decoder to each output site, by site name in site order (a cross-layer
+    transcoder latent of layer i: to every layer, zero below i); None for dictionaries whose sites are
+    not layers. Stored only when set, so older records keep their fingerprint."""
 
     def examples(self) -> list[Example]:
         """Every example: train, test, non-activating, then train non-activating."""
@@ -315,7 +319,7 @@ class LatentRecord(_Record):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {
+        out: dict[str, Any] = {
             "schema": self.SCHEMA,
             "hookpoint": self.hookpoint,
             "latent": int(self.latent),
@@ -328,10 +332,14 @@ class LatentRecord(_Record):
             "non_activating": [e.to_dict() for e in self.non_activating],
             "train_non_activating": [e.to_dict() for e in self.train_non_activating],
         }
+        if self.decoder_norms is not None:
+            out["decoder_norms"] = {str(k): float(v) for k, v in self.decoder_norms.items()}
+        return out
 
     @classmethod
     def _from_dict(cls, data: Mapping[str, Any]) -> LatentRecord:
         neighbours = data.get("neighbours")
+        norms = data.get("decoder_norms")
         return cls(
             hookpoint=str(data["hookpoint"]),
             latent=int(data["latent"]),
@@ -343,6 +351,7 @@ class LatentRecord(_Record):
             top_logits=TokenValues.from_dict(data.get("top_logits")),
             bottom_logits=TokenValues.from_dict(data.get("bottom_logits")),
             neighbours=None if neighbours is None else [Neighbour.from_dict(n) for n in neighbours],
+            decoder_norms=None if norms is None else {str(k): float(v) for k, v in norms.items()},
         )
 
 

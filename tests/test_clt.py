@@ -1,10 +1,16 @@
 """The ``clt`` architecture (cross-layer transcoder): triangular decoding against a naive loop, the sparse
 and dense decode paths, sparsity of every activation, per-site folding, save/load of the per-source-layer
-decoders, and recovery of a planted cross-layer dictionary through the trainer."""
+decoders, recovery of a planted cross-layer dictionary through the trainer, ``saelab train --layers``, and
+resuming after SIGKILL."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +18,9 @@ import torch
 from saelab import SiteSpec, UsageError
 from saelab.dictionary import build_dictionary, load_dictionary, save_dictionary
 from saelab.metrics import mmcs
-from saelab.training import train_on_tensors
+from saelab.training import CHECKPOINT_DIR, TRAINING_LOG, list_checkpoints, train_on_tensors
+from safetensors.torch import load_file
+from training_helpers import build_tiny_cache, train_args, wait_for_checkpoint
 
 ACTIVATIONS = ["jumprelu", "relu", "topk", "topk_across_layers", "batchtopk"]
 D_IN, D_OUT, F, K, BATCH = 12, 10, 16, 3, 24
@@ -370,8 +378,6 @@ def clt_args(name: str, *extra: str, options: tuple[str, ...] = CLT_OPTIONS) -> 
 
 
 def test_train_layers_builds_one_clt_over_the_layers(cli, results_dir) -> None:
-    import json
-
     res = cli(clt_args("clt"))
     assert res.exit_code == 0, res.stderr
     directory = results_dir / "clt" / "dictionaries" / "layers.0-1"
@@ -392,7 +398,7 @@ def test_train_layers_builds_one_clt_over_the_layers(cli, results_dir) -> None:
 
 
 @pytest.mark.parametrize(("extra", "fragments"), [
-    (["--architecture", "topk"], ["architecture 'topk' does not span layers", "accepted: clt"]),
+    (["--architecture", "topk"], ["architecture 'topk' does not span layers", "accepted: ", "clt", "transcoder_set"]),
     (["--layers", "2-1"], ["bad --layers '2-1'", "a range 0-29"]),
     (["--layers", "x"], ["bad --layers 'x'"]),
     (["--hookpoints", "layers.0"], ["--layers and --hookpoints exclude each other"]),
@@ -404,3 +410,57 @@ def test_train_layers_bad_input_is_one_line_error(cli, results_dir, extra, fragm
     message = res.stderr.strip().splitlines()[-1]
     assert all(f in message for f in fragments), message
     assert not (results_dir / "bad" / "dictionaries").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill -9 and resume
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkill_after_checkpoint_resumes_to_identical_clt_weights(tmp_path, results_dir) -> None:
+    """``saelab train --architecture clt --layers 0-1`` (BatchTopK: running per-layer thresholds and AuxK
+    in the state) killed with SIGKILL after a checkpoint, then run again with the same command, ends with
+    the same weights, buffers and logged losses, bit for bit, as an uninterrupted run."""
+    sites_ = ("layers.0.mlp.input", "layers.1.mlp.input", "layers.0.mlp", "layers.1.mlp")
+    cache = build_tiny_cache(tmp_path / "store", hookpoints=sites_)
+    env = {**os.environ, "SAELAB_PROGRESS": "0"}
+    extra = ["--architecture", "clt", "--layers", "0-1", "-o", "activation", "batchtopk", "--epochs", "3",
+             "--checkpoint_every", "10", "--keep_checkpoints", "2",
+             "--exclude_positions", "0", "1", "2", "3"]  # 60 steps of 128 rows per epoch, 180 in all
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "saelab", *train_args(cache.path, name, *extra)]
+
+    ref = subprocess.run(command("ref"), env=env, capture_output=True, text=True, timeout=500)
+    assert ref.returncode == 0, ref.stderr
+    out = results_dir / "killed" / "dictionaries" / "layers.0-1"
+    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(proc, out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    partial = list_checkpoints(out / CHECKPOINT_DIR)
+    assert partial and max(partial) < 180
+    assert not (out / "cfg.json").exists()  # killed before the end
+
+    resumed = subprocess.run(command("killed"), env=env, capture_output=True, text=True, timeout=500)
+    assert resumed.returncode == 0, resumed.stderr
+    start = max(partial)
+    assert f"resumed from step {start} of 180" in resumed.stderr
+    reference = results_dir / "ref" / "dictionaries" / "layers.0-1"
+    a = load_file(str(reference / "dictionary.safetensors"))
+    b = load_file(str(out / "dictionary.safetensors"))
+    assert {"W_enc", "W_dec_0", "W_dec_1", "threshold", "threshold_updates"} <= a.keys()
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), \
+        f"resumed weights differ: {[k for k in a if not a[k].equal(b[k])]}"
+    assert int(a["threshold_updates"]) == 180
+    ref_log = [json.loads(line) for line in (reference / TRAINING_LOG).read_text().splitlines()]
+    entries = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in entries if "event" in e] == [("resumed", start)]
+    log = [e for e in entries if "event" not in e]
+    assert [(e["step"], e["loss"]) for e in log] == [(e["step"], e["loss"]) for e in ref_log]

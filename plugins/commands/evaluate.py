@@ -207,7 +207,7 @@ def register_commands(cli):
         for v in results.values():
             stdout_console.print(f"wrote {Path(v['dictionary']) / 'eval.json'}")
 
-    @cli.command("convert")
+    @cli.command("convert", short_help="Convert dictionaries between formats (saelab, SAELens, sparsify, circuit-tracer).")
     @click.argument("src", metavar="SRC")
     @click.argument("dst", metavar="DST")
     @click.option("--to", "to", required=True, metavar="FORMAT",

@@ -31,7 +31,7 @@ from saelab.cli_options import (
     verbose_option,
 )
 from saelab.config import config_option, write_run_config
-from saelab.examples import ExampleOptions
+from saelab.examples import ExampleOptions, feature_num_values
 from saelab.layout import RunLayout
 from saelab.models import source_options
 
@@ -59,15 +59,6 @@ class LatentsCommandOptions(CacheCommandOptions, ExampleOptions):
     (repeatable; a key the plugin does not take is an error)."""
 
 
-def _int_list(values: Any) -> list[int] | None:
-    if not values:
-        return None
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise UsageError(f"bad latent index in {list(values)}; accepted: integers") from None
-
-
 @hookimpl
 def register_commands(cli: click.Group) -> None:
     """Add ``saelab latents``."""
@@ -84,7 +75,7 @@ def register_commands(cli: click.Group) -> None:
     @example_options()
     @exclude_positions_option()
     @field_option(LatentsCommandOptions, "max_latents", type=click.IntRange(min=1))
-    @field_option(LatentsCommandOptions, "feature_num", cls=MultiValueOption, type=int, metavar="LATENT ...")
+    @field_option(LatentsCommandOptions, "feature_num", cls=MultiValueOption, type=str, metavar="LATENT ...")
     @field_option(LatentsCommandOptions, "store")
     @name_option()
     @overwrite_option(("cache", "neighbours"))
@@ -106,7 +97,7 @@ def register_commands(cli: click.Group) -> None:
         params["sparse_model"] = argument_or_flag(params.get("sparse_model"), params.pop("sparse_model_flag", None),
                                                   what="dictionaries", argument="SPARSE_MODEL",
                                                   option="--sparse_model")
-        params["feature_num"] = _int_list(params.get("feature_num"))
+        params["feature_num"] = feature_num_values(params.get("feature_num"))
         params["exclude_positions"] = parse_positions(params.get("exclude_positions"))
         options: LatentsCommandOptions = resolve_params(ctx, params, model=LatentsCommandOptions)
         if not options.sparse_model:
@@ -116,7 +107,7 @@ def register_commands(cli: click.Group) -> None:
 
 def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     """Build the latent caches (and records) of ``saelab latents``; prints the summary table."""
-    from saelab.examples import build_records
+    from saelab.examples import build_records, latent_layers, resolve_feature_num
     from saelab.latents import latent_caches_for_run, select_dictionaries
     from saelab.models import load_activation_source
     from saelab.pipeline import example_options as example_values
@@ -124,6 +115,8 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     layout = RunLayout.named(options.name)
     directory = layout.root
     chosen = select_dictionaries(options.sparse_model, options.hookpoints)  # type: ignore[arg-type]
+    wanted = {hook: resolve_feature_num(options.feature_num, dictionary.d_sae, latent_layers(dictionary),
+                                        f" for {hook!r}") for hook, dictionary, _ in chosen}
     with one_line_warnings():
         source = load_activation_source(options.model, **source_options(options.model_dump()))
         caches = latent_caches_for_run(options, source, {hook: dictionary for hook, dictionary, _ in chosen},
@@ -137,7 +130,8 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
                    "alive": summary["alive"], "dead": summary["dead"], "mean L0": round(summary["mean_l0"], 2),
                    "seconds": round(cache.build_info.get("seconds", 0.0), 1)}
             if options.max_latents or options.feature_num:
-                _, rec = build_records(cache, example_values(options.model_dump()), tokenizer=source.tokenizer,
+                values = {**options.model_dump(), "feature_num": wanted[hook]}
+                _, rec = build_records(cache, example_values(values), tokenizer=source.tokenizer,
                                        dictionary=dictionary, out_dir=layout.latent_records_dir(hook))
                 row.update({"records": rec.built, "skipped (< min_examples)": len(rec.skipped)})
             rows.append(row)

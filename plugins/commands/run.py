@@ -51,7 +51,7 @@ from saelab.config import (
     recorded_invocation,
     write_run_config,
 )
-from saelab.examples import ExampleOptions
+from saelab.examples import ExampleOptions, feature_num_values
 from saelab.models import source_options
 from saelab.options import parse_option_value
 
@@ -145,7 +145,7 @@ def common_stage_options() -> Any:
     """Latent selection, overwrite, dry run, CPU workers."""
     return stack_options(
         field_option(ExampleOptions, "max_latents", type=click.IntRange(min=1)),
-        field_option(ExampleOptions, "feature_num", cls=MultiValueOption, type=int, metavar="I ..."),
+        field_option(ExampleOptions, "feature_num", cls=MultiValueOption, type=str, metavar="I ..."),
         click.option("--overwrite", cls=MultiValueOption, type=click.Choice(list(RUN_OVERWRITE)),
                      metavar=" ".join(RUN_OVERWRITE),
                      help="Recompute these stages instead of reusing them (explanations implies scores)."),
@@ -271,8 +271,7 @@ def finish_run_values(values: dict[str, Any], explicit: set[str]) -> dict[str, A
     for key in ("scorers", "feature_num", "hookpoints", "overwrite"):
         if values.get(key) is not None:
             values[key] = list(values[key])
-    if not values.get("feature_num"):
-        values["feature_num"] = None
+    values["feature_num"] = feature_num_values(values.get("feature_num"))
     values["exclude_positions"] = parse_positions(values.get("exclude_positions"))
     if not values.get("scorers"):
         values["scorers"] = []
@@ -341,7 +340,7 @@ def stage_values(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any
     for key in ("scorers", "feature_num", "hookpoints", "overwrite"):
         if values.get(key) is not None:
             values[key] = list(values[key])
-    values["feature_num"] = values.get("feature_num") or None
+    values["feature_num"] = feature_num_values(values.get("feature_num"))
     for key, parse in (("explainer_option", _pairs), ("provider_option", _pairs), ("scorer_option", _scorer_pairs)):
         raw = values.get(key)
         values[key] = dict(raw) if isinstance(raw, Mapping) else parse(raw)
@@ -509,11 +508,11 @@ def _stage(values: dict[str, Any], *, explain: bool, score: bool, command: str) 
     if not hooks:
         raise UsageError(f"no latent records in {str(layout.root)!r}; build them with `saelab run MODEL SPARSE_MODEL "
                          f"--name {layout.root.name}` first")
-    record_sets = []
-    for hook in hooks:
-        rs = load_records(layout, hook)
+    record_sets = [load_records(layout, hook) for hook in hooks]
+    if any(isinstance(v, str) for v in values.get("feature_num") or ()):
+        _resolve_feature_num(values, {rs.hookpoint: _record_layers(layout, rs) for rs in record_sets})
+    for rs in record_sets:
         rs.records = _select(rs.records, values.get("feature_num"), values.get("max_latents"))
-        record_sets.append(rs)
     if not values.get("dry_run"):
         write_run_config(layout.root, command=command, config={k: v for k, v in values.items() if k != "run_dir"})
     return interp_stage(values, layout, record_sets, explain=explain, score=score, command=command)
@@ -531,6 +530,7 @@ def run_command(values: dict[str, Any]) -> dict[str, Any]:
 
 def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     from saelab.dictionary import load_dictionary
+    from saelab.examples import latent_layers
     from saelab.latents import latent_caches_for_run
     from saelab.layout import RunLayout
     from saelab.models import load_activation_source
@@ -555,7 +555,7 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
                     else load_dictionary(path, device=values["device"]) for hook, path in found.items()}
     for hook, dictionary in dictionaries.items():
         _place_dictionary(source, hook, dictionary, values["sparse_model"])
-    _check_feature_num(values.get("feature_num"), dictionaries)
+    _resolve_feature_num(values, {hook: (d.d_sae, latent_layers(d)) for hook, d in dictionaries.items()})
     paths = {hook: str(path) for hook, path in found.items()}
     overwrite = set(values.get("overwrite") or ())
     contrastive = (values.get("explainer") or "").lower() == "contrastive"
@@ -600,12 +600,33 @@ def _place_dictionary(source: Any, hook: str, dictionary: Any, sparse_model: str
                              f"width {have} there; give a dictionary trained on {model}")
 
 
-def _check_feature_num(feature_num: Sequence[int] | None, dictionaries: Mapping[str, Any]) -> None:
-    for hook, dictionary in dictionaries.items():
-        bad = [i for i in feature_num or () if not 0 <= int(i) < dictionary.d_sae]
-        if bad:
-            raise UsageError(f"--feature_num {' '.join(map(str, bad))} out of range for {hook!r}; accepted: "
-                             f"0..{dictionary.d_sae - 1}")
+def _resolve_feature_num(values: dict[str, Any], shapes: Mapping[str, tuple[int, tuple[int, int] | None]]) -> None:
+    """Replace ``values["feature_num"]`` (indices and ``LAYER:INDEX``) by latent indices, checked against every
+    dictionary's ``(d_sae, (L, F) or None)``; one-line error when they name different latents in two of them."""
+    from saelab.examples import resolve_feature_num
+
+    given = values.get("feature_num")
+    if not given:
+        return
+    resolved = {hook: resolve_feature_num(given, d_sae, layers, f" for {hook!r}")
+                for hook, (d_sae, layers) in shapes.items()}
+    distinct = {tuple(v or ()) for v in resolved.values()}
+    if len(distinct) > 1:
+        raise UsageError(f"--feature_num {' '.join(map(str, given))} names different latents in {', '.join(resolved)} "
+                         f"(their layers have different widths); select one dictionary with --hookpoints")
+    if distinct:
+        values["feature_num"] = list(distinct.pop())
+
+
+def _record_layers(layout: Any, records: Any) -> tuple[int, tuple[int, int] | None]:
+    """``(d_sae, (L, F) or None)`` of the dictionary of a run's record set, from its latent cache (``(L, F)``
+    when its records carry decoder norms per layer); one-line error without a latent cache."""
+    from saelab.latents import LatentCache
+
+    cache = LatentCache.open(layout.latents_dir(records.hookpoint))
+    norms = next((r.decoder_norms for r in records.records if r.decoder_norms), None)
+    n = len(norms) if norms else 0
+    return cache.d_sae, (n, cache.d_sae // n) if n and cache.d_sae % n == 0 else None
 
 
 def write_visualization(directory: Path, verbose: bool = True) -> Path | None:

@@ -187,7 +187,7 @@ def _layer_sites(layers: list[int], configs: list[DictConfig]) -> list[tuple[Sit
         cls = reg.get(cfg.architecture)
         sites = cls.sites_for_layers(layers, cls.Options.parse(cfg.options, where=f"architecture {cls.name!r}"))
         if sites is None:
-            spanning = [n for n in reg.names() if reg.get(n).per_layer_sites]
+            spanning = sorted(n for n in reg.names() if reg.get(n).per_layer_sites)
             raise UsageError(f"architecture {cls.name!r} does not span layers (--layers); accepted: "
                              f"{', '.join(spanning) or 'none registered'}, or --hookpoints for one dictionary per site")
         pairs.append(((tuple(sites[0]), tuple(sites[1])), cfg))

@@ -25,6 +25,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -215,6 +216,61 @@ def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str
     parts.append("</svg>")
     return "".join(parts)
 
+
+
+def svg_bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, ylabel: str,
+                  names: Sequence[str] | None = None, width: int = 380, height: int = 170) -> str:
+    """An inline SVG bar chart of one non-negative value per category (``labels`` under the bars; each bar
+    has a ``<title>`` with its ``names`` entry, default the label, and value)."""
+    if len(labels) != len(values):
+        raise ValueError(f"svg_bar_chart: {len(labels)} labels for {len(values)} values")
+    names = list(labels) if names is None else list(names)
+    left, right, top, bottom = 46, 10, 22, 36
+    title_lines = title_lines_for(title, width)
+    extra = TITLE_LINE_HEIGHT * (len(title_lines) - 1)
+    top, height = top + extra, height + extra
+    pw, ph = width - left - right, height - top - bottom
+    n = max(1, len(values))
+    slot = pw / n
+    peak = max((float(v) for v in values), default=0.0) or 1.0
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
+    title_x = left if len(title_lines) == 1 and _text_width(title) <= width - left - TITLE_MARGIN else TITLE_MARGIN
+    parts += [f'<text class="plot-title" x="{title_x}" y="{14 + TITLE_LINE_HEIGHT * k}">{esc(line)}</text>'
+              for k, line in enumerate(title_lines)]
+    every = max(1, math.ceil(n * 14 / pw))  # thin out the labels of many narrow bars
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        x = left + i * slot
+        bh = max(0.0, float(value)) / peak * ph
+        parts.append(f'<rect class="bar" x="{x + 0.5:.2f}" y="{top + ph - bh:.2f}" width="{max(0.5, slot - 1):.2f}" '
+                     f'height="{bh:.2f}"><title>{esc(f"{names[i]}: {fmt(float(value))}")}</title></rect>')
+        if i % every == 0:
+            parts.append(f'<text class="tick" x="{x + slot / 2:.2f}" y="{top + ph + 15}" '
+                         f'text-anchor="middle">{esc(label)}</text>')
+    parts.append(f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>')
+    parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>')
+    parts.append(f'<text class="tick" x="{left - 4}" y="{top + 4}" text-anchor="end">{esc(fmt(max(values, default=0)))}</text>')
+    parts.append(f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>')
+    parts.append(f'<text class="label" x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">{esc(xlabel)}</text>')
+    parts.append(f'<text class="label" x="10" y="{top + ph / 2:.1f}" text-anchor="middle" '
+                 f'transform="rotate(-90 10 {top + ph / 2:.1f})">{esc(ylabel)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.|$)")
+"""A site of one layer (saelab's hookpoint names): its layer number labels the decoder-norm bar."""
+
+
+def decoder_norms_svg(norms: Mapping[str, float]) -> str:
+    """Bar chart of a latent's decoder norm to each output site (``LatentRecord.decoder_norms``), one bar per
+    site in site order, labelled by layer number where the site names one (``layers.3.mlp`` -> ``3``)."""
+    sites = list(norms)
+    labels = [m.group(1) if (m := _LAYER_SITE.match(site)) else site for site in sites]
+    by_layer = all(_LAYER_SITE.match(site) for site in sites)
+    return svg_bar_chart(labels, [float(norms[s]) for s in sites], names=sites,
+                         title="decoder norm to each output site", xlabel="target layer" if by_layer else "output site",
+                         ylabel="norm")
 
 
 def frequency_histogram_svg(frequencies: Sequence[float], title: str = "latent firing frequency") -> str:
@@ -409,6 +465,9 @@ def render_latent_page(run: RunData, hook: HookData, entry: LatentEntry) -> str:
         body.append('<section><h2>Logits</h2><div class="row">'
                     + _logits_table("top positive logits", record.top_logits, "pos")
                     + _logits_table("top negative logits", record.bottom_logits, "neg") + "</div></section>")
+        if record.decoder_norms:
+            body.append('<section id="decoder-norms"><h2>Decoder norms by output site</h2>'
+                        + decoder_norms_svg(record.decoder_norms) + "</section>")
         if record.neighbours:
             rows = []
             for n in record.neighbours:
@@ -583,6 +642,7 @@ __all__ = [
     "LATENT_PAGES",
     "copy_assets",
     "esc",
+    "decoder_norms_svg",
     "frequency_histogram_svg",
     "latent_href",
     "render_example",
@@ -590,6 +650,7 @@ __all__ = [
     "render_latent_page",
     "report_summary",
     "script_json",
+    "svg_bar_chart",
     "svg_histogram",
     "title_lines_for",
     "write_report",
