@@ -42,11 +42,29 @@ def small_filesystem(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def test_a_cache_larger_than_the_free_disk_is_refused_before_writing(cli, small_filesystem):
+    """The size of the cache to write is checked against the free disk first: one line naming both, exit 2,
+    nothing written."""
+    store = small_filesystem / "store"
+    result = cli("cache", TINY, "--hookpoints", "layers.0", "layers.1", "--dataset_repo", "news-sample",
+                 "--n_tokens", "20000", "--cache_ctx_len", "32", "--store", str(store), "--name", "full",
+                 "--verbose", "false")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and "needs 9.8 MiB" in lines[0] and "free" in lines[0], lines
+    assert not store.exists() or not any(store.rglob("*.safetensors"))
+
+
 @pytest.mark.parametrize("shard_tokens", ["1024", "4096"])
-def test_full_disk_while_caching_is_one_line_exit_3_and_keeps_complete_shards(cli, small_filesystem, shard_tokens):
+def test_full_disk_while_caching_is_one_line_exit_3_and_keeps_complete_shards(cli, small_filesystem, shard_tokens,
+                                                                            monkeypatch):
     """Whether the disk fills in a streamed activation file or in the tokens file (safetensors' own writer,
     which reported ENOSPC as a SafetensorError traceback), the error is one line naming the file, exit 3;
-    no temporary file is left and the shards listed in the manifest are intact."""
+    no temporary file is left and the shards listed in the manifest are intact. (The disk fills after the
+    free-space check: another process took the space.)"""
+    import saelab.activation_cache
+
+    monkeypatch.setattr(saelab.activation_cache, "check_free_disk", lambda where, n_bytes, what: None)
     store = small_filesystem / "store"
     result = cli("cache", TINY, "--hookpoints", "layers.0", "layers.1", "--dataset_repo", "news-sample",
                  "--n_tokens", "20000", "--cache_ctx_len", "32", "--shard_size_tokens", shard_tokens,

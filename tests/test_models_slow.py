@@ -133,7 +133,7 @@ def test_hub_id_through_environment(tmp_path: Path) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["n_layers"] == 2 and len(data["hookpoints"]) == 11
+    assert data["n_layers"] == 2 and len(data["hookpoints"]) == 1 + 6 * 2  # embed + 6 sites per block
     proc = subprocess.run([*run, "saelab-test/not-cached"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "'saelab-test/not-cached'" in proc.stderr
