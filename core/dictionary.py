@@ -292,8 +292,9 @@ def _as_sites(x: torch.Tensor, n: int, d: int, what: str) -> torch.Tensor:
     return x
 
 
-def _site_scales(scales: torch.Tensor, n: int, what: str) -> list[float]:
-    """``scales`` (a 1-D tensor of ``n`` positive finite values) as Python floats; one-line error otherwise."""
+def site_scales(scales: torch.Tensor, n: int, what: str) -> list[float]:
+    """``scales`` (a 1-D tensor of ``n`` positive finite values, one per site: the arguments of
+    :meth:`~saelab.SparseDictionary.fold_scaling`) as Python floats; one-line error otherwise."""
     if not isinstance(scales, torch.Tensor) or scales.dim() != 1 or scales.numel() != n:
         shape = list(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
         raise UsageError(f"{what} must be a 1-D tensor with one scale per site ({n}), got {shape}")
@@ -444,8 +445,8 @@ class LinearDictionary(SparseDictionary):
         (hence thresholds and k) are unchanged: ``W_enc``'s rows of input site ``i`` absorb
         ``input_scales[i]``, the decoder's columns of output site ``j`` (and ``b_dec``) absorb
         ``1/output_scales[j]`` (so its rows are no longer unit-norm), ``W_skip`` both."""
-        s_in = _site_scales(input_scales, self.n_in, "input_scales")
-        s_out = _site_scales(output_scales, self.n_out, "output_scales")
+        s_in = site_scales(input_scales, self.n_in, "input_scales")
+        s_out = site_scales(output_scales, self.n_out, "output_scales")
         if self.uses_pre_encoder_bias and not all(math.isclose(a, b, rel_tol=1e-5)
                                                   for a, b in zip(s_in, s_out, strict=True)):
             raise UsageError(f"an autoencoder with a pre-encoder bias needs the same scale for a site's input "
@@ -558,6 +559,7 @@ __all__ = [
     "remove_parallel_grad_",
     "save_dictionary",
     "selected_preacts",
+    "site_scales",
     "site_spec",
     "sparse_decode",
     "unit_norm_decoder_",

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from saelab.training import CHECKPOINT_DIR, TRAINING_LOG, list_checkpoints
+from saelab.training import TRAINING_LOG
 from safetensors.torch import load_file
-from training_helpers import build_tiny_cache, train_args, wait_for_checkpoint
-
-
-def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "saelab", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+from training_helpers import build_tiny_cache, kill_after_first_checkpoint, train_args
 
 
 @pytest.mark.slow
@@ -35,18 +29,9 @@ def test_sigkill_after_checkpoint_resumes_to_identical_weights(tmp_path: Path, r
     assert ref.returncode == 0, ref.stderr
 
     out = results_dir / "killed" / "dictionaries" / "layers.1"
-    proc = _popen(train_args(cache.path, "killed", *extra), env)
-    try:
-        wait_for_checkpoint(proc, out)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    partial = list_checkpoints(out / CHECKPOINT_DIR)
+    partial = kill_after_first_checkpoint([sys.executable, "-m", "saelab", *train_args(cache.path, "killed", *extra)],
+                                          out, env)
     assert partial and max(partial) < 180
-    assert not (out / "cfg.json").exists()  # killed before the end
 
     resumed = subprocess.run([sys.executable, "-m", "saelab", *train_args(cache.path, "killed", *extra)],
                              env=env, capture_output=True, text=True, timeout=500)

@@ -147,3 +147,23 @@ def wait_for_checkpoint(proc: subprocess.Popen[str], out: Path, timeout_s: float
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     assert proc.poll() is None
+
+
+def kill_after_first_checkpoint(command: list[str], out: Path, env: dict[str, str]) -> list[int]:
+    """Start the training ``command``, SIGKILL it once dictionary ``out`` has a checkpoint (before the run
+    ends: no ``cfg.json``), and return the steps of the checkpoints it left."""
+    import signal
+
+    from saelab.training import CHECKPOINT_DIR, list_checkpoints
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(proc, out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "cfg.json").exists()  # killed before the end
+    return list_checkpoints(out / CHECKPOINT_DIR)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saelab import DictionaryOutput, Options, SiteSpec, SparseDictionary, SparseLatents, UsageError
-from saelab.dictionary import DictionaryOptions, SparseCodes, geometric_median, selected_preacts
+from saelab.dictionary import DictionaryOptions, SparseCodes, geometric_median, selected_preacts, site_scales
 from torch import nn
 
 from ._jumprelu import jumprelu
@@ -517,8 +517,8 @@ class LayerTranscoder(SparseDictionary):
         ``y_j * output_scales[j]``: ``W_enc[i]`` absorbs ``input_scales[i]``, every decoder block to layer
         ``j`` and ``b_dec[j]`` absorb ``1 / output_scales[j]``, ``W_skip[j]`` both. Latents (hence
         thresholds and k) are unchanged; decoder rows are no longer unit-norm."""
-        s_in = _scales(input_scales, self.n_layers, "input_scales")
-        s_out = _scales(output_scales, self.n_layers, "output_scales")
+        s_in = site_scales(input_scales, self.n_layers, "input_scales")
+        s_out = site_scales(output_scales, self.n_layers, "output_scales")
         for i, s in enumerate(s_in):
             self.W_enc[i].mul_(s)
         for i in range(self.n_layers):
@@ -539,16 +539,3 @@ class LayerTranscoder(SparseDictionary):
         if self.extra_config:
             cfg["metadata"] = dict(self.extra_config)
         return cfg
-
-
-def _scales(scales: torch.Tensor, n: int, what: str) -> list[float]:
-    """``scales`` (1-D, ``n`` positive finite values) as floats; one-line error otherwise."""
-    if not isinstance(scales, torch.Tensor) or scales.dim() != 1 or scales.numel() != n:
-        shape = list(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
-        raise UsageError(f"{what} must be a 1-D tensor with one scale per site ({n}), got {shape}")
-    values = [float(v) for v in scales.detach().double().cpu().tolist()]
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise UsageError(f"{what}={values} must be positive and finite")
-    return values
-
-
