@@ -250,7 +250,39 @@ def dictionaries_by_hookpoint(path: str | os.PathLike[str], hookpoints: Sequence
     return out
 
 
-__all__ = ["assign_weights", "canonical_hookpoint", "dictionaries_by_hookpoint", "dictionary_sites_text",
+@torch.no_grad()
+def check_round_trip(original: SparseDictionary, loaded: SparseDictionary, what: str, *, scale: float = 1.0,
+                     atol: float = 1e-4) -> None:
+    """One-line :class:`UsageError` when ``loaded`` (``original`` written to format ``what`` and read back)
+    does not reproduce ``original``'s reconstruction on random inputs of size ``scale`` (an export-bug guard).
+    ``loaded`` may hold more sites than ``original`` (padded layers): it reads zeros there and is compared
+    on ``original``'s output sites."""
+    was_training = original.training
+    original.eval()
+    try:
+        device = next(original.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+        sites = original.sites
+        x = (torch.randn(64, len(sites.inputs), sites.d_in, generator=gen) * scale).to(device)
+        a = original(x, torch.zeros(64, len(sites.outputs), sites.d_out, device=device)).reconstruction
+        columns = [loaded.sites.inputs.index(s) if s in loaded.sites.inputs else None for s in sites.inputs]
+        outputs = [loaded.sites.outputs.index(s) if s in loaded.sites.outputs else None for s in sites.outputs]
+        if None in columns or None in outputs:
+            raise UsageError(f"export of architecture {original.name!r} to {what} lost its sites")
+        x_loaded = x.new_zeros(64, len(loaded.sites.inputs), loaded.sites.d_in)
+        x_loaded[:, columns] = x
+        target = x.new_zeros(64, len(loaded.sites.outputs), loaded.sites.d_out)
+        b = loaded.to(device)(x_loaded, target).reconstruction[:, outputs]
+        tol = atol * (1.0 + float(a.abs().max()))
+        if not torch.allclose(a, b, atol=tol, rtol=1e-4):
+            raise UsageError(f"export of architecture {original.name!r} to {what} does not reproduce its outputs "
+                             f"(max difference {float((a - b).abs().max()):.3g}); not exportable")
+    finally:
+        original.train(was_training)
+
+
+__all__ = ["assign_weights", "canonical_hookpoint", "check_round_trip", "dictionaries_by_hookpoint",
+           "dictionary_sites_text",
            "find_dictionaries", "fold_pre_encoder_bias", "has_files", "hookpoint_from_external", "module_threshold",
            "read_json", "read_safetensors", "records_hookpoint", "require_format_dir", "require_weights",
            "threshold_weights"]

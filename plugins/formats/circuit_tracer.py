@@ -50,7 +50,13 @@ import torch
 import yaml
 from saelab import DictionaryFormat, SparseDictionary, UsageError, hookimpl
 from saelab.dictionary import build_dictionary
-from saelab.formats import assign_weights, read_safetensors, require_format_dir, require_weights
+from saelab.formats import (
+    assign_weights,
+    check_round_trip,
+    read_safetensors,
+    require_format_dir,
+    require_weights,
+)
 from saelab.manager import registry, saelab_version
 
 CONFIG_FILE = "config.yaml"
@@ -235,7 +241,7 @@ def export_circuit_tracer(module: SparseDictionary, path: str | Path, *, n_model
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / name))
     (path / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     if thresholds is None:
-        check_round_trip(module, CircuitTracerFormat().load(path))
+        check_round_trip(module, CircuitTracerFormat().load(path), "circuit-tracer")
     if config["saelab"]["skip_connection"] and config["model_kind"] == CLT_KIND:
         warnings.warn(f"circuit-tracer {CIRCUIT_TRACER_VERSION}'s load_clt does not read W_skip_{{i}}: the CLT "
                       f"written to {str(path)!r} loads there without its skip connection", stacklevel=2)
@@ -276,32 +282,6 @@ def _estimate_report(module: SparseDictionary, thresholds: torch.Tensor, activat
         return report
     finally:
         module.train(was_training)
-
-
-@torch.no_grad()
-def check_round_trip(original: SparseDictionary, loaded: SparseDictionary, atol: float = 1e-4) -> None:
-    """Raise when ``loaded`` does not reproduce ``original``'s reconstruction on random inputs (an export
-    bug guard; padded layers are compared where ``original`` has them)."""
-    was_training = original.training
-    original.eval()
-    try:
-        gen = torch.Generator().manual_seed(0)
-        L, d = original.n_layers, original.sites.d_in
-        x = torch.randn(64, L, d, generator=gen).to(original.W_enc.device)
-        a = original(x).reconstruction
-        index = {s: j for j, s in enumerate(loaded.sites.inputs)}
-        cols = [index.get(s) for s in original.sites.inputs]
-        if any(c is None for c in cols):
-            raise UsageError(f"export of architecture {original.name!r} to circuit-tracer lost its sites")
-        x_full = x.new_zeros(64, len(loaded.sites.inputs), d)
-        x_full[:, cols] = x
-        b = loaded.to(x.device)(x_full).reconstruction[:, cols]
-        tol = atol * (1.0 + float(a.abs().max()))
-        if not torch.allclose(a, b, atol=tol, rtol=1e-4):
-            raise UsageError(f"export of architecture {original.name!r} to circuit-tracer does not reproduce "
-                             f"its outputs (max difference {float((a - b).abs().max()):.3g}); not exportable")
-    finally:
-        original.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------

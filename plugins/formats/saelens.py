@@ -44,6 +44,7 @@ from saelab.dictionary import build_dictionary
 from saelab.formats import (
     assign_weights,
     canonical_hookpoint,
+    check_round_trip,
     fold_pre_encoder_bias,
     has_files,
     module_threshold,
@@ -219,7 +220,8 @@ class SaeLensFormat(DictionaryFormat):
                   str(path / WEIGHTS_FILE))
         (path / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         try:
-            check_round_trip(dictionary, self.load(path))
+            check_round_trip(dictionary, self.load(path), "SAELens",
+                             scale=float(dictionary.b_dec.detach().abs().mean()) + 1.0)
         except UsageError:
             for name in (CFG_FILE, WEIGHTS_FILE):
                 (path / name).unlink(missing_ok=True)
@@ -292,26 +294,6 @@ def saelens_state(module: SparseDictionary) -> tuple[dict[str, Any], dict[str, t
         cfg["k"] = int(module.k)
         cfg["rescale_acts_by_decoder_norm"] = False
     return cfg, tensors
-
-
-@torch.no_grad()
-def check_round_trip(original: SparseDictionary, loaded: SparseDictionary, atol: float = 1e-4) -> None:
-    """Raise when ``loaded`` does not reproduce ``original`` on random inputs (an export bug guard)."""
-    was_training = original.training
-    original.eval()
-    try:
-        gen = torch.Generator().manual_seed(0)
-        scale = float(original.b_dec.detach().abs().mean()) + 1.0
-        x = torch.randn(64, len(original.sites.inputs), original.sites.d_in, generator=gen) * scale
-        x = x.to(original.W_enc.device)
-        target = torch.zeros(64, len(original.sites.outputs), original.sites.d_out, device=x.device)
-        a, b = original(x, target).reconstruction, loaded.to(x.device)(x, target).reconstruction
-        tol = atol * (1.0 + float(a.abs().max()))
-        if not torch.allclose(a, b, atol=tol, rtol=1e-4):
-            raise UsageError(f"export of architecture {original.name!r} to SAELens does not reproduce its outputs "
-                             f"(max difference {float((a - b).abs().max()):.3g}); not exportable")
-    finally:
-        original.train(was_training)
 
 
 @hookimpl

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,48 @@ def title_lines_for(title: str, width: int) -> list[str]:
     return lines
 
 
+@dataclass
+class _Frame:
+    """The frame shared by the report's SVG plots: the plot area and the SVG parts written so far."""
+
+    left: int
+    top: int
+    pw: int
+    ph: int
+    height: int
+    parts: list[str]
+
+
+def _open_plot(title: str, width: int, height: int) -> _Frame:
+    """The ``<svg>`` element and its (wrapped) title; a wrapped title gets more room, the plot keeps its size."""
+    left, right, top, bottom = 46, 10, 22, 36
+    title_lines = title_lines_for(title, width)
+    extra = TITLE_LINE_HEIGHT * (len(title_lines) - 1)
+    top, height = top + extra, height + extra
+    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
+    title_x = left if len(title_lines) == 1 and _text_width(title) <= width - left - TITLE_MARGIN else TITLE_MARGIN
+    parts += [f'<text class="plot-title" x="{title_x}" y="{14 + TITLE_LINE_HEIGHT * k}">{esc(line)}</text>'
+              for k, line in enumerate(title_lines)]
+    return _Frame(left, top, width - left - right, height - top - bottom, height, parts)
+
+
+def _close_plot(f: _Frame, y_max: str, x_ticks: Sequence[str], xlabel: str, ylabel: str) -> str:
+    """Axes, the y range (``y_max`` at the top, 0 at the bottom), the x-tick parts and the axis labels."""
+    left, top, pw, ph = f.left, f.top, f.pw, f.ph
+    f.parts.append(f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>')
+    f.parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>')
+    f.parts.append(f'<text class="tick" x="{left - 4}" y="{top + 4}" text-anchor="end">{esc(y_max)}</text>')
+    f.parts.append(f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>')
+    f.parts += x_ticks
+    f.parts.append(f'<text class="label" x="{left + pw / 2:.1f}" y="{f.height - 4}" text-anchor="middle">'
+                   f'{esc(xlabel)}</text>')
+    f.parts.append(f'<text class="label" x="10" y="{top + ph / 2:.1f}" text-anchor="middle" '
+                   f'transform="rotate(-90 10 {top + ph / 2:.1f})">{esc(ylabel)}</text>')
+    f.parts.append("</svg>")
+    return "".join(f.parts)
+
+
 def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str, xlabel: str,
                   ylabel: str = "latents", log_y: bool = False, x_ticks: Sequence[tuple[float, str]] | None = None,
                   width: int = 380, height: int = 170) -> str:
@@ -169,11 +212,8 @@ def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str
     """
     if len(edges) != len(counts) + 1:
         raise ValueError(f"svg_histogram: {len(edges)} edges for {len(counts)} counts")
-    left, right, top, bottom = 46, 10, 22, 36
-    title_lines = title_lines_for(title, width)
-    extra = TITLE_LINE_HEIGHT * (len(title_lines) - 1)  # a wrapped title gets more room, the plot keeps its size
-    top, height = top + extra, height + extra
-    pw, ph = width - left - right, height - top - bottom
+    f = _open_plot(title, width, height)
+    left, top, pw, ph = f.left, f.top, f.pw, f.ph
     x0, x1 = float(edges[0]), float(edges[-1])
     span = (x1 - x0) or 1.0
 
@@ -184,38 +224,23 @@ def svg_histogram(counts: Sequence[float], edges: Sequence[float], *, title: str
         return math.log10(1 + c) if log_y else float(c)
 
     peak = max((h(c) for c in counts), default=0.0) or 1.0
-    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
-    title_x = left if len(title_lines) == 1 and _text_width(title) <= width - left - TITLE_MARGIN else TITLE_MARGIN
-    parts += [f'<text class="plot-title" x="{title_x}" y="{14 + TITLE_LINE_HEIGHT * k}">{esc(line)}</text>'
-              for k, line in enumerate(title_lines)]
     for i, c in enumerate(counts):
         if c <= 0:
             continue
         xa, xb = sx(edges[i]), sx(edges[i + 1])
         bh = h(c) / peak * ph
-        parts.append(f'<rect class="bar" x="{xa + 0.5:.2f}" y="{top + ph - bh:.2f}" width="{max(0.5, xb - xa - 1):.2f}" '
-                     f'height="{bh:.2f}"><title>{esc(f"{fmt(float(edges[i]))} to {fmt(float(edges[i + 1]))}: {fmt(c)}")}'
-                     f'</title></rect>')
-    parts.append(f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>')
-    parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>')
-    max_count = max(counts, default=0)
-    parts.append(f'<text class="tick" x="{left - 4}" y="{top + 4}" text-anchor="end">{esc(fmt(max_count))}</text>')
-    parts.append(f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>')
+        f.parts.append(f'<rect class="bar" x="{xa + 0.5:.2f}" y="{top + ph - bh:.2f}" width="{max(0.5, xb - xa - 1):.2f}" '
+                       f'height="{bh:.2f}"><title>{esc(f"{fmt(float(edges[i]))} to {fmt(float(edges[i + 1]))}: {fmt(c)}")}'
+                       f'</title></rect>')
     if x_ticks is None:
         mid = (x0 + x1) / 2
         x_ticks = [(x0, fmt(x0, 2)), (mid, fmt(mid, 2)), (x1, fmt(x1, 2))]
+    ticks = []
     for x, label in x_ticks:
         if x0 - 1e-9 <= x <= x1 + 1e-9:
-            parts.append(f'<line class="axis" x1="{sx(x):.2f}" y1="{top + ph}" x2="{sx(x):.2f}" y2="{top + ph + 4}"/>')
-            parts.append(f'<text class="tick" x="{sx(x):.2f}" y="{top + ph + 15}" text-anchor="middle">{esc(label)}</text>')
-    ylab = f"{ylabel} (log scale)" if log_y else ylabel
-    parts.append(f'<text class="label" x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">{esc(xlabel)}</text>')
-    parts.append(f'<text class="label" x="10" y="{top + ph / 2:.1f}" text-anchor="middle" '
-                 f'transform="rotate(-90 10 {top + ph / 2:.1f})">{esc(ylab)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
+            ticks.append(f'<line class="axis" x1="{sx(x):.2f}" y1="{top + ph}" x2="{sx(x):.2f}" y2="{top + ph + 4}"/>')
+            ticks.append(f'<text class="tick" x="{sx(x):.2f}" y="{top + ph + 15}" text-anchor="middle">{esc(label)}</text>')
+    return _close_plot(f, fmt(max(counts, default=0)), ticks, xlabel, f"{ylabel} (log scale)" if log_y else ylabel)
 
 
 def svg_bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, ylabel: str,
@@ -225,37 +250,21 @@ def svg_bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str,
     if len(labels) != len(values):
         raise ValueError(f"svg_bar_chart: {len(labels)} labels for {len(values)} values")
     names = list(labels) if names is None else list(names)
-    left, right, top, bottom = 46, 10, 22, 36
-    title_lines = title_lines_for(title, width)
-    extra = TITLE_LINE_HEIGHT * (len(title_lines) - 1)
-    top, height = top + extra, height + extra
-    pw, ph = width - left - right, height - top - bottom
+    f = _open_plot(title, width, height)
+    left, top, pw, ph = f.left, f.top, f.pw, f.ph
     n = max(1, len(values))
     slot = pw / n
     peak = max((float(v) for v in values), default=0.0) or 1.0
-    parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
-    title_x = left if len(title_lines) == 1 and _text_width(title) <= width - left - TITLE_MARGIN else TITLE_MARGIN
-    parts += [f'<text class="plot-title" x="{title_x}" y="{14 + TITLE_LINE_HEIGHT * k}">{esc(line)}</text>'
-              for k, line in enumerate(title_lines)]
     every = max(1, math.ceil(n * 14 / pw))  # thin out the labels of many narrow bars
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         x = left + i * slot
         bh = max(0.0, float(value)) / peak * ph
-        parts.append(f'<rect class="bar" x="{x + 0.5:.2f}" y="{top + ph - bh:.2f}" width="{max(0.5, slot - 1):.2f}" '
-                     f'height="{bh:.2f}"><title>{esc(f"{names[i]}: {fmt(float(value))}")}</title></rect>')
+        f.parts.append(f'<rect class="bar" x="{x + 0.5:.2f}" y="{top + ph - bh:.2f}" width="{max(0.5, slot - 1):.2f}" '
+                       f'height="{bh:.2f}"><title>{esc(f"{names[i]}: {fmt(float(value))}")}</title></rect>')
         if i % every == 0:
-            parts.append(f'<text class="tick" x="{x + slot / 2:.2f}" y="{top + ph + 15}" '
-                         f'text-anchor="middle">{esc(label)}</text>')
-    parts.append(f'<line class="axis" x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}"/>')
-    parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}"/>')
-    parts.append(f'<text class="tick" x="{left - 4}" y="{top + 4}" text-anchor="end">{esc(fmt(max(values, default=0)))}</text>')
-    parts.append(f'<text class="tick" x="{left - 4}" y="{top + ph}" text-anchor="end">0</text>')
-    parts.append(f'<text class="label" x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle">{esc(xlabel)}</text>')
-    parts.append(f'<text class="label" x="10" y="{top + ph / 2:.1f}" text-anchor="middle" '
-                 f'transform="rotate(-90 10 {top + ph / 2:.1f})">{esc(ylabel)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+            f.parts.append(f'<text class="tick" x="{x + slot / 2:.2f}" y="{top + ph + 15}" '
+                           f'text-anchor="middle">{esc(label)}</text>')
+    return _close_plot(f, fmt(max(values, default=0)), [], xlabel, ylabel)
 
 
 _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.|$)")
