@@ -149,37 +149,56 @@ class _Moments:
 
 @dataclass
 class _Downstream:
-    """Streaming sums of CE and KL over predicted positions."""
+    """Streaming sums over predicted positions of the CE of every forward (``clean``, ``spliced``, ``zero``,
+    and a replacement model's ``closed_loop``), of the KL of the clean next-token distribution to each other
+    one, and of top-1 agreement with the clean model for the forwards in ``agreement``
+    (``{metric suffix: forward}``: the replacement model's open and closed loop)."""
 
+    agreement: Mapping[str, str] = field(default_factory=dict)
     n: int = 0
-    ce: dict[str, float] = field(default_factory=lambda: {"clean": 0.0, "spliced": 0.0, "zero": 0.0})
-    kl: dict[str, float] = field(default_factory=lambda: {"spliced": 0.0, "zero": 0.0})
+    ce: dict[str, float] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
+    top1: dict[str, float] = field(default_factory=dict)
 
     def add(self, logits: Mapping[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """``logits[name] [B, T, V]``; predictions at positions ``t < T-1`` where ``mask`` is true."""
+        """``logits[name] [B, T, V]`` (``clean`` among them); predictions at positions ``t < T-1`` where
+        ``mask`` is true."""
         pred_mask = mask[:, :-1]
         n = int(pred_mask.sum())
         if n == 0:
             return
         labels = ids[:, 1:][pred_mask]
-        logp = {k: F.log_softmax(v[:, :-1][pred_mask].float(), dim=-1) for k, v in logits.items()}
+        logp_clean = F.log_softmax(logits["clean"][:, :-1][pred_mask].float(), dim=-1)
+        p_clean = logp_clean.exp()
+        top_clean = logp_clean.argmax(-1) if self.agreement else None
+        compared = set(self.agreement.values())
         self.n += n
-        for name in self.ce:
-            self.ce[name] += float(F.nll_loss(logp[name], labels, reduction="sum"))
-        p_clean = logp["clean"].exp()
-        for name in self.kl:
-            self.kl[name] += float((p_clean * (logp["clean"] - logp[name])).sum())
+        for name, value in logits.items():
+            logp = logp_clean if name == "clean" else F.log_softmax(value[:, :-1][pred_mask].float(), dim=-1)
+            self.ce[name] = self.ce.get(name, 0.0) + float(F.nll_loss(logp, labels, reduction="sum"))
+            if name != "clean":
+                self.kl[name] = self.kl.get(name, 0.0) + float((p_clean * (logp_clean - logp)).sum())
+            if name in compared:
+                self.top1[name] = self.top1.get(name, 0.0) + float((logp.argmax(-1) == top_clean).sum())
 
     def metrics(self) -> dict[str, float | None]:
         if self.n == 0:
             return {}
         ce = {k: v / self.n for k, v in self.ce.items()}
         gap = ce["zero"] - ce["clean"]
-        recovered = (ce["zero"] - ce["spliced"]) / gap if abs(gap) > 1e-12 else None
-        return {"ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
-                "ce_loss_recovered": recovered, "ce_loss_increase": ce["spliced"] - ce["clean"],
-                "kl_spliced": self.kl["spliced"] / self.n, "kl_zero": self.kl["zero"] / self.n,
-                "predicted_tokens": self.n}
+
+        def recovered(name: str) -> float | None:
+            return (ce["zero"] - ce[name]) / gap if abs(gap) > 1e-12 else None
+
+        out: dict[str, float | None] = {
+            "ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
+            "ce_loss_recovered": recovered("spliced"), "ce_loss_increase": ce["spliced"] - ce["clean"],
+            "kl_spliced": self.kl["spliced"] / self.n, "kl_zero": self.kl["zero"] / self.n,
+            "predicted_tokens": self.n}
+        for suffix, name in self.agreement.items():
+            out.update({f"ce_{suffix}": ce[name], f"ce_loss_recovered_{suffix}": recovered(name),
+                        f"kl_{suffix}": self.kl[name] / self.n, f"top1_{suffix}": self.top1[name] / self.n})
+        return out
 
 
 def position_filter(config: EvalConfig, module: SparseDictionary, source: ActivationSource) -> PositionFilter:
@@ -253,19 +272,19 @@ class DictionaryEvaluator:
         clean = source.logits(ids) if clean_logits is None else clean_logits
         spliced = source.logits(ids, {h: replacement(i, False) for i, h in enumerate(sites.outputs)})
         zero = source.logits(ids, {h: replacement(i, True) for i, h in enumerate(sites.outputs)})
-        ids_cpu = ids.cpu()
-        self.downstream.add({"clean": clean.cpu(), "spliced": spliced.cpu(), "zero": zero.cpu()}, ids_cpu,
-                            mask.cpu())
-        self._add_replacement(source, ids, x, y, mask, splice_mask, clean, spliced)
+        runs = {"clean": clean.cpu(), "spliced": spliced.cpu(), "zero": zero.cpu(),
+                **self._add_replacement(source, ids, x, y, mask, splice_mask)}
+        self.downstream.add(runs, ids.cpu(), mask.cpu())
 
     def _add_layers(self, y: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
                     flat_mask: torch.Tensor) -> None:
         """Per-layer open-loop metrics of a batch (:class:`ReplacementEvaluator`); nothing here."""
 
     def _add_replacement(self, source: ActivationSource, ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                         mask: torch.Tensor, splice_mask: torch.Tensor, clean: torch.Tensor,
-                         spliced: torch.Tensor) -> None:
-        """Replacement-model metrics of a batch (:class:`ReplacementEvaluator`); nothing here."""
+                         mask: torch.Tensor, splice_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Replacement-model metrics of a batch and the logits of the other forwards it ran, by name
+        (:class:`ReplacementEvaluator`); nothing here."""
+        return {}
 
     def metrics(self) -> dict[str, Any]:
         """All metrics (headline over kept rows; ``*_all`` over every position)."""
@@ -285,46 +304,6 @@ class DictionaryEvaluator:
 
 # --------------------------------------------------------------------------------------------------
 # Dictionaries whose sites are layers (per_layer_sites): the replacement model, open- and closed-loop
-
-
-@dataclass
-class _Agreement:
-    """Streaming sums of CE, KL to the clean distribution and top-1 agreement, per replacement."""
-
-    n: int = 0
-    ce: dict[str, float] = field(default_factory=lambda: {"open_loop": 0.0, "closed_loop": 0.0})
-    kl: dict[str, float] = field(default_factory=lambda: {"open_loop": 0.0, "closed_loop": 0.0})
-    top1: dict[str, float] = field(default_factory=lambda: {"open_loop": 0.0, "closed_loop": 0.0})
-
-    def add(self, clean: torch.Tensor, logits: Mapping[str, torch.Tensor], ids: torch.Tensor,
-            mask: torch.Tensor) -> None:
-        """Predictions at positions ``t < T-1`` where ``mask`` is true (as :class:`_Downstream`)."""
-        pred_mask = mask[:, :-1]
-        n = int(pred_mask.sum())
-        if n == 0:
-            return
-        labels = ids[:, 1:][pred_mask]
-        logp_clean = F.log_softmax(clean[:, :-1][pred_mask].float(), dim=-1)
-        p_clean, top_clean = logp_clean.exp(), logp_clean.argmax(-1)
-        self.n += n
-        for name, value in logits.items():
-            logp = F.log_softmax(value[:, :-1][pred_mask].float(), dim=-1)
-            self.ce[name] += float(F.nll_loss(logp, labels, reduction="sum"))
-            self.kl[name] += float((p_clean * (logp_clean - logp)).sum())
-            self.top1[name] += float((logp.argmax(-1) == top_clean).sum())
-
-    def metrics(self, ce_clean: float | None, ce_zero: float | None) -> dict[str, float | None]:
-        if self.n == 0:
-            return {}
-        out: dict[str, float | None] = {}
-        for name in self.ce:
-            ce = self.ce[name] / self.n
-            gap = None if ce_clean is None or ce_zero is None else ce_zero - ce_clean
-            out[f"ce_{name}"] = ce
-            out[f"ce_loss_recovered_{name}"] = (ce_zero - ce) / gap if gap is not None and abs(gap) > 1e-12 else None
-            out[f"kl_{name}"] = self.kl[name] / self.n
-            out[f"top1_{name}"] = self.top1[name] / self.n
-        return out
 
 
 @dataclass
@@ -449,7 +428,7 @@ class ReplacementEvaluator(DictionaryEvaluator):
         self.l0_closed = torch.zeros(L, dtype=torch.float64)
         self.fire_closed = torch.zeros(module.d_sae, dtype=torch.float64)
         self.n_closed = 0
-        self.agreement = _Agreement()
+        self.downstream = _Downstream(agreement={"open_loop": "spliced", "closed_loop": "closed_loop"})
 
     def _per_layer_l0(self, latents: torch.Tensor) -> torch.Tensor:
         """``[L]`` active latents per layer, summed over the rows of ``latents [N, d_sae]``."""
@@ -463,8 +442,7 @@ class ReplacementEvaluator(DictionaryEvaluator):
         self.l0_open += self._per_layer_l0(latents[flat_mask])
 
     def _add_replacement(self, source: ActivationSource, ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                         mask: torch.Tensor, splice_mask: torch.Tensor, clean: torch.Tensor,
-                         spliced: torch.Tensor) -> None:
+                         mask: torch.Tensor, splice_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         run = closed_loop_forward(self.module, source, ids, splice_mask, x, y, self.config.device)
         flat_mask = mask.reshape(-1).cpu()
         for j, moments in enumerate(self.closed_layers):
@@ -475,8 +453,7 @@ class ReplacementEvaluator(DictionaryEvaluator):
         self.l0_closed += self._per_layer_l0(kept)
         self.fire_closed += (kept != 0).sum(0).double()
         self.n_closed += int(rows)
-        self.agreement.add(clean.cpu(), {"open_loop": spliced.cpu(), "closed_loop": run.logits}, ids.cpu(),
-                           mask.cpu())
+        return {"closed_loop": run.logits.cpu()}
 
     def metrics(self) -> dict[str, Any]:
         """The metrics of :class:`DictionaryEvaluator` plus the per-layer table (``per_layer``) and the
@@ -507,7 +484,6 @@ class ReplacementEvaluator(DictionaryEvaluator):
             out["fvu_closed_loop"] = closed["fvu"]
             out["l0_closed_loop"] = float(self.l0_closed.sum() / n_closed)
             out["dead_frac_closed_loop"] = float((self.fire_closed == 0).double().mean())
-        out.update(self.agreement.metrics(out.get("ce_clean"), out.get("ce_zero")))
         return out
 
 
