@@ -42,7 +42,7 @@ from pydantic import Field
 
 from .errors import UsageError
 from .interfaces import NeighbourFinder, NonActivatingSource, Plugin, Sampler, SparseDictionary
-from .latents import LatentActivations, LatentCache
+from .latents import LatentActivations, LatentCache, latent_layers
 from .layout import SUMMARY_JSON, latent_filename
 from .options import Options
 from .records import Example, LatentRecord, Neighbour, content_hash, write_json_atomic
@@ -670,15 +670,6 @@ class RecordBuilder:
             yield record
 
 
-def latent_layers(dictionary: SparseDictionary) -> tuple[int, int] | None:
-    """``(L, F)`` of a dictionary whose latents belong to layers (``per_layer_sites``: latent ``f`` of layer
-    ``l`` is ``l * F + f``); None for any other dictionary."""
-    n = len(dictionary.sites.inputs)
-    if not dictionary.per_layer_sites or n < 1 or dictionary.d_sae % n:
-        return None
-    return n, dictionary.d_sae // n
-
-
 def feature_num_values(values: Sequence[int | str] | None) -> list[int | str] | None:
     """``--feature_num`` values as given, each an ``int`` where it is one (``LAYER:INDEX`` and other text kept
     for :func:`resolve_feature_num`); None when none is given."""
@@ -808,7 +799,6 @@ __all__ = [
     "candidate_windows",
     "feature_num_values",
     "fires_in",
-    "latent_layers",
     "random_blocks",
     "resolve_feature_num",
     "split_pools",

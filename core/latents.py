@@ -178,6 +178,9 @@ class LatentCache:
         """Name the latents are stored under (``latents/<hook>``)."""
         self.d_sae: int = int(manifest["d_sae"])
         """Number of latents."""
+        layers = manifest.get("layers")
+        self.layers: tuple[int, int] | None = (int(layers[0]), int(layers[1])) if layers else None
+        """``(L, F)`` of a dictionary whose latents belong to layers (:func:`latent_layers`), else None."""
         self.ctx_len: int = int(manifest["ctx_len"])
         """Tokens per sequence."""
         self.n_sequences: int = int(manifest["n_sequences"])
@@ -376,6 +379,15 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 # Writer
+
+
+def latent_layers(dictionary: SparseDictionary) -> tuple[int, int] | None:
+    """``(L, F)`` of a dictionary whose latents belong to layers (``per_layer_sites``: latent ``f`` of layer
+    ``l`` is ``l * F + f``); None for any other dictionary."""
+    n = len(dictionary.sites.inputs)
+    if not dictionary.per_layer_sites or n < 1 or dictionary.d_sae % n:
+        return None
+    return n, dictionary.d_sae // n
 
 
 @dataclass
@@ -645,7 +657,8 @@ class _Writer:
                 "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp, "fingerprint_inputs": inputs_fp,
                 "complete": False, "hookpoint": hookpoint, "sites": {"inputs": inputs,
                                                                      "outputs": list(dictionary.sites.outputs)},
-                "d_sae": int(dictionary.d_sae), "ctx_len": ctx_len, "n_sequences_target": target,
+                "d_sae": int(dictionary.d_sae), "layers": latent_layers(dictionary), "ctx_len": ctx_len,
+                "n_sequences_target": target,
                 "bos_token_id": bos, "filter_bos": bool(filter_bos), "exclude_positions": positions,
                 "splits": [list(s) for s in splits], "tokens": tokens, "n_sequences": 0, "n_analysed": 0,
                 "n_nonzeros": 0, "data_exhausted": False, "chunks": [], "created": now_iso(),
@@ -937,6 +950,7 @@ __all__ = [
     "dictionary_identity",
     "find_activation_cache",
     "latent_caches_for_run",
+    "latent_layers",
     "latents_dir",
     "residual_output_sites",
     "select_dictionaries",

@@ -14,8 +14,8 @@ import pytest
 import torch
 from saelab import SiteSpec, UsageError
 from saelab.dictionary import build_dictionary, load_dictionary
-from saelab.examples import latent_layers, resolve_feature_num
-from saelab.latents import LatentCache
+from saelab.examples import resolve_feature_num
+from saelab.latents import LatentCache, latent_layers
 from saelab.records import LatentRecord
 from test_clt import clt_args
 

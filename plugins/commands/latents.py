@@ -107,8 +107,8 @@ def register_commands(cli: click.Group) -> None:
 
 def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     """Build the latent caches (and records) of ``saelab latents``; prints the summary table."""
-    from saelab.examples import build_records, latent_layers, resolve_feature_num
-    from saelab.latents import latent_caches_for_run, select_dictionaries
+    from saelab.examples import build_records, resolve_feature_num
+    from saelab.latents import latent_caches_for_run, latent_layers, select_dictionaries
     from saelab.models import load_activation_source
     from saelab.pipeline import example_options as example_values
 

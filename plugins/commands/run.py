@@ -510,7 +510,7 @@ def _stage(values: dict[str, Any], *, explain: bool, score: bool, command: str) 
                          f"--name {layout.root.name}` first")
     record_sets = [load_records(layout, hook) for hook in hooks]
     if any(isinstance(v, str) for v in values.get("feature_num") or ()):
-        _resolve_feature_num(values, {rs.hookpoint: _record_layers(layout, rs) for rs in record_sets})
+        _resolve_feature_num(values, {rs.hookpoint: _latent_shape(layout, rs.hookpoint) for rs in record_sets})
     for rs in record_sets:
         rs.records = _select(rs.records, values.get("feature_num"), values.get("max_latents"))
     if not values.get("dry_run"):
@@ -530,8 +530,7 @@ def run_command(values: dict[str, Any]) -> dict[str, Any]:
 
 def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     from saelab.dictionary import load_dictionary
-    from saelab.examples import latent_layers
-    from saelab.latents import latent_caches_for_run
+    from saelab.latents import latent_caches_for_run, latent_layers
     from saelab.layout import RunLayout
     from saelab.models import load_activation_source
     from saelab.pipeline import (
@@ -618,15 +617,12 @@ def _resolve_feature_num(values: dict[str, Any], shapes: Mapping[str, tuple[int,
         values["feature_num"] = list(distinct.pop())
 
 
-def _record_layers(layout: Any, records: Any) -> tuple[int, tuple[int, int] | None]:
-    """``(d_sae, (L, F) or None)`` of the dictionary of a run's record set, from its latent cache (``(L, F)``
-    when its records carry decoder norms per layer); one-line error without a latent cache."""
+def _latent_shape(layout: Any, hook: str) -> tuple[int, tuple[int, int] | None]:
+    """``(d_sae, (L, F) or None)`` of a run's dictionary at ``hook``, from its latent cache's manifest."""
     from saelab.latents import LatentCache
 
-    cache = LatentCache.open(layout.latents_dir(records.hookpoint))
-    norms = next((r.decoder_norms for r in records.records if r.decoder_norms), None)
-    n = len(norms) if norms else 0
-    return cache.d_sae, (n, cache.d_sae // n) if n and cache.d_sae % n == 0 else None
+    cache = LatentCache.open(layout.latents_dir(hook))
+    return cache.d_sae, cache.layers
 
 
 def write_visualization(directory: Path, verbose: bool = True) -> Path | None:
