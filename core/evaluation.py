@@ -27,6 +27,14 @@ identical in all three runs and only dilute the differences).
 Transcoders and other dictionaries whose outputs differ from their inputs: the inputs are read in a
 clean forward pass, and the output site(s) are replaced by the dictionary applied to those inputs.
 
+Dictionaries that write several sites and are not layer transcoders (a crosscoder over layers or models, an
+SAE on concatenated sites) also get ``per_site``: one entry per output site with ``site`` and ``fvu``,
+``explained_variance``, ``mse``, ``cosine``, ``tokens`` of that site, and with the downstream passes
+``ce_spliced``, ``ce_zero``, ``ce_loss_recovered``, ``kl_spliced`` when that site **alone** is replaced (two
+more forwards per site and batch). These are open-loop: the dictionary reads the clean forward at every
+site, including sites after the replaced one, so no closed loop exists for it (``per_site_loop``:
+``"open_loop"``).
+
 Dictionaries whose sites are layers (``per_layer_sites``: a cross-layer transcoder, a transcoder set; L
 layers, input site ``i`` and output site ``i`` of layer ``i``, latent ``f`` of layer ``i`` at ``i * F + f``) are
 evaluated as a **replacement model** (:class:`ReplacementEvaluator`). The keys above stay, computed
@@ -222,6 +230,9 @@ class DictionaryEvaluator:
         self.l0_sum = 0.0
         self.fire_counts = torch.zeros(module.d_sae, dtype=torch.float64)
         self.downstream = _Downstream()
+        several = len(self.sites.outputs) > 1 and not module.per_layer_sites
+        self.site_moments = [_Moments() for _ in self.sites.outputs] if several else []
+        """Per output site reconstruction sums (``per_site``), for dictionaries writing several sites."""
 
     def _apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction ``[N, n_out, d_out]`` and latents ``[N, d_sae]`` for inputs ``[N, n_in, d_in]``
@@ -274,11 +285,16 @@ class DictionaryEvaluator:
         zero = source.logits(ids, {h: replacement(i, True) for i, h in enumerate(sites.outputs)})
         runs = {"clean": clean.cpu(), "spliced": spliced.cpu(), "zero": zero.cpu(),
                 **self._add_replacement(source, ids, x, y, mask, splice_mask)}
+        for i, h in enumerate(sites.outputs if self.site_moments else ()):
+            runs[f"site{i}_spliced"] = source.logits(ids, {h: replacement(i, False)}).cpu()
+            runs[f"site{i}_zero"] = source.logits(ids, {h: replacement(i, True)}).cpu()
         self.downstream.add(runs, ids.cpu(), mask.cpu())
 
     def _add_layers(self, y: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
                     flat_mask: torch.Tensor) -> None:
-        """Per-layer open-loop metrics of a batch (:class:`ReplacementEvaluator`); nothing here."""
+        """Per output site reconstruction sums of a batch (``per_site``; :class:`ReplacementEvaluator`: per layer)."""
+        for i, moments in enumerate(self.site_moments):
+            moments.add(y[flat_mask, i], recon[flat_mask, i])
 
     def _add_replacement(self, source: ActivationSource, ids: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                          mask: torch.Tensor, splice_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -299,7 +315,22 @@ class DictionaryEvaluator:
         out["dense_frac"] = float((freq > self.config.dense_threshold).double().mean())
         out["d_sae"] = int(self.module.d_sae)
         out.update(self.downstream.metrics())
+        if self.site_moments:
+            out["per_site"] = [self._site_metrics(i) for i in range(len(self.site_moments))]
+            out["per_site_loop"] = "open_loop"
         return out
+
+    def _site_metrics(self, i: int) -> dict[str, Any]:
+        """``per_site`` entry of output site ``i``: its reconstruction metrics and, after downstream passes,
+        CE / KL with that site alone replaced by the reconstruction (``ce_spliced``) or by zeros."""
+        row: dict[str, Any] = {"site": self.sites.outputs[i], **self.site_moments[i].metrics()}
+        d = self.downstream
+        if d.n and f"site{i}_spliced" in d.ce:
+            clean, spliced, zero = (d.ce[name] / d.n for name in ("clean", f"site{i}_spliced", f"site{i}_zero"))
+            gap = zero - clean
+            row.update({"ce_spliced": spliced, "ce_zero": zero, "kl_spliced": d.kl[f"site{i}_spliced"] / d.n,
+                        "ce_loss_recovered": (zero - spliced) / gap if abs(gap) > 1e-12 else None})
+        return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -666,6 +697,30 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> Any:
     return table
 
 
+SITE_TABLE_COLUMNS = (("fvu", "FVU"), ("explained_variance", "expl. var"), ("cosine", "cosine"),
+                      ("ce_spliced", "CE spliced"), ("ce_loss_recovered", "CE recovered"), ("kl_spliced", "KL"))
+"""Columns of :func:`sites_table`: (``per_site`` key, header)."""
+
+
+def sites_table(name: str, metrics: Mapping[str, Any]) -> Any:
+    """A rich table of a multi-site dictionary's ``per_site`` metrics, one row per output site (None when
+    ``metrics`` has none)."""
+    from rich.table import Table
+
+    from .progress import format_value
+
+    rows = metrics.get("per_site")
+    if not rows:
+        return None
+    table = Table(title=f"{name}: per site (each site spliced alone; open loop: the dictionary reads the clean "
+                        f"forward at every site, so no closed loop exists)", title_justify="left")
+    for header in ("site", *(h for _, h in SITE_TABLE_COLUMNS)):
+        table.add_column(header)
+    for row in rows:
+        table.add_row(row["site"], *(format_value(row.get(key)) for key, _ in SITE_TABLE_COLUMNS))
+    return table
+
+
 def layers_table(name: str, metrics: Mapping[str, Any]) -> Any:
     """A rich table of a ``per_layer_sites`` dictionary's ``per_layer`` metrics, one row per layer (None when
     ``metrics`` has none); the closed-loop columns are empty when the downstream passes were skipped."""
@@ -688,4 +743,4 @@ def layers_table(name: str, metrics: Mapping[str, Any]) -> Any:
 
 __all__ = ["DATA_KEYS", "EVAL_FILE", "ClosedLoopForward", "DictionaryEvaluator", "EvalConfig", "ReplacementEvaluator",
            "check_layer_order", "closed_loop_forward", "evaluate", "evaluator_for", "heldout_windows", "layers_table",
-           "position_filter", "results_table", "skip_tokens_for", "training_data", "write_eval"]
+           "position_filter", "results_table", "sites_table", "skip_tokens_for", "training_data", "write_eval"]

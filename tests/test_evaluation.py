@@ -96,6 +96,32 @@ def test_transcoder_splices_its_output_site(source, windows) -> None:
     assert metrics["ce_zero"] != pytest.approx(metrics["ce_clean"])
 
 
+def test_multi_site_dictionary_reports_each_site_spliced_alone(source, windows) -> None:
+    """A 2-site autoencoder that is the identity on layers.0 and zero on layers.1: per site, layers.0 is
+    perfect (FVU 0, CE recovered 1, KL 0) and layers.1 recovers nothing; the pooled metrics splice both."""
+    sites = ["layers.0", "layers.1"]
+    module = build_dictionary("topk", {"inputs": sites, "outputs": sites, "d_in": D, "d_out": D},
+                              {"d_sae": 4 * D, "k": 2 * D})
+    eye, zero = torch.eye(D), torch.zeros(D, D)
+    with torch.no_grad():
+        module.W_enc.copy_(torch.cat([torch.cat([eye, -eye, zero, zero], 1), torch.cat([zero, zero, eye, -eye], 1)], 0))
+        module.W_dec.copy_(torch.cat([torch.cat([eye, zero], 1), torch.cat([-eye, zero], 1), torch.zeros(2 * D, 2 * D)], 0))
+        module.b_enc.zero_()
+        module.b_dec.zero_()
+    metrics = evaluate({"two": module.eval()}, source, windows[:4], EvalConfig(batch_size=4))["two"]
+    first, second = metrics["per_site"]
+    assert (first["site"], second["site"]) == tuple(sites) and metrics["per_site_loop"] == "open_loop"
+    assert first["fvu"] == pytest.approx(0.0, abs=1e-10) and second["fvu"] >= 1.0
+    assert first["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert first["kl_spliced"] == pytest.approx(0.0, abs=1e-6)
+    assert second["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert second["ce_zero"] != pytest.approx(metrics["ce_clean"]) and first["tokens"] == metrics["tokens"]
+    # both sites spliced at once: layers.1 is zeroed, as in the second site's ablation
+    assert metrics["ce_spliced"] == pytest.approx(second["ce_zero"], rel=1e-6)
+    single = evaluate({"one": signed_identity()}, source, windows[:4], EvalConfig(batch_size=4, downstream=False))["one"]
+    assert "per_site" not in single
+
+
 def test_heldout_windows_follow_the_training_ones(source) -> None:
     from saelab.data import load_dataset_source
 

@@ -21,6 +21,7 @@ from saelab.evaluation import (
     heldout_windows,
     layers_table,
     results_table,
+    sites_table,
     skip_tokens_for,
     training_data,
     write_eval,
@@ -198,9 +199,9 @@ def register_commands(cli):
             return
         stdout_console.print(results_table({k: v["metrics"] for k, v in results.items()}))
         for name, v in results.items():
-            per_layer = layers_table(name, v["metrics"])
-            if per_layer is not None:
-                stdout_console.print(per_layer)
+            for table in (layers_table(name, v["metrics"]), sites_table(name, v["metrics"])):
+                if table is not None:
+                    stdout_console.print(table)
         first = next(iter(results.values()))
         stdout_console.print(f"model {first['model']}, dataset {first['dataset']['repo']} "
                              f"({first['dataset']['split']}), held out: {first['held_out']} ({first['held_out_how']})")

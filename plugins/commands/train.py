@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 import torch
-from saelab import SiteSpec, UsageError, hookimpl
+from saelab import SiteSpec, SparseDictionary, UsageError, hookimpl
 from saelab.activation_cache import cache_bytes, free_disk, human_bytes
 from saelab.cli import MultiValueOption
 from saelab.cli_options import (
@@ -80,9 +80,9 @@ class TrainCommandOptions(CacheCommandOptions):
     on_the_fly: bool = False
     """Stream activations from the LM while training (no cache written)."""
     layers: list[str] = []
-    """Train one dictionary spanning these layers instead of one per hookpoint (an architecture whose sites
-    are layers: clt): a range 0-29, a list 0,3,5 or 0 3 5, or both (0-3,7); its sites come from the
-    architecture's options (clt: -o input_site mlp.input|resid_mid)."""
+    """Train one dictionary spanning these layers instead of one per hookpoint (an architecture that spans
+    layers: clt, transcoder_set, crosscoder): a range 0-29, a list 0,3,5 or 0 3 5, or both (0-3,7); its sites
+    come from the architecture's options (clt: -o input_site mlp.input|resid_mid; crosscoder: -o layer_site)."""
 
 
 @dataclass
@@ -176,6 +176,11 @@ def parse_layers(specs: list[str]) -> list[int]:
     return sorted(layers)
 
 
+def _spans_layers(cls: type[SparseDictionary]) -> bool:
+    """Whether ``cls`` defines the sites of one dictionary spanning layers (``--layers``)."""
+    return cls.sites_for_layers.__func__ is not SparseDictionary.sites_for_layers.__func__  # type: ignore[attr-defined]
+
+
 def _layer_sites(layers: list[int], configs: list[DictConfig]) -> list[tuple[Sites, DictConfig]]:
     """One dictionary spanning ``layers`` per configuration (one-line error for an architecture that does
     not span layers)."""
@@ -187,7 +192,7 @@ def _layer_sites(layers: list[int], configs: list[DictConfig]) -> list[tuple[Sit
         cls = reg.get(cfg.architecture)
         sites = cls.sites_for_layers(layers, cls.Options.parse(cfg.options, where=f"architecture {cls.name!r}"))
         if sites is None:
-            spanning = sorted(n for n in reg.names() if reg.get(n).per_layer_sites)
+            spanning = sorted(n for n in reg.names() if _spans_layers(reg.get(n)))
             raise UsageError(f"architecture {cls.name!r} does not span layers (--layers); accepted: "
                              f"{', '.join(spanning) or 'none registered'}, or --hookpoints for one dictionary per site")
         pairs.append(((tuple(sites[0]), tuple(sites[1])), cfg))
