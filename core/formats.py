@@ -163,23 +163,25 @@ def dictionary_sites_text(sites: SiteSpec) -> str:
     return f"reads {reads}" if sites.is_autoencoder else f"reads {reads} and writes {' '.join(map(str, sites.outputs))}"
 
 
-def _recognised(path: Path) -> bool:
+def _recognised(path: Path, *, file_ok: bool = False) -> bool:
     from .manager import registry
 
-    return path.is_dir() and any(entry.cls.detect(path) for entry in registry("dictionary_format").entries())
+    return (path.is_dir() or (file_ok and path.is_file())) and any(
+        entry.cls.detect(path) for entry in registry("dictionary_format").entries())
 
 
 def find_dictionaries(path: str | os.PathLike[str]) -> list[Path]:
-    """Dictionary directories at ``path``: itself when a registered format recognises it, else its
-    sub-directories that one does (a sparsify run holding one directory per hookpoint, a saelab run's
-    ``dictionaries/``), sorted by name. A path that holds none is a one-line error."""
+    """Dictionary directories at ``path``: itself when a registered format recognises it (a directory, or a
+    file such as dictionary_learning's ``ae.pt``), else its sub-directories that one does (a sparsify run
+    holding one directory per hookpoint, a saelab run's ``dictionaries/``), sorted by name. A path that holds
+    none is a one-line error."""
     from .dictionary import dictionary_formats
     from .errors import format_choices
 
     path = Path(path)
     if not path.exists():
         raise UsageError(f"dictionary path {str(path)!r} does not exist")
-    if _recognised(path):
+    if _recognised(path, file_ok=True):
         return [path]
     run_dictionaries = RunLayout(path).dictionaries_dir
     roots = [run_dictionaries, path] if run_dictionaries.is_dir() else [path]

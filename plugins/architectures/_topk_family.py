@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,32 @@ AUXK_DENSE_MAX_RATIO = 4.0
 independent of ``n_dead``) beyond."""
 
 
-def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor,
+class FlatWeights(Protocol):
+    """What :func:`auxk_loss` reads of a dictionary: ``W_enc [width_in, d_sae]``, ``b_enc [d_sae]``,
+    ``W_dec [d_sae, width_out]`` and ``d_sae`` (a :class:`LinearDictionary`, or a flat view of another layout)."""
+
+    @property
+    def W_enc(self) -> torch.Tensor: ...
+    @property
+    def b_enc(self) -> torch.Tensor: ...
+    @property
+    def W_dec(self) -> torch.Tensor: ...
+    @property
+    def d_sae(self) -> int: ...
+
+
+def auxk_loss(dictionary: FlatWeights, x_flat: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor,
               residual: torch.Tensor, target_var: torch.Tensor, k_aux: int, alpha: float,
-              b_pre: torch.Tensor | None = None) -> torch.Tensor:
+              b_pre: torch.Tensor | None = None, rank: torch.Tensor | None = None) -> torch.Tensor:
     """AuxK (OpenAI, as in sparsify): the ``k_aux`` largest pre-activations among dead latents
     reconstruct the detached residual error ``residual [batch, width]`` (no bias). Its MSE is
     normalised by the residual's variance, multiplied by the target variance so that it stands to
     ``"mse"`` as OpenAI's normalised AuxK term stands to their normalised MSE, scaled by
     ``min(n_dead / k_aux, 1)`` and by ``alpha``. ``pre`` are the detached pre-activations of
     ``(x_flat - b_pre) @ W_enc + b_enc``; they are reused (columns of dead latents, top-k_aux per row),
-    so AuxK costs a few ``[batch, n_dead]`` products and nothing when no latent is dead."""
+    so AuxK costs a few ``[batch, n_dead]`` products and nothing when no latent is dead. ``rank``
+    (detached, shaped like ``pre``; default ``pre``) chooses the ``k_aux`` dead latents of each row, e.g.
+    decoder-norm-weighted pre-activations; their values are still ReLU'd pre-activations."""
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = int(dead.numel())
     if n_dead == 0 or alpha == 0:
@@ -112,14 +128,15 @@ def auxk_loss(dictionary: LinearDictionary, x_flat: torch.Tensor, pre: torch.Ten
     scale = min(n_dead / k_aux, 1.0)
     with torch.no_grad():
         pre_dead = pre.index_select(1, dead)
-        vals, idx = (None, None) if k == n_dead else pre_dead.topk(k, dim=1, sorted=False)
-    if idx is not None and vals is not None and n_dead > AUXK_DENSE_MAX_RATIO * k:
+        scores = pre_dead if rank is None else rank.index_select(1, dead)
+        idx = None if k == n_dead else scores.topk(k, dim=1, sorted=False).indices
+    if idx is not None and n_dead > AUXK_DENSE_MAX_RATIO * k:
         # Many dead latents: the k_aux picks per row through the sparse machinery of the main path.
         batch = x_flat.shape[0]
         rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
         codes = SparseCodes(rows, dead[idx].reshape(-1), None, batch, dictionary.d_sae, k)
         codes.values = F.relu(selected_preacts(x_flat, dictionary.W_enc, dictionary.b_enc, codes,
-                                               vals.reshape(-1), b_pre))
+                                               pre_dead.gather(1, idx).reshape(-1), b_pre))
         e_hat = codes.decode(dictionary.W_dec)
     else:
         e_hat = _AuxKDecode.apply(pre_dead, idx, x_flat, b_pre, dictionary.W_enc, dictionary.b_enc,
