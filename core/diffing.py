@@ -328,20 +328,25 @@ class LatentScalingAccumulator:
         self.rows = 0
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Add one batch of activations ``[B, H, d]`` (the dictionary is run in eval mode)."""
+    def update(self, x: torch.Tensor, latents: torch.Tensor | None = None,
+               reconstruction: torch.Tensor | None = None) -> None:
+        """Add one batch of activations ``[B, H, d]``; the dictionary's ``latents [B, F]`` and
+        ``reconstruction [B, H, d]`` of it when already computed, else the dictionary is run (in eval mode)."""
         sites = self.dictionary.sites
         if x.dim() != 3 or x.shape[1] != len(sites.inputs) or x.shape[2] != sites.d_in:
             raise UsageError(f"activation batch of shape {tuple(x.shape)} is not [batch, {len(sites.inputs)}, "
                              f"{sites.d_in}]")
-        was_training = self.dictionary.training
-        self.dictionary.eval()
-        try:
-            x = x.to(self.device, self.input_dtype)
-            f_all = self.dictionary.encode(x)
-            recon = self.dictionary.decode(f_all).float()
-        finally:
-            self.dictionary.train(was_training)
+        x = x.to(self.device, self.input_dtype)
+        if latents is None or reconstruction is None:
+            was_training = self.dictionary.training
+            self.dictionary.eval()
+            try:
+                f_all = self.dictionary.encode(x)
+                recon = self.dictionary.decode(f_all).float()
+            finally:
+                self.dictionary.train(was_training)
+        else:
+            f_all, recon = latents.to(self.device), reconstruction.to(self.device).float()
         f = f_all[:, self.index].float()
         scale = self.scales[None, :, None]
         xs, rs = recon * scale, (x - recon) * scale
@@ -398,6 +403,45 @@ def latent_scaling(dictionary: SparseDictionary, batches: Iterable[torch.Tensor]
     return acc.result(threshold)
 
 
+def _finite(values: torch.Tensor) -> list[float | None]:
+    """Floats for JSON: NaN and infinities become None."""
+    return [v if math.isfinite(v) else None for v in values.double().tolist()]
+
+
+def diffing_report(dictionary: SparseDictionary, a_sites: Sequence[int], b_sites: Sequence[int],
+                   scaling: LatentScaling, fired: torch.Tensor,
+                   bins: int = DEFAULT_BINS) -> tuple[dict[str, object], dict[str, object]]:
+    """JSON data of a two-group diffing: a summary (the sites of each group, class counts over the latents
+    that ``fired`` (``[F]`` fire counts) and over all latents, the relative-norm histogram of the fired
+    ones, how many fired latents latent scaling flags) and per-latent columns (relative norm, cosine, class,
+    fire count, betas, ratios, artifact flag; index = latent). ``scaling`` covers every latent, in order."""
+    diff = decoder_diff(dictionary, a_sites, b_sites, bins)
+    alive = fired.cpu() > 0
+    if scaling.latents != list(range(len(diff.classes))):
+        raise UsageError("diffing_report needs latent scaling over every latent, in order")
+    hist = relative_norm_histogram(diff.relative[alive], bins)
+    sites = dictionary.sites.inputs
+    summary: dict[str, object] = {
+        "a_sites": [sites[i] for i in a_sites], "b_sites": [sites[i] for i in b_sites],
+        "latents_fired": int(alive.sum()),
+        "counts": class_counts([c for c, a in zip(diff.classes, alive.tolist(), strict=True) if a]),
+        "counts_all_latents": diff.counts,
+        "histogram": {"edges": hist.edges, "counts": hist.counts, "undefined": hist.undefined},
+        "artifacts": int((scaling.artifact & alive).sum()), "artifact_threshold": scaling.threshold,
+        "bounds": {"a_only_below": A_ONLY_BELOW, "b_only_above": B_ONLY_ABOVE,
+                   "shared": [SHARED_LOW, SHARED_HIGH]}}
+    per_latent: dict[str, object] = {
+        "relative_norm": _finite(diff.relative),
+        "cosine": None if diff.cosine is None else _finite(diff.cosine),
+        "class": list(diff.classes), "fired": [int(v) for v in fired.tolist()],
+        "beta_error_a": _finite(scaling.beta_error_a), "beta_error_b": _finite(scaling.beta_error_b),
+        "beta_reconstruction_a": _finite(scaling.beta_reconstruction_a),
+        "beta_reconstruction_b": _finite(scaling.beta_reconstruction_b),
+        "nu_error": _finite(scaling.nu_error), "nu_reconstruction": _finite(scaling.nu_reconstruction),
+        "artifact": [bool(v) for v in scaling.artifact.tolist()]}
+    return summary, per_latent
+
+
 __all__ = [
     "ARTIFACT_NU_THRESHOLD",
     "A_ONLY_BELOW",
@@ -416,6 +460,7 @@ __all__ = [
     "classify",
     "decoder_cosines",
     "decoder_diff",
+    "diffing_report",
     "group_norms",
     "latent_scaling",
     "output_scales",

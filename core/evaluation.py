@@ -33,7 +33,10 @@ SAE on concatenated sites) also get ``per_site``: one entry per output site with
 ``ce_spliced``, ``ce_zero``, ``ce_loss_recovered``, ``kl_spliced`` when that site **alone** is replaced (two
 more forwards per site and batch). These are open-loop: the dictionary reads the clean forward at every
 site, including sites after the replaced one, so no closed loop exists for it (``per_site_loop``:
-``"open_loop"``).
+``"open_loop"``). An autoencoder on exactly two sites (a crosscoder over two layers or two models) also gets
+``diffing`` (:func:`saelab.diffing.diffing_report`, site 0 as A and site 1 as B, latent scaling fitted on the
+evaluated rows): class counts of the latents that fired, the relative-norm histogram, the number flagged by
+latent scaling; its per-latent columns go to ``diffing.json`` beside ``eval.json``.
 
 Dictionaries whose sites are layers (``per_layer_sites``: a cross-layer transcoder, a transcoder set; L
 layers, input site ``i`` and output site ``i`` of layer ``i``, latent ``f`` of layer ``i`` at ``i * F + f``) are
@@ -84,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from .diffing import LatentScalingAccumulator, diffing_report
 from .errors import UsageError
 from .hookpoints import parse_hookpoint
 from .interfaces import ActivationSource, SparseDictionary
@@ -93,6 +97,11 @@ from .positions import PositionFilter, dictionary_filter
 
 EVAL_FILE = "eval.json"
 """Name of the evaluation results file written next to a dictionary's ``cfg.json``."""
+DIFFING_FILE = "diffing.json"
+"""Per-latent model-diffing columns of a two-site autoencoder, written next to ``eval.json``."""
+DIFFING_LATENTS = "diffing_latents"
+"""Key of the per-latent diffing columns in :meth:`DictionaryEvaluator.metrics` (written to :data:`DIFFING_FILE`,
+not to ``eval.json``)."""
 
 
 class EvalConfig(Options):
@@ -233,6 +242,10 @@ class DictionaryEvaluator:
         several = len(self.sites.outputs) > 1 and not module.per_layer_sites
         self.site_moments = [_Moments() for _ in self.sites.outputs] if several else []
         """Per output site reconstruction sums (``per_site``), for dictionaries writing several sites."""
+        two_sites = self.sites.is_autoencoder and len(self.sites.inputs) == 2
+        self.scaling = (LatentScalingAccumulator(module, [0], [1])
+                        if two_sites and module.decoder_directions() is not None else None)
+        """Latent scaling sums (``diffing``) of a two-site autoencoder: site 0 is A, site 1 is B."""
 
     def _apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction ``[N, n_out, d_out]`` and latents ``[N, d_sae]`` for inputs ``[N, n_in, d_in]``
@@ -265,6 +278,8 @@ class DictionaryEvaluator:
         self.all.add(y_flat, r_flat)
         self.kept.add(y_flat[flat_mask], r_flat[flat_mask])
         active = latents[flat_mask] != 0
+        if self.scaling is not None:
+            self.scaling.update(x[flat_mask], latents[flat_mask], recon[flat_mask])
         self.l0_sum += float(active.sum())
         self.fire_counts += active.sum(0).double()
         self._add_layers(y, recon, latents, flat_mask)
@@ -318,6 +333,9 @@ class DictionaryEvaluator:
         if self.site_moments:
             out["per_site"] = [self._site_metrics(i) for i in range(len(self.site_moments))]
             out["per_site_loop"] = "open_loop"
+        if self.scaling is not None and self.scaling.rows:
+            out["diffing"], out[DIFFING_LATENTS] = diffing_report(self.module, [0], [1], self.scaling.result(),
+                                                                   self.fire_counts)
         return out
 
     def _site_metrics(self, i: int) -> dict[str, Any]:
@@ -645,13 +663,21 @@ def heldout_windows(source: ActivationSource, dataset: Any, ctx_len: int, n_toke
 
 
 def write_eval(dictionary_dir: Path, metrics: Mapping[str, Any], info: Mapping[str, Any]) -> Path:
-    """Write ``eval.json`` (metrics + how they were computed) next to the dictionary's ``cfg.json``."""
+    """Write ``eval.json`` (metrics + how they were computed) next to the dictionary's ``cfg.json``, and the
+    per-latent diffing columns, when ``metrics`` has them, to ``diffing.json`` (with the ``diffing`` summary)."""
+    metrics = dict(metrics)
+    per_latent = metrics.pop(DIFFING_LATENTS, None)
     path = Path(dictionary_dir) / EVAL_FILE
-    payload = {"metrics": dict(metrics), **dict(info)}
+    _write_json(path, {"metrics": metrics, **dict(info)})
+    if per_latent is not None:
+        _write_json(Path(dictionary_dir) / DIFFING_FILE, {"summary": metrics.get("diffing"), "latents": per_latent})
+    return path
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     tmp.replace(path)
-    return path
 
 
 def _json_default(value: Any) -> Any:
@@ -741,6 +767,6 @@ def layers_table(name: str, metrics: Mapping[str, Any]) -> Any:
     return table
 
 
-__all__ = ["DATA_KEYS", "EVAL_FILE", "ClosedLoopForward", "DictionaryEvaluator", "EvalConfig", "ReplacementEvaluator",
+__all__ = ["DATA_KEYS", "DIFFING_FILE", "DIFFING_LATENTS", "EVAL_FILE", "ClosedLoopForward", "DictionaryEvaluator", "EvalConfig", "ReplacementEvaluator",
            "check_layer_order", "closed_loop_forward", "evaluate", "evaluator_for", "heldout_windows", "layers_table",
            "position_filter", "results_table", "sites_table", "skip_tokens_for", "training_data", "write_eval"]

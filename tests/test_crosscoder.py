@@ -496,3 +496,13 @@ def test_train_layers_then_evaluate(cli, results_dir) -> None:
     metrics = json.loads((directory / "eval.json").read_text())["metrics"]
     assert 0 < metrics["fvu"] < 1.5 and metrics["l0"] > 0 and metrics["d_sae"] == 32
     assert [row["site"] for row in metrics["per_site"]] == ["layers.0", "layers.1"]
+    # model diffing of the two sites (A = layers.0, B = layers.1): summary in eval.json, columns in diffing.json
+    diffing = metrics["diffing"]
+    assert diffing["a_sites"] == ["layers.0"] and diffing["b_sites"] == ["layers.1"] and "diffing_latents" not in metrics
+    per_latent = json.loads((directory / "diffing.json").read_text())["latents"]
+    assert len(per_latent["class"]) == 32 and "diffing (A = layers.0, B = layers.1)" in res.stdout
+    fired = [n > 0 for n in per_latent["fired"]]
+    assert sum(diffing["counts"].values()) == diffing["latents_fired"] == sum(fired) > 0
+    norms = module.site_decoder_norms().double()
+    expected = norms[:, 1] / norms.sum(1)
+    assert torch.allclose(torch.tensor(per_latent["relative_norm"], dtype=torch.float64), expected, atol=1e-5)

@@ -118,8 +118,13 @@ def test_multi_site_dictionary_reports_each_site_spliced_alone(source, windows) 
     assert second["ce_zero"] != pytest.approx(metrics["ce_clean"]) and first["tokens"] == metrics["tokens"]
     # both sites spliced at once: layers.1 is zeroed, as in the second site's ablation
     assert metrics["ce_spliced"] == pytest.approx(second["ce_zero"], rel=1e-6)
+    # diffing: latents 0..2D-1 write only to layers.0 (a_only), the others have no decoder (relative norm undefined)
+    diffing, columns = metrics["diffing"], metrics["diffing_latents"]
+    fired = torch.tensor(columns["fired"]) > 0
+    assert diffing["counts"]["a_only"] == int(fired[:2 * D].sum()) > 0 and diffing["counts"]["b_only"] == 0
+    assert diffing["counts"]["other"] == int(fired[2 * D:].sum()) and columns["relative_norm"][-1] is None
     single = evaluate({"one": signed_identity()}, source, windows[:4], EvalConfig(batch_size=4, downstream=False))["one"]
-    assert "per_site" not in single
+    assert "per_site" not in single and "diffing" not in single
 
 
 def test_heldout_windows_follow_the_training_ones(source) -> None:

@@ -16,6 +16,8 @@ from saelab.cli_options import field_option
 from saelab.dictionary import detect_format, dictionary_formats, load_dictionary
 from saelab.errors import format_choices
 from saelab.evaluation import (
+    DIFFING_FILE,
+    DIFFING_LATENTS,
     EvalConfig,
     evaluate,
     heldout_windows,
@@ -120,7 +122,7 @@ def run_evaluation(path: str, *, model: str | None = None, dataset_repo: str | N
         payload = {"dictionary": str(d), "format": detect_format(d), **info}
         if write:
             write_eval(d, m, payload)
-        out[name] = {"metrics": m, **payload}
+        out[name] = {"metrics": {k: v for k, v in m.items() if k != DIFFING_LATENTS}, **payload}
     return out
 
 
@@ -202,6 +204,13 @@ def register_commands(cli):
             for table in (layers_table(name, v["metrics"]), sites_table(name, v["metrics"])):
                 if table is not None:
                     stdout_console.print(table)
+            diffing = v["metrics"].get("diffing")
+            if diffing:
+                counts = ", ".join(f"{k} {n}" for k, n in diffing["counts"].items())
+                stdout_console.print(
+                    f"{name}: diffing (A = {' '.join(diffing['a_sites'])}, B = {' '.join(diffing['b_sites'])}) of the "
+                    f"{diffing['latents_fired']} latents that fired: {counts}; {diffing['artifacts']} flagged by "
+                    f"latent scaling; per latent in {DIFFING_FILE}", markup=False)
         first = next(iter(results.values()))
         stdout_console.print(f"model {first['model']}, dataset {first['dataset']['repo']} "
                              f"({first['dataset']['split']}), held out: {first['held_out']} ({first['held_out_how']})")
