@@ -79,7 +79,8 @@ class CrosscoderOptions(DictionaryOptions):
     auxk_alpha: float = Field(default=1 / 32, ge=0)
     """Coefficient of the AuxK dead-latent loss of the TopK family (OpenAI/sparsify: 1/32); 0 turns it off."""
     auxk_k: int | None = Field(default=None, ge=1)
-    """Dead latents used by AuxK per token; default half the width of all sites together (``H * d / 2``)."""
+    """Dead latents used by AuxK per token; default half of one site's width (``d / 2``, as crosscoder_learning;
+    sparsify's ``d / 2`` for one site)."""
     threshold_momentum: float = Field(default=0.05, gt=0, le=1)
     """``batchtopk``: weight of each batch's smallest kept ``f * n`` in the running inference threshold
     (after a plain running mean over the first ``1/threshold_momentum`` steps)."""
@@ -358,7 +359,7 @@ class Crosscoder(SparseDictionary):
             if bool(dead_mask.any()):
                 y_flat = y.reshape(batch, -1)
                 target_var = (y_flat - y_flat.mean(0)).pow(2).sum(-1).mean()
-                k_aux = self.options.auxk_k or max(1, self.n_sites * self.sites.d_in // 2)
+                k_aux = self.options.auxk_k or max(1, self.sites.d_in // 2)
                 losses["auxk"] = self._per_site() * auxk_loss(
                     self._flat(), x_flat, pre, dead_mask, (y - recon).reshape(batch, -1), target_var, k_aux,
                     self.options.auxk_alpha, rank=pre * n)
