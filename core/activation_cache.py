@@ -20,6 +20,11 @@ a shard's files appear under their names when it is complete, and the manifest l
 shard with its files' sizes and sha256. A killed run resumes after its last listed shard: batches
 restart at every shard boundary, so the resumed cache is byte-identical to an uninterrupted one
 with the same batch size.
+
+A paired cache of two models (:mod:`saelab.paired`) stores the tokens once and one folder per labelled
+site (``activations/layers.6@A/``, ``activations/layers.6@B/``); built in two passes
+(``paired_pass="two"``), model B's files are added to the shards model A wrote, and a shard is listed with
+B's files once they are all complete.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from .fileio import (
 from .interfaces import ActivationSource, Dataset
 from .memory import release_free_heap
 from .options import Options
+from .paired import LABELS, PairedSource, label_site, split_site
 from .positions import PositionFilter
 
 FORMAT = "saelab-activation-cache"
@@ -631,6 +637,7 @@ def build_activation_cache(
     progress: bool = True,
     verify_checksums: bool = False,
     request_key: str | None = None,
+    paired_pass: str = "one",
 ) -> ActivationCache:
     """Build (or reuse, or resume) the activation cache of ``hookpoints`` over ``dataset``.
 
@@ -642,12 +649,21 @@ def build_activation_cache(
     128 MiB per hookpoint file; a resumed cache keeps the shard size it was started with.
     Temporary files of killed runs are deleted first (one :class:`PartialDataRemovedWarning` line).
     ``request_key`` (see :func:`check_request_not_being_built`) is recorded while building.
+
+    A :class:`~saelab.paired.PairedSource` caches labelled sites (``layers.6@A``, ``layers.6@B``) of its
+    models over one tokenisation (tokens stored once); its tokenizers are checked before the first shard
+    (:meth:`~saelab.paired.PairedSource.check_tokenizers`). ``paired_pass="two"`` builds the same cache
+    (same fingerprint and files) in two passes: model A writes every shard's tokens and its sites, is
+    released, then model B adds its sites to each stored shard (:func:`paired_passes`), so that only one
+    model is loaded at a time when the sources load their weights on first use. Either mode resumes a
+    cache the other left unfinished.
     """
     if dtype not in DTYPES:
         raise UsageError(f"bad cache dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
     if batch_size < 1:
         raise UsageError(f"bad --batch_size {batch_size}; accepted: a positive integer")
     hookpoints = source.check_hookpoints(list(dict.fromkeys(hookpoints)))
+    passes = paired_passes(source, hookpoints, paired_pass)
     spec = WindowSpec.for_tokenizer(source.tokenizer, ctx_len)
     target = n_windows_for(n_tokens, ctx_len)
     inputs = fingerprint_inputs(source, dataset, hookpoints, n_tokens=n_tokens, ctx_len=ctx_len, dtype=dtype)
@@ -672,6 +688,8 @@ def build_activation_cache(
     written = int(_read_manifest(directory).get("n_sequences", 0)) if (directory / MANIFEST).is_file() else 0
     check_free_disk(Path(store), cache_bytes([source.hookpoint_dim(h) for h in hookpoints], target - written,
                                              ctx_len, dtype), f"the activation cache of {', '.join(hookpoints)}")
+    if isinstance(source, PairedSource):
+        source.check_tokenizers(dataset, spec)
     directory.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(directory, "activation cache"):
         if request_key:
@@ -679,7 +697,8 @@ def build_activation_cache(
         removed = remove_stale_temporaries(directory, writers_gone=True)
         removed += _sweep_store(Path(store), directory)
         writer = _Writer(source, dataset, hookpoints, spec, target, inputs, directory, dtype, batch_size,
-                         shard_size_tokens, n_tokens)
+                         shard_size_tokens, n_tokens, passes=passes,
+                         after_pass=_release_pass_models(source) if len(passes) > 1 else None)
         resumed_from = int(writer.manifest["n_sequences"])
         removed += writer.removed
         if removed:
@@ -699,6 +718,37 @@ def build_activation_cache(
         "resumed_from_tokens": resumed_from * cache.ctx_len,
     }
     return cache
+
+
+PAIRED_PASSES = ("one", "two")
+"""How a paired cache is built: ``one`` pass running both models per batch, or ``two`` (model A over the
+data, then model B over the stored token shards)."""
+
+
+def paired_passes(source: ActivationSource, hookpoints: Sequence[str], paired_pass: str = "one") -> list[list[str]]:
+    """The hookpoint groups of each pass over the data: all of ``hookpoints`` in one pass, or with
+    ``paired_pass="two"`` (a :class:`~saelab.paired.PairedSource` only) one pass per model label, in the
+    source's label order."""
+    if paired_pass not in PAIRED_PASSES:
+        raise UsageError(f"bad --paired_pass {paired_pass!r}; accepted: {', '.join(PAIRED_PASSES)}")
+    if paired_pass == "one":
+        return [list(hookpoints)]
+    if not isinstance(source, PairedSource):
+        raise UsageError(f"--paired_pass two needs two models (--model_b); model {source.model_id!r} is one")
+    groups = {label: [hp for hp in hookpoints if split_site(hp)[1] == label] for label in source.labels}
+    return [group for group in groups.values() if group]
+
+
+def _release_pass_models(source: ActivationSource) -> Callable[[list[str]], None]:
+    """``after_pass`` of a two-pass paired build: release the model whose sites the pass computed."""
+
+    def release(hookpoints: list[str]) -> None:
+        if isinstance(source, PairedSource):
+            for label in dict.fromkeys(split_site(hp)[1] for hp in hookpoints):
+                if label is not None:
+                    source.release(label)
+
+    return release
 
 
 def cache_bytes(dims: Sequence[int], n_sequences: int, ctx_len: int, dtype: str) -> int:
@@ -782,12 +832,22 @@ def _sweep_store(store: Path, current: Path) -> list[tuple[Path, int]]:
 
 
 class _Writer:
-    """Writes one cache directory shard by shard, resuming after the last shard in its manifest."""
+    """Writes one cache directory shard by shard, resuming after the last shard in its manifest.
+
+    ``passes`` (default: one pass over ``hookpoints``) splits the hookpoints into passes over the data:
+    new shards are written with the first pass's hookpoints, then each pass in turn adds the hookpoints a
+    listed shard lacks, computed from its stored tokens (:meth:`_add_sites`); ``after_pass`` is called with
+    a pass's hookpoints before the next pass (a two-pass paired build releases model A there). The manifest
+    is marked complete once every shard holds every hookpoint.
+    """
 
     def __init__(self, source: ActivationSource, dataset: Dataset, hookpoints: list[str], spec: WindowSpec,
                  target: int, inputs: dict[str, Any], directory: Path, dtype: str, batch_size: int,
-                 shard_size_tokens: int | None, n_tokens: int):
+                 shard_size_tokens: int | None, n_tokens: int, passes: Sequence[Sequence[str]] | None = None,
+                 after_pass: Callable[[list[str]], None] | None = None):
         self.source, self.dataset, self.hookpoints, self.spec = source, dataset, hookpoints, spec
+        self.passes = [list(group) for group in passes] if passes else [list(hookpoints)]
+        self.after_pass = after_pass
         self.target, self.directory, self.dtype, self.batch_size = target, directory, dtype, batch_size
         self.dims = {hp: int(source.hookpoint_dim(hp)) for hp in hookpoints}
         self.removed: list[tuple[Path, int]] = []
@@ -851,9 +911,12 @@ class _Writer:
         self.manifest["updated"] = now_iso()
         write_json_atomic(self.directory / MANIFEST, self.manifest, default=str, fsync=True)
 
-    def _write_shard(self, size: int, windows: Iterator[torch.Tensor], on_batch: Callable[[int], None]) -> int:
+    def _write_shard(self, size: int, windows: Iterator[torch.Tensor], on_batch: Callable[[int], None],
+                     hookpoints: list[str] | None = None) -> int:
         """Write the next shard, of up to ``size`` sequences from ``windows``, batch by batch into its
-        files, and list it in the manifest; returns the sequences written (fewer: the data ran out)."""
+        files (of ``hookpoints``, default all), and list it in the manifest; returns the sequences written
+        (fewer: the data ran out)."""
+        hookpoints = self.hookpoints if hookpoints is None else hookpoints
         index = len(self.manifest["shards"])
         ctx = self.spec.ctx_len
         tokens = torch.empty(size, ctx, dtype=torch.int64)
@@ -861,17 +924,15 @@ class _Writer:
         files: dict[str, StreamedSafetensorsFile] = {}
         n = 0
         try:
-            for hp in self.hookpoints:
-                files[hp] = StreamedSafetensorsFile(
-                    self.directory / "activations" / hp / _shard_name(index), "activations", DTYPES[self.dtype],
-                    (size, ctx, self.dims[hp]), metadata={"format": FORMAT})
+            for hp in hookpoints:
+                files[hp] = self._shard_file(hp, index, size)
             while n < size:
                 batch = list(itertools.islice(windows, min(self.batch_size, size - n)))
                 if not batch:
                     break
                 ids = torch.stack(batch)
                 tokens[n:n + len(batch)] = ids
-                acts = self.source.activations(ids if device is None else ids.to(device), self.hookpoints)
+                acts = self.source.activations(ids if device is None else ids.to(device), hookpoints)
                 for hp, file in files.items():
                     file.write(self._converted(hp, acts[hp]).reshape(len(batch), ctx, self.dims[hp]))
                 del acts
@@ -884,6 +945,46 @@ class _Writer:
             for file in files.values():
                 file.abort()  # no-op for closed files; removes partial ones
         return n
+
+    def _shard_file(self, hp: str, index: int, size: int) -> StreamedSafetensorsFile:
+        """The open activation file of hookpoint ``hp`` in shard ``index`` (``size`` sequences at most)."""
+        return StreamedSafetensorsFile(
+            self.directory / "activations" / hp / _shard_name(index), "activations", DTYPES[self.dtype],
+            (size, self.spec.ctx_len, self.dims[hp]), metadata={"format": FORMAT})
+
+    def _missing_sites(self, shard: dict[str, Any], hookpoints: Sequence[str]) -> list[str]:
+        """The hookpoints among ``hookpoints`` whose files shard entry ``shard`` does not list yet."""
+        return [hp for hp in hookpoints if hp not in shard["files"]["activations"]]
+
+    def _add_sites(self, index: int, hookpoints: list[str], on_batch: Callable[[int], None]) -> None:
+        """Compute ``hookpoints`` for listed shard ``index`` from its stored tokens, batch by batch as
+        :meth:`_write_shard` does (so the files are the ones a single pass writes), and list their files;
+        a shard gains its new files all at once, or none of them."""
+        shard = self.manifest["shards"][index]
+        n, ctx = int(shard["n_sequences"]), self.spec.ctx_len
+        path = self.directory / shard["files"]["tokens"]["path"]
+        with safe_open(str(path), framework="pt") as fh:
+            tokens = fh.get_tensor("tokens").to(torch.int64)
+        device = self.source.device
+        files: dict[str, StreamedSafetensorsFile] = {}
+        try:
+            for hp in hookpoints:
+                files[hp] = self._shard_file(hp, index, n)
+            for start in range(0, n, self.batch_size):
+                ids = tokens[start:start + self.batch_size]
+                acts = self.source.activations(ids if device is None else ids.to(device), hookpoints)
+                for hp, file in files.items():
+                    file.write(self._converted(hp, acts[hp]).reshape(len(ids), ctx, self.dims[hp]))
+                del acts
+                release_free_heap()
+                on_batch(len(ids))
+            for hp, file in files.items():
+                file.close(n)
+                shard["files"]["activations"][hp] = _file_entry(self.directory,
+                                                                str(file.path.relative_to(self.directory)))
+        finally:
+            for file in files.values():
+                file.abort()
 
     def _list_shard(self, index: int, tokens: torch.Tensor, files: dict[str, StreamedSafetensorsFile]) -> None:
         """Close the shard's activation files at ``len(tokens)`` sequences, write its tokens, and list it."""
@@ -929,18 +1030,22 @@ class _Writer:
                 bar.update(task, advance=n_sequences * ctx)
 
         try:
-            exhausted = False
+            exhausted = bool(self.manifest["data_exhausted"])  # set once the first pass has read all the data
             while done < self.target and not exhausted:
                 size = min(self.shard_seqs, self.target - done)
-                written = self._write_shard(size, windows, on_batch)
+                written = self._write_shard(size, windows, on_batch, self.passes[0])
                 done += written
                 exhausted = written < size
                 finished = done >= self.target or exhausted
                 self.manifest["fp16_clamped"] = dict(self.clamped)
                 if finished:
-                    self.manifest["complete"] = True
+                    self.manifest["complete"] = not self._pending_passes()
                     self.manifest["data_exhausted"] = done < self.target
                 self._save_manifest()
+            for number, hookpoints in enumerate(self.passes):
+                self._run_pass(hookpoints, bar)
+                if self.after_pass is not None and number + 1 < len(self.passes):
+                    self.after_pass(hookpoints)
             if not self.manifest["complete"]:  # resumed a cache whose shards were all written
                 self.manifest["complete"] = True
                 self._save_manifest()
@@ -959,6 +1064,29 @@ class _Writer:
                 Fp16RangeWarning,
                 stacklevel=3,
             )
+
+    def _pending_passes(self) -> bool:
+        """Whether a listed shard lacks a hookpoint (a later pass, or an interrupted one, still has to add it)."""
+        return any(self._missing_sites(shard, self.hookpoints) for shard in self.manifest["shards"])
+
+    def _run_pass(self, hookpoints: list[str], bar: Any) -> None:
+        """Add ``hookpoints`` to every listed shard that lacks some of them (saving the manifest after each
+        shard)."""
+        todo = [i for i, shard in enumerate(self.manifest["shards"]) if self._missing_sites(shard, hookpoints)]
+        task = None
+        if bar is not None and todo:
+            total = sum(int(self.manifest["shards"][i]["n_sequences"]) for i in todo) * self.spec.ctx_len
+            task = bar.add_task(f"caching {', '.join(hookpoints)}", total=total)
+
+        def on_batch(n_sequences: int) -> None:
+            if task is not None:
+                bar.update(task, advance=n_sequences * self.spec.ctx_len)
+
+        for index in todo:
+            missing = self._missing_sites(self.manifest["shards"][index], hookpoints)
+            self._add_sites(index, missing, on_batch)
+            self.manifest["fp16_clamped"] = dict(self.clamped)
+            self._save_manifest()
 
     def dataset_name(self) -> str:
         """The dataset's repo for messages."""
@@ -986,6 +1114,10 @@ def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: Activati
     ``values`` holds the :class:`saelab.cli_options.CacheCommandOptions` fields (the train and run commands pass
     theirs); ``source`` reuses an already loaded LM. Returns an :class:`~saelab.activation_cache.ActivationCache`
     whose ``build_info`` says whether it was ``reused``, ``resumed`` or ``built``.
+
+    With a second model (``values["model_b"]``, loaded with the first model's options) the cache is paired
+    (:func:`paired_request`): each plain hookpoint becomes ``<hookpoint>@A`` and ``<hookpoint>@B``, and
+    ``values["paired_pass"]`` (``one``, the default, or ``two``) says how it is built.
     """
     from .data import load_dataset_source
     from .layout import activation_store
@@ -1003,29 +1135,51 @@ def open_or_build_cache(values: Mapping[str, Any] | Options, *, source: Activati
     check_request_not_being_built(store, request_key)  # before the model loads: fail in seconds, not minutes
     if source is None:
         source = load_activation_source(values["model"], **source_options(values))
+    hookpoints = list(values["hookpoints"])
+    if values.get("model_b"):
+        source, hookpoints = paired_request(values, source)
     dataset = load_dataset_source(
         values["dataset_repo"], split=values["dataset_split"], name=values.get("dataset_name") or None,
         column=values["dataset_column"], hf_token=token,
     )
     return build_activation_cache(
-        source, dataset, values["hookpoints"], n_tokens=values["n_tokens"], ctx_len=values["cache_ctx_len"],
+        source, dataset, hookpoints, n_tokens=values["n_tokens"], ctx_len=values["cache_ctx_len"],
         batch_size=values["batch_size"], store=store, dtype=values.get("dtype", "float32"),
         overwrite="cache" in (values.get("overwrite") or ()), shard_size_tokens=values.get("shard_size_tokens"),
         progress=bool(values.get("verbose", True)), verify_checksums=bool(values.get("verify", False)),
-        request_key=request_key,
+        request_key=request_key, paired_pass=values.get("paired_pass") or "one",
     )
+
+
+def paired_request(values: Mapping[str, Any], source: ActivationSource) -> tuple[PairedSource, list[str]]:
+    """The paired source (model A: ``source``, model B: ``values["model_b"]`` loaded with the same source
+    options; B's weights load on its first forward pass) and the labelled sites of ``values["hookpoints"]``
+    (a plain hookpoint for both models, a labelled one as given); unequal widths are a one-line error."""
+    from .models import load_activation_source, source_options
+
+    if not isinstance(source, PairedSource):
+        model_b = load_activation_source(values["model_b"], **source_options(values))
+        source = PairedSource({LABELS[0]: source, LABELS[1]: model_b})
+    named = list(dict.fromkeys(values["hookpoints"]))
+    hookpoints = [name for name in named if split_site(name)[1] is not None]
+    plain = [name for name in named if split_site(name)[1] is None]
+    hookpoints = [*(label_site(hp, label) for label in source.labels for hp in plain), *hookpoints]
+    hookpoints = source.check_hookpoints(hookpoints)
+    source.check_widths(plain)
+    return source, hookpoints
 
 
 def cache_request_key(values: Mapping[str, Any]) -> str:
     """A short hash of the cache flags as given (model, revision, model dtype, hookpoints, dataset, split,
-    name, column, n_tokens, ctx_len, cache dtype; local paths made absolute). Unlike the fingerprint it
-    needs no model, so a second run of the same request can find the cache lock before loading one."""
+    name, column, n_tokens, ctx_len, cache dtype, and model B of a paired request; local paths made absolute).
+    Unlike the fingerprint it needs no model, so a second run of the same request can find the cache lock
+    before loading one."""
 
     def where(value: Any) -> Any:
         path = Path(str(value)).expanduser()
         return str(path.resolve()) if value and path.exists() else value
 
-    return json_sha256({
+    key = {
         "model": where(values.get("model")), "revision": values.get("revision"),
         "model_dtype": values.get("model_dtype"), "load_in_8bit": bool(values.get("load_in_8bit")),
         "hookpoints": list(dict.fromkeys(values.get("hookpoints") or ())),
@@ -1033,4 +1187,7 @@ def cache_request_key(values: Mapping[str, Any]) -> str:
         "name": values.get("dataset_name") or None, "column": values.get("dataset_column"),
         "n_tokens": values.get("n_tokens"), "ctx_len": values.get("cache_ctx_len"),
         "dtype": values.get("dtype", "float32"),
-    }, 24)
+    }
+    if values.get("model_b"):  # a paired request (single-model keys are unchanged)
+        key["model_b"] = where(values["model_b"])
+    return json_sha256(key, 24)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import click
 from saelab import hookimpl
-from saelab.activation_cache import human_bytes, open_or_build_cache
+from saelab.activation_cache import PAIRED_PASSES, human_bytes, open_or_build_cache
 from saelab.cli_options import (
     EMBEDDED_NOTE,
     CacheCommandOptions,
     cache_options,
     dataset_options,
+    field_option,
     hf_token_option,
     hookpoints_option,
     model_argument,
@@ -25,6 +26,17 @@ from saelab.cli_options import (
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.layout import RunLayout
+
+
+class PairedCacheOptions(CacheCommandOptions):
+    """Every resolved option of ``saelab cache``: the cache options and a second model."""
+
+    model_b: str | None = None
+    """Second LM (same forms as MODEL, loaded with MODEL's options): cache both models' activations, sites
+    labelled HOOKPOINT@A (MODEL) and HOOKPOINT@B (model B); their tokenizers must agree."""
+    paired_pass: Literal["one", "two"] = "one"
+    """With --model_b: one pass runs both models per batch; two runs MODEL over the data, then model B over the
+    stored token shards (one model loaded at a time; same cache)."""
 
 
 @hookimpl
@@ -41,6 +53,8 @@ def register_commands(cli: click.Group) -> None:
     @store_options()
     @overwrite_option()
     @model_options()
+    @field_option(PairedCacheOptions, "model_b", metavar="MODEL_B")
+    @field_option(PairedCacheOptions, "paired_pass", type=click.Choice(list(PAIRED_PASSES)))
     @hf_token_option()
     @verbose_option()
     @config_option()
@@ -50,9 +64,10 @@ def register_commands(cli: click.Group) -> None:
 
         A later run of any name with the same model, hookpoints, dataset (repo, name, split, column),
         n_tokens, cache_ctx_len and dtype reuses the cache; --overwrite cache rebuilds it. A killed run
-        resumes from its last complete shard when the same command is run again.
+        resumes from its last complete shard when the same command is run again. With --model_b MODEL_B
+        both models' activations are cached at each hookpoint (sites HOOKPOINT@A and HOOKPOINT@B).
         """
-        options: CacheCommandOptions = resolve_params(ctx, params, model=CacheCommandOptions)
+        options: PairedCacheOptions = resolve_params(ctx, params, model=PairedCacheOptions)
         layout = RunLayout.named(options.name)
         directory = layout.root
         with recorded_invocation(directory, "cache"):
@@ -69,7 +84,7 @@ def register_commands(cli: click.Group) -> None:
                 ("activation cache", str(cache.path)),
                 ("status", info["status"] + (f" (a cache of more sites; asked: {', '.join(info['requested_hookpoints'])})"
                                              if info.get("covering") else "")),
-                ("model", options.model),
+                *_model_rows(options),
                 ("hookpoints", ", ".join(f"{hp} (d={cache.dim(hp)})" for hp in cache.hookpoints)),
                 ("dataset", f"{options.dataset_repo} split={options.dataset_split}"
                             + (f" name={options.dataset_name}" if options.dataset_name else "")
@@ -85,3 +100,11 @@ def register_commands(cli: click.Group) -> None:
                 rows.append(("throughput", f"{info['tokens_written'] / info['seconds']:,.0f} tokens/s"))
             rows.append(("run config", str(layout.run_config)))
             stdout_console.print(summary_table("saelab cache", rows))
+
+
+def _model_rows(options: PairedCacheOptions) -> list[tuple[str, str]]:
+    """The summary's model rows: ``model``, or models A and B (and how the pair was cached)."""
+    if not options.model_b:
+        return [("model", options.model)]
+    return [("model A", options.model), ("model B", options.model_b),
+            ("paired pass", options.paired_pass)]
