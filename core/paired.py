@@ -16,12 +16,14 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 
 from .data import WindowSpec, iter_windows
 from .errors import UsageError
 from .interfaces import ActivationSource, Dataset
+from .options import Options
 
 LABELS = ("A", "B")
 """Labels of the first and second model of a pair."""
@@ -47,6 +49,17 @@ def split_site(name: str) -> tuple[str, str | None]:
         raise UsageError(f"bad paired site {name!r}; accepted: HOOKPOINT@LABEL, e.g. layers.6@A or layers.6@B")
     return hookpoint, label
 
+
+
+class PairedModelOptions(Options):
+    """The options that give a command a second model (``saelab cache``, ``saelab train``)."""
+
+    model_b: str | None = None
+    """Second LM (same forms as MODEL, loaded with MODEL's options): read both models' activations, sites
+    labelled HOOKPOINT@A (MODEL) and HOOKPOINT@B (model B); their tokenizers must agree."""
+    paired_pass: Literal["one", "two"] = "one"
+    """With --model_b: one pass runs both models per batch; two runs MODEL over the data, then model B over the
+    stored token shards (one model loaded at a time; same cache)."""
 
 class PairedSource(ActivationSource):
     """Several language models under labels (``{"A": source_a, "B": source_b}``) as one activation source

@@ -351,3 +351,29 @@ def test_cli_paired_errors(cli, models):
         "site 'layers.1@B'", "no hookpoint 'layers.1'")
     cli("cache", TINY, *COMMON, "--paired_pass", "two", "--name", "s").assert_user_error(
         "--paired_pass two needs two models")
+
+
+def test_cli_trains_a_crosscoder_on_two_models(cli, results_dir, models):
+    """``saelab train MODEL --model_b B --hookpoints layers.1 --architecture crosscoder``: one crosscoder over
+    ``layers.1@A`` and ``layers.1@B`` trained on the paired cache, both models recorded in its cfg.json; the
+    paired cache is the one ``saelab cache --model_b`` builds."""
+    from saelab.dictionary import load_dictionary
+
+    res = cli("train", TINY, "--model_b", str(models["b"]), *COMMON, "--architecture", "crosscoder",
+              "-o", "d_sae", "32", "-o", "activation", "batchtopk", "-o", "k", "4", "--train_batch_size", "64",
+              "--max_steps", "3", "--name", "xc")
+    assert res.exit_code == 0, res.stderr
+    directory = results_dir / "xc" / "dictionaries" / "layers.1"
+    cfg = json.loads((directory / "cfg.json").read_text())
+    assert cfg["sites"]["inputs"] == cfg["sites"]["outputs"] == ["layers.1@A", "layers.1@B"]
+    assert cfg["metadata"]["models"] == {"A": TINY, "B": str(models["b"])}
+    module = load_dictionary(directory)
+    assert module.name == "crosscoder" and module.W_dec.shape == (2, 32, 64)
+    cached = cli("cache", TINY, "--model_b", str(models["b"]), *COMMON, "--name", "pair")
+    assert "reused" in cached.stdout
+    assert json.loads((results_dir / "xc" / "run_config.json").read_text())["activation_cache"] == \
+        json.loads((results_dir / "pair" / "run_config.json").read_text())["activation_cache"]
+    cli("train", TINY, "--model_b", str(models["b"]), *COMMON[2:], "--architecture", "clt", "--layers", "0-1",
+        "--name", "c").assert_user_error("architecture 'clt' reads one model's layers", "crosscoder")
+    cli("train", TINY, "--model_b", str(models["narrow"]), *COMMON, "--architecture", "crosscoder",
+        "--name", "w").assert_user_error("different widths")

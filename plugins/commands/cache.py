@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import click
 from saelab import hookimpl
@@ -26,17 +26,11 @@ from saelab.cli_options import (
 )
 from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.layout import RunLayout
+from saelab.paired import PairedModelOptions
 
 
-class PairedCacheOptions(CacheCommandOptions):
+class PairedCacheOptions(CacheCommandOptions, PairedModelOptions):
     """Every resolved option of ``saelab cache``: the cache options and a second model."""
-
-    model_b: str | None = None
-    """Second LM (same forms as MODEL, loaded with MODEL's options): cache both models' activations, sites
-    labelled HOOKPOINT@A (MODEL) and HOOKPOINT@B (model B); their tokenizers must agree."""
-    paired_pass: Literal["one", "two"] = "one"
-    """With --model_b: one pass runs both models per batch; two runs MODEL over the data, then model B over the
-    stored token shards (one model loaded at a time; same cache)."""
 
 
 @hookimpl

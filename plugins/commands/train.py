@@ -46,6 +46,7 @@ from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.layout import RunLayout, activation_store
 from saelab.models import load_activation_source, source_options
 from saelab.options import load_config_file, parse_option_value
+from saelab.paired import LABELS, PairedModelOptions, label_site, split_site
 from saelab.positions import CFG_KEY, PositionFilter, model_exclusions
 from saelab.training import TrainerConfig
 
@@ -64,10 +65,10 @@ TRAIN_NOTE = (
 )
 
 
-class TrainCommandOptions(CacheCommandOptions):
+class TrainCommandOptions(CacheCommandOptions, PairedModelOptions):
     """The options of ``saelab train`` besides the trainer's (:class:`saelab.training.TrainerConfig`, whose
-    fields are flags too): the cache options and which dictionaries to train on which data. The flags are
-    generated from these fields."""
+    fields are flags too): the cache options, a second model, and which dictionaries to train on which data.
+    The flags are generated from these fields."""
 
     architectures: list[str] = []
     """Architecture(s) to train (see `saelab plugins`); several make a sweep. [default: topk]"""
@@ -176,6 +177,23 @@ def parse_layers(specs: list[str]) -> list[int]:
     return sorted(layers)
 
 
+def _paired_sites(pairs: list[tuple[Sites, DictConfig]]) -> list[tuple[Sites, DictConfig]]:
+    """With --model_b: each dictionary reads and writes its sites in both models (``HOOKPOINT@A`` ones, then
+    ``HOOKPOINT@B``); architectures whose sites are layers (clt, transcoder_set) are a one-line error."""
+    from saelab import registry
+
+    reg = registry("architecture")
+    out = []
+    for (inputs, outputs), cfg in pairs:
+        if reg.get(cfg.architecture).per_layer_sites:
+            paired = sorted(n for n in reg.names() if not reg.get(n).per_layer_sites)
+            raise UsageError(f"architecture {cfg.architecture!r} reads one model's layers; with --model_b accepted: "
+                             f"{', '.join(paired)} (e.g. crosscoder)")
+        out.append(((tuple(label_site(h, label) for label in LABELS for h in inputs),
+                     tuple(label_site(h, label) for label in LABELS for h in outputs)), cfg))
+    return out
+
+
 def _spans_layers(cls: type[SparseDictionary]) -> bool:
     """Whether ``cls`` defines the sites of one dictionary spanning layers (``--layers``)."""
     return cls.sites_for_layers.__func__ is not SparseDictionary.sites_for_layers.__func__  # type: ignore[attr-defined]
@@ -241,7 +259,8 @@ def _dictionary_name(site: Sites, config: DictConfig, n_configs: int, layers: li
     if layers:
         base = "layers." + _compact(layers)
     else:
-        base = site[0][0] if site[0] == site[1] else f"{site[0][0]}__{site[1][0]}"
+        first_in, first_out = split_site(site[0][0])[0], split_site(site[1][0])[0]  # a paired site by its hookpoint
+        base = first_in if site[0] == site[1] else f"{first_in}__{first_out}"
     return base if n_configs == 1 else f"{base}-{config.name}"
 
 
@@ -272,6 +291,8 @@ def register_commands(cli: click.Group) -> None:
     @field_option(TrainCommandOptions, "cache_path", "--cache", "cache_path", type=click.Path(path_type=Path))
     @field_option(TrainCommandOptions, "on_the_fly", switch=True)
     @field_option(TrainCommandOptions, "layers", cls=MultiValueOption, metavar="LAYERS")
+    @field_option(TrainCommandOptions, "model_b", metavar="MODEL_B")
+    @field_option(TrainCommandOptions, "paired_pass", type=click.Choice(["one", "two"]))
     @_trainer_flags
     @dataset_options()
     @cache_options()
@@ -313,6 +334,12 @@ def train_command(values: dict[str, Any]) -> None:
                             values.get("sweep"))
     pairs = (_layer_sites(layers, configs) if layers
              else [(site, cfg) for site in _parse_sites(list(values["hookpoints"])) for cfg in configs])
+    plain = list(dict.fromkeys(hp for site, _ in pairs for group in site for hp in group))
+    if values.get("model_b"):
+        if values.get("on_the_fly"):
+            raise UsageError("--on_the_fly does not read two models yet; leave it out with --model_b (a paired "
+                             "cache is built)")
+        pairs = _paired_sites(pairs)
     needed = list(dict.fromkeys(hp for site, _ in pairs for group in site for hp in group))
     dist = init_distributed(config.device)
 
@@ -344,6 +371,10 @@ def train_command(values: dict[str, Any]) -> None:
 
         cache_values = {**values, "hookpoints": needed}
         lm = load_activation_source(values["model"], **source_options(values))
+        if values.get("model_b"):
+            from saelab.activation_cache import paired_request
+
+            lm, _ = paired_request({**values, "hookpoints": plain}, lm)  # model B; one-line width errors
         dims = {hp: lm.hookpoint_dim(hp) for hp in lm.check_hookpoints(needed)}
         size = cache_bytes(list(dims.values()), -(-values["n_tokens"] // values["cache_ctx_len"]),
                            values["cache_ctx_len"], values.get("dtype") or "float32")
@@ -378,6 +409,8 @@ def train_command(values: dict[str, Any]) -> None:
         torch.manual_seed(config.seed)  # the same initial weights on every rank and on a resumed run
         module = build_dictionary(cfg.architecture, _site_spec(site, dims), cfg.options)
         extra = {"model": values.get("model"), "run": values["name"], "dictionary_name": name,
+                 **({"models": {LABELS[0]: values.get("model"), LABELS[1]: values["model_b"]}}
+                    if values.get("model_b") else {}),
                  "hookpoints": {"inputs": list(site[0]), "outputs": list(site[1])}, "activation_cache": data_ref,
                  "data": provenance, CFG_KEY: PositionFilter.of(config.exclude_positions or (),
                                                                config.exclude_bos).record()}
