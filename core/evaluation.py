@@ -24,6 +24,12 @@ activation (``splice_excluded=False``; the dictionary was not trained there) and
 averaged over predictions made at included positions (predictions at excluded positions would be
 identical in all three runs and only dilute the differences).
 
+A dictionary over two models' sites (``HOOKPOINT@A``, ``HOOKPOINT@B``, through a :class:`saelab.paired.PairedSource`)
+has no pooled downstream keys (no one forward holds both models); ``per_model`` gives, per model label, the
+keys above (``ce_clean``, ``ce_spliced``, ``ce_zero``, ``ce_loss_recovered``, ``kl_spliced``...) with that
+model's sites spliced in (or zeroed) against its own clean forward, and ``per_site`` entries compare with
+their model's clean forward.
+
 Transcoders and other dictionaries whose outputs differ from their inputs: the inputs are read in a
 clean forward pass, and the output site(s) are replaced by the dictionary applied to those inputs.
 
@@ -93,6 +99,7 @@ from .hookpoints import parse_hookpoint
 from .interfaces import ActivationSource, SparseDictionary
 from .layout import RunLayout
 from .options import Options
+from .paired import PairedSource, split_site
 from .positions import PositionFilter, dictionary_filter
 
 EVAL_FILE = "eval.json"
@@ -243,6 +250,8 @@ class DictionaryEvaluator:
         self.site_moments = [_Moments() for _ in self.sites.outputs] if several else []
         """Per output site reconstruction sums (``per_site``), for dictionaries writing several sites."""
         two_sites = self.sites.is_autoencoder and len(self.sites.inputs) == 2
+        self.model_downstream: dict[str, _Downstream] = {}
+        """Downstream sums per model label (a dictionary over two models' sites, :class:`PairedSource`)."""
         self.scaling = (LatentScalingAccumulator(module, [0], [1])
                         if two_sites and module.decoder_directions() is not None else None)
         """Latent scaling sums (``diffing``) of a two-site autoencoder: site 0 is A, site 1 is B."""
@@ -295,6 +304,9 @@ class DictionaryEvaluator:
                 return torch.where(m, new, act)
             return fn
 
+        if isinstance(source, PairedSource):
+            self._add_paired(source, ids, replacement, mask)
+            return
         clean = source.logits(ids) if clean_logits is None else clean_logits
         spliced = source.logits(ids, {h: replacement(i, False) for i, h in enumerate(sites.outputs)})
         zero = source.logits(ids, {h: replacement(i, True) for i, h in enumerate(sites.outputs)})
@@ -304,6 +316,28 @@ class DictionaryEvaluator:
             runs[f"site{i}_spliced"] = source.logits(ids, {h: replacement(i, False)}).cpu()
             runs[f"site{i}_zero"] = source.logits(ids, {h: replacement(i, True)}).cpu()
         self.downstream.add(runs, ids.cpu(), mask.cpu())
+
+    def _add_paired(self, source: PairedSource, ids: torch.Tensor,
+                    replacement: Callable[[int, bool], Callable[[torch.Tensor], torch.Tensor]],
+                    mask: torch.Tensor) -> None:
+        """Downstream passes of a dictionary over two models' sites: per model, its clean forward and its
+        output sites spliced in (and zeroed) together, and each of them alone (``per_site``), against that
+        model's own clean logits."""
+        by_model: dict[str, list[int]] = {}
+        for i, h in enumerate(self.sites.outputs):
+            by_model.setdefault(str(split_site(h)[1]), []).append(i)
+        for label, outputs in by_model.items():
+            def logits(replaced: Mapping[int, bool], label: str = label) -> torch.Tensor:
+                fns = {split_site(self.sites.outputs[i])[0]: replacement(i, zero) for i, zero in replaced.items()}
+                return source.logits_of(label, ids, fns).cpu()
+
+            runs = {"clean": logits({}), "spliced": logits(dict.fromkeys(outputs, False)),
+                    "zero": logits(dict.fromkeys(outputs, True))}
+            for i in outputs:
+                one = len(outputs) == 1
+                runs[f"site{i}_spliced"] = runs["spliced"] if one else logits({i: False})
+                runs[f"site{i}_zero"] = runs["zero"] if one else logits({i: True})
+            self.model_downstream.setdefault(label, _Downstream()).add(runs, ids.cpu(), mask.cpu())
 
     def _add_layers(self, y: torch.Tensor, recon: torch.Tensor, latents: torch.Tensor,
                     flat_mask: torch.Tensor) -> None:
@@ -330,6 +364,8 @@ class DictionaryEvaluator:
         out["dense_frac"] = float((freq > self.config.dense_threshold).double().mean())
         out["d_sae"] = int(self.module.d_sae)
         out.update(self.downstream.metrics())
+        if self.model_downstream:
+            out["per_model"] = {label: d.metrics() for label, d in self.model_downstream.items()}
         if self.site_moments:
             out["per_site"] = [self._site_metrics(i) for i in range(len(self.site_moments))]
             out["per_site_loop"] = "open_loop"
@@ -342,7 +378,7 @@ class DictionaryEvaluator:
         """``per_site`` entry of output site ``i``: its reconstruction metrics and, after downstream passes,
         CE / KL with that site alone replaced by the reconstruction (``ce_spliced``) or by zeros."""
         row: dict[str, Any] = {"site": self.sites.outputs[i], **self.site_moments[i].metrics()}
-        d = self.downstream
+        d = self.model_downstream.get(str(split_site(self.sites.outputs[i])[1]), self.downstream)
         if d.n and f"site{i}_spliced" in d.ce:
             clean, spliced, zero = (d.ce[name] / d.n for name in ("clean", f"site{i}_spliced", f"site{i}_zero"))
             gap = zero - clean
@@ -605,8 +641,9 @@ def training_data(dictionary_dir: Path) -> dict[str, Any]:
     """Model and training-data settings recorded for a dictionary, looked up (first hit wins) in its
     ``cfg.json`` ``metadata`` (top level, then ``data``/``cache``/``activation_cache``/``run`` entries) and
     in ``run_config.json`` of the enclosing run (``results/<name>/``, top level then ``cache``/``data``).
-    Keys: ``model``, ``dataset_repo`` (or ``dataset``), ``dataset_split``, ``dataset_name``,
-    ``dataset_column``, ``n_tokens``, ``ctx_len`` (or ``cache_ctx_len``); missing ones are None."""
+    Keys: ``model``, ``models`` (``{label: model}`` of a dictionary trained on two models' sites),
+    ``dataset_repo`` (or ``dataset``), ``dataset_split``, ``dataset_name``, ``dataset_column``, ``n_tokens``,
+    ``ctx_len`` (or ``cache_ctx_len``); missing ones are None."""
     sources: list[Mapping[str, Any]] = []
     cfg_path = dictionary_dir / "cfg.json"
     if cfg_path.is_file():
@@ -636,7 +673,9 @@ def training_data(dictionary_dir: Path) -> dict[str, Any]:
     dataset = _lookup(sources, "dataset_repo", "dataset")
     if isinstance(dataset, Mapping):
         dataset = dataset.get("repo") or dataset.get("id")
-    return {"model": model, "dataset_repo": dataset, "dataset_split": _lookup(sources, "dataset_split", "split"),
+    models = _lookup(sources, "models")
+    return {"model": model, "models": dict(models) if isinstance(models, Mapping) else None,
+            "dataset_repo": dataset, "dataset_split": _lookup(sources, "dataset_split", "split"),
             "dataset_name": _lookup(sources, "dataset_name"), "dataset_column": _lookup(sources, "dataset_column", "column"),
             "n_tokens": _lookup(sources, "n_tokens"), "ctx_len": _lookup(sources, "ctx_len", "cache_ctx_len")}
 

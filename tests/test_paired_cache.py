@@ -373,6 +373,17 @@ def test_cli_trains_a_crosscoder_on_two_models(cli, results_dir, models):
     assert "reused" in cached.stdout
     assert json.loads((results_dir / "xc" / "run_config.json").read_text())["activation_cache"] == \
         json.loads((results_dir / "pair" / "run_config.json").read_text())["activation_cache"]
+    # evaluate loads both models from cfg.json: per model, its site spliced in against its own clean forward
+    res = cli("evaluate", str(results_dir / "xc"), "--n_tokens", "128", "--batch_size", "2")
+    assert res.exit_code == 0, res.stderr
+    metrics = json.loads((directory / "eval.json").read_text())["metrics"]
+    assert set(metrics["per_model"]) == {"A", "B"} and "ce_spliced" not in metrics
+    site_a, site_b = metrics["per_site"]
+    assert (site_a["site"], site_b["site"]) == ("layers.1@A", "layers.1@B")
+    for label, site in (("A", site_a), ("B", site_b)):
+        assert site["ce_spliced"] == pytest.approx(metrics["per_model"][label]["ce_spliced"])
+    assert metrics["per_model"]["A"]["ce_clean"] != pytest.approx(metrics["per_model"]["B"]["ce_clean"])
+    assert metrics["diffing"]["a_sites"] == ["layers.1@A"] and (directory / "diffing.json").is_file()
     cli("train", TINY, "--model_b", str(models["b"]), *COMMON[2:], "--architecture", "clt", "--layers", "0-1",
         "--name", "c").assert_user_error("architecture 'clt' reads one model's layers", "crosscoder")
     cli("train", TINY, "--model_b", str(models["narrow"]), *COMMON, "--architecture", "crosscoder",

@@ -81,6 +81,10 @@ def run_evaluation(path: str, *, model: str | None = None, dataset_repo: str | N
             raise UsageError(f"no model is recorded for {str(root)!r}; give --model (an embedded name such as "
                              f"smollm2, a hub id or a local directory)")
         model = next(iter(models))
+    paired = {json.dumps(r["models"], sort_keys=True) for r in recorded if r.get("models")}
+    if paired and (len(paired) > 1 or any(not r.get("models") for r in recorded)):
+        raise UsageError(f"dictionaries under {str(root)!r} were trained on different models or model pairs; "
+                         f"evaluate them one at a time")
     first = recorded[0]
     dataset_repo = dataset_repo or first["dataset_repo"] or DEFAULT_DATASET
     same_data = dataset_repo == first["dataset_repo"] and (dataset_split or first["dataset_split"]) == first[
@@ -99,7 +103,13 @@ def run_evaluation(path: str, *, model: str | None = None, dataset_repo: str | N
             skip, held_out, how = trained, True, f"skipped the {trained} stream tokens of the training cache"
 
     modules = {_dictionary_name(d, root): load_dictionary(d, device=config.device) for d in dirs}
-    source = load_activation_source(model)
+    if paired:
+        from saelab.paired import LABELS, PairedSource
+
+        models = {**first["models"], LABELS[0]: model}
+        source = PairedSource({label: load_activation_source(m) for label, m in models.items()})
+    else:
+        source = load_activation_source(model)
     for m in modules.values():
         source.check_hookpoints(list(dict.fromkeys([*m.sites.inputs, *m.sites.outputs])))
     dataset = load_dataset_source(dataset_repo, split=split, name=dataset_name or first["dataset_name"],
