@@ -643,9 +643,10 @@ class RecordBuilder:
 
     def decoder_norms(self, latent: int) -> dict[str, float] | None:
         """The norm of ``latent``'s decoder to each output site, by site name, for a dictionary whose sites
-        are layers (:attr:`~saelab.interfaces.SparseDictionary.per_layer_sites`); None otherwise."""
+        are layers (:attr:`~saelab.interfaces.SparseDictionary.per_layer_sites`) or that writes several sites
+        (a crosscoder); None otherwise."""
         d = self.dictionary
-        if d is None or latent_layers(d) is None:
+        if d is None or (latent_layers(d) is None and len(d.sites.outputs) < 2):
             return None
         if self._norms is None:
             norms = d.decoder_norms_by_output()

@@ -154,7 +154,8 @@ def module_threshold(module: SparseDictionary) -> torch.Tensor | None:
 
 def records_hookpoint(sites: SiteSpec) -> bool:
     """True when a dictionary's sites name real hookpoints (some formats record none)."""
-    return all(isinstance(site, str) and is_hookpoint(site) for site in (*sites.inputs, *sites.outputs))
+    return all(isinstance(site, str) and is_hookpoint(site.rpartition("@")[0] or site)  # HOOKPOINT@LABEL: paired
+               for site in (*sites.inputs, *sites.outputs))
 
 
 def dictionary_sites_text(sites: SiteSpec) -> str:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
 
 from .data import WindowSpec, iter_windows
 from .errors import UsageError
-from .interfaces import ActivationSource, Dataset
+from .interfaces import ActivationSource, Dataset, SparseDictionary
 from .options import Options
 
 LABELS = ("A", "B")
@@ -49,6 +49,25 @@ def split_site(name: str) -> tuple[str, str | None]:
         raise UsageError(f"bad paired site {name!r}; accepted: HOOKPOINT@LABEL, e.g. layers.6@A or layers.6@B")
     return hookpoint, label
 
+
+
+
+def pair_for_dictionaries(source: ActivationSource, dictionaries: Iterable[SparseDictionary],
+                          load: Callable[[str], ActivationSource]) -> ActivationSource:
+    """``source`` as model A, paired with the model B that dictionaries trained on two models' sites record
+    (``extra_config["models"]``: ``metadata.models`` of their ``cfg.json``), loaded with ``load``; ``source``
+    itself when none does. Dictionaries recording different B models are a one-line error."""
+    wanted = set()
+    for dictionary in dictionaries:
+        models = dictionary.extra_config.get("models")
+        if isinstance(models, Mapping) and models.get(LABELS[1]):
+            wanted.add(str(models[LABELS[1]]))
+    if not wanted:
+        return source
+    if len(wanted) > 1:
+        raise UsageError(f"the dictionaries were trained against different second models ({', '.join(sorted(wanted))}); "
+                         f"give them one at a time")
+    return PairedSource({LABELS[0]: source, LABELS[1]: load(wanted.pop())})
 
 
 class PairedModelOptions(Options):

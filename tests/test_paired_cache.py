@@ -384,6 +384,31 @@ def test_cli_trains_a_crosscoder_on_two_models(cli, results_dir, models):
         assert site["ce_spliced"] == pytest.approx(metrics["per_model"][label]["ce_spliced"])
     assert metrics["per_model"]["A"]["ce_clean"] != pytest.approx(metrics["per_model"]["B"]["ce_clean"])
     assert metrics["diffing"]["a_sites"] == ["layers.1@A"] and (directory / "diffing.json").is_file()
+    # saelab latents loads model B from cfg.json too: latent records of the two-model crosscoder
+    res = cli("latents", TINY, str(directory), "--name", "lat", "--dataset_repo", "news-sample", "--n_tokens", "1024",
+              "--cache_ctx_len", "32", "--batch_size", "8", "--n_splits", "2", "--min_examples", "2",
+              "--n_examples_train", "2", "--n_examples_test", "1", "--n_non_activating", "1", "--example_ctx_len", "8",
+              "--max_latents", "4", "--verbose", "false")
+    assert res.exit_code == 0, res.stderr
+    from saelab.records import LatentRecord
+
+    records = sorted((results_dir / "lat" / "latents").glob("*/records/latent_*.json"))
+    assert records, res.stdout
+    record = LatentRecord.load(records[0])
+    assert list(record.decoder_norms) == ["layers.1@A", "layers.1@B"]  # the report's per-site bar chart
+    norms = module.W_dec[:, record.latent].norm(dim=-1)
+    assert list(record.decoder_norms.values()) == pytest.approx(norms.tolist(), rel=1e-5)
+    # saelab run (dry run: no LLM call) on the same dictionary reuses the latent cache; the report draws the chart
+    run = cli("run", TINY, str(directory), "--name", "lat", "--dataset_repo", "news-sample", "--n_tokens", "1024",
+              "--cache_ctx_len", "32", "--batch_size", "8", "--n_splits", "2", "--min_examples", "2",
+              "--n_examples_train", "2", "--n_examples_test", "1", "--n_non_activating", "1", "--example_ctx_len", "8",
+              "--max_latents", "4", "--verbose", "false", "--explainer_provider", "openai",
+              "--explainer_api_base_url", "http://127.0.0.1:1/v1", "--dry_run",
+              env={"OPENAI_API_KEY": "sk-test", "HF_TOKEN": None})
+    assert run.exit_code == 0, run.stderr
+    assert cli("report", "lat").exit_code == 0
+    page = next((results_dir / "lat" / "report").rglob(f"latent_{record.latent}.html")).read_text()
+    assert 'id="decoder-norms"' in page and "layers.1@B" in page
     cli("train", TINY, "--model_b", str(models["b"]), *COMMON[2:], "--architecture", "clt", "--layers", "0-1",
         "--name", "c").assert_user_error("architecture 'clt' reads one model's layers", "crosscoder")
     cli("train", TINY, "--model_b", str(models["narrow"]), *COMMON, "--architecture", "crosscoder",

@@ -110,6 +110,7 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     from saelab.examples import build_records, resolve_feature_num
     from saelab.latents import latent_caches_for_run, latent_layers, select_dictionaries
     from saelab.models import load_activation_source
+    from saelab.paired import pair_for_dictionaries
     from saelab.pipeline import example_options as example_values
 
     layout = RunLayout.named(options.name)
@@ -118,7 +119,10 @@ def run_latents(options: LatentsCommandOptions) -> list[dict[str, Any]]:
     wanted = {hook: resolve_feature_num(options.feature_num, dictionary.d_sae, latent_layers(dictionary),
                                         f" for {hook!r}") for hook, dictionary, _ in chosen}
     with one_line_warnings():
-        source = load_activation_source(options.model, **source_options(options.model_dump()))
+        opts = source_options(options.model_dump())
+        source = pair_for_dictionaries(load_activation_source(options.model, **opts),
+                                       [dictionary for _, dictionary, _ in chosen],
+                                       lambda model: load_activation_source(model, **opts))
         caches = latent_caches_for_run(options, source, {hook: dictionary for hook, dictionary, _ in chosen},
                                        directory)
         rows = []

@@ -533,6 +533,7 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     from saelab.latents import latent_caches_for_run, latent_layers
     from saelab.layout import RunLayout
     from saelab.models import load_activation_source
+    from saelab.paired import pair_for_dictionaries
     from saelab.pipeline import (
         canonical_hookpoint,
         example_options,
@@ -552,6 +553,8 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     found = find_dictionaries(values["sparse_model"], values.get("hookpoints") or (), loaded=loaded)
     dictionaries = {hook: loaded[path].to(values["device"]) if path in loaded
                     else load_dictionary(path, device=values["device"]) for hook, path in found.items()}
+    source = pair_for_dictionaries(source, dictionaries.values(), lambda model: load_activation_source(
+        model, **{**source_options(values), "device": values["device"]}))  # a two-model crosscoder's model B
     for hook, dictionary in dictionaries.items():
         _place_dictionary(source, hook, dictionary, values["sparse_model"])
     _resolve_feature_num(values, {hook: (d.d_sae, latent_layers(d)) for hook, d in dictionaries.items()})
