@@ -403,6 +403,21 @@ def latent_scaling(dictionary: SparseDictionary, batches: Iterable[torch.Tensor]
     return acc.result(threshold)
 
 
+def class_latents(dictionary: SparseDictionary, latent_class: LatentClass,
+                  among: Sequence[int] | None = None) -> list[int]:
+    """The latents of ``latent_class`` (site 0 as A, site 1 as B) of a dictionary over exactly two sites, in
+    index order (only those in ``among`` when given); a one-line error for another number of sites."""
+    n_sites = len(dictionary.sites.outputs)
+    if n_sites != 2:
+        raise UsageError(f"a diffing class needs a dictionary over two sites (A, B); this one writes {n_sites}: "
+                         f"{', '.join(dictionary.sites.outputs)}")
+    latents = decoder_diff(dictionary, [0], [1]).latents_of(latent_class)
+    if among is not None:
+        wanted = set(among)
+        latents = [i for i in latents if i in wanted]
+    return latents
+
+
 def _finite(values: torch.Tensor) -> list[float | None]:
     """Floats for JSON: NaN and infinities become None."""
     return [v if math.isfinite(v) else None for v in values.double().tolist()]
@@ -457,6 +472,7 @@ __all__ = [
     "LatentScalingAccumulator",
     "check_groups",
     "class_counts",
+    "class_latents",
     "classify",
     "decoder_cosines",
     "decoder_diff",

@@ -34,7 +34,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +287,10 @@ class ExampleOptions(Options):
     """Explicit latent indices (--feature_num 0 1 2 3 4; the order is kept). A dictionary whose latents
     belong to layers (clt, transcoder_set) also takes LAYER:INDEX, e.g. 1:3 (latent LAYER x F + INDEX, F
     latents per layer)."""
+    diffing_class: Literal["a_only", "b_only", "shared", "other"] | None = None
+    """Only latents of this model-diffing class of a dictionary over two sites (A, B): relative decoder
+    norm ||d_B|| / (||d_A|| + ||d_B||) below 0.1 (a_only), above 0.9 (b_only), 0.4-0.6 (shared), else other;
+    with --feature_num, those of its latents; at most --max_latents of them."""
     seed: int = 22
     """Random seed."""
     overwrite_neighbours: bool = False

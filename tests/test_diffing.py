@@ -390,3 +390,16 @@ def test_synthetic_two_models_planted_differences_are_recovered(one_thread) -> N
     assert scaling.nu_error[specific].abs().max() < 0.1 and scaling.nu_reconstruction[specific].abs().max() < 0.1
     assert (scaling.nu_error[:n_shared] > 0.8).all() and (scaling.nu_reconstruction[:n_shared] > 0.8).all()
     assert float(scaling.nu_error[half]) == pytest.approx(0.5, abs=0.15)
+
+
+def test_class_latents_needs_two_sites() -> None:
+    from saelab.diffing import class_latents
+
+    three = build_dictionary("crosscoder", SiteSpec(["a", "b", "c"], ["a", "b", "c"], 8, 8), {"d_sae": 4})
+    with pytest.raises(UsageError, match="two sites") as excinfo:
+        class_latents(three, "b_only")
+    assert "\n" not in str(excinfo.value)
+    two = build_dictionary("crosscoder", SiteSpec(["a", "b"], ["a", "b"], 8, 8), {"d_sae": 4})
+    with torch.no_grad():
+        two.W_dec[0, 1:3] = 0  # latents 1 and 2 write to B only
+    assert class_latents(two, "b_only") == [1, 2] and class_latents(two, "b_only", among=[2, 3]) == [2]

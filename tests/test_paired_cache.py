@@ -409,6 +409,25 @@ def test_cli_trains_a_crosscoder_on_two_models(cli, results_dir, models):
     assert cli("report", "lat").exit_code == 0
     page = next((results_dir / "lat" / "report").rglob(f"latent_{record.latent}.html")).read_text()
     assert 'id="decoder-norms"' in page and "layers.1@B" in page
+    # --diffing_class restricts the run to the latents of one class (site A vs site B)
+    from saelab.diffing import CLASSES, class_latents
+
+    by_class = {c: class_latents(module, c) for c in CLASSES}
+    biggest = max(CLASSES, key=lambda c: len(by_class[c]))
+    args = ["--dataset_repo", "news-sample", "--n_tokens", "1024", "--cache_ctx_len", "32", "--batch_size", "8",
+            "--n_splits", "2", "--min_examples", "2", "--n_examples_train", "2", "--n_examples_test", "1",
+            "--n_non_activating", "1", "--example_ctx_len", "8", "--max_latents", "3", "--verbose", "false",
+            "--explainer_provider", "openai", "--explainer_api_base_url", "http://127.0.0.1:1/v1", "--dry_run"]
+    env = {"OPENAI_API_KEY": "sk-test", "HF_TOKEN": None}
+    run = cli("run", TINY, str(directory), "--name", "cls", "--diffing_class", biggest, *args, env=env)
+    assert run.exit_code == 0, run.stderr
+    (index,) = (results_dir / "cls" / "records").glob("*/index.json")
+    chosen = [int(i) for i in json.loads(index.read_text())["latents"]]
+    assert chosen and set(chosen) <= set(by_class[biggest][:3])
+    empty = [c for c in CLASSES if not by_class[c]]
+    if empty:
+        cli("run", TINY, str(directory), "--name", "none", "--diffing_class", empty[0], *args,
+            env=env).assert_user_error(f"--diffing_class {empty[0]}: no latent")
     cli("train", TINY, "--model_b", str(models["b"]), *COMMON[2:], "--architecture", "clt", "--layers", "0-1",
         "--name", "c").assert_user_error("architecture 'clt' reads one model's layers", "crosscoder")
     cli("train", TINY, "--model_b", str(models["narrow"]), *COMMON, "--architecture", "crosscoder",

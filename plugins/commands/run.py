@@ -174,6 +174,7 @@ def register_commands(cli: click.Group) -> None:
                   help=f"Dictionary path (same as SPARSE_MODEL). Default: {DEFAULT_SPARSE_MODEL}.")
     @hookpoints_option()
     @common_stage_options()
+    @field_option(ExampleOptions, "diffing_class", type=click.Choice(["a_only", "b_only", "shared", "other"]))
     @provider_options()
     @explainer_options()
     @scorer_options()
@@ -558,6 +559,8 @@ def _run(values: dict[str, Any], root: Path) -> dict[str, Any]:
     for hook, dictionary in dictionaries.items():
         _place_dictionary(source, hook, dictionary, values["sparse_model"])
     _resolve_feature_num(values, {hook: (d.d_sae, latent_layers(d)) for hook, d in dictionaries.items()})
+    if values.get("diffing_class"):
+        values["feature_num"] = _class_latents(values, dictionaries)
     paths = {hook: str(path) for hook, path in found.items()}
     overwrite = set(values.get("overwrite") or ())
     contrastive = (values.get("explainer") or "").lower() == "contrastive"
@@ -600,6 +603,22 @@ def _place_dictionary(source: Any, hook: str, dictionary: Any, sparse_model: str
         if have != width:
             raise UsageError(f"dictionary {hook!r} reads {width}-wide activations at {site} but {model} has "
                              f"width {have} there; give a dictionary trained on {model}")
+
+
+def _class_latents(values: dict[str, Any], dictionaries: Mapping[str, SparseDictionary]) -> list[int]:
+    """``--diffing_class``: the latents of that class of the one dictionary (among ``--feature_num`` when
+    given), at most ``--max_latents``; one-line errors for several dictionaries or an empty class."""
+    from saelab.diffing import class_latents
+
+    wanted = values["diffing_class"]
+    if len(dictionaries) != 1:
+        raise UsageError(f"--diffing_class {wanted} selects the latents of one dictionary; {len(dictionaries)} were "
+                         f"given ({', '.join(dictionaries)}): pick one with --hookpoints")
+    ((hook, dictionary),) = dictionaries.items()
+    latents = class_latents(dictionary, wanted, values.get("feature_num") or None)
+    if not latents:
+        raise UsageError(f"--diffing_class {wanted}: no latent of {hook!r} is in that class")
+    return latents[:values["max_latents"]] if values.get("max_latents") else latents
 
 
 def _resolve_feature_num(values: dict[str, Any], shapes: Mapping[str, tuple[int, tuple[int, int] | None]]) -> None:
