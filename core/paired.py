@@ -50,8 +50,6 @@ def split_site(name: str) -> tuple[str, str | None]:
     return hookpoint, label
 
 
-
-
 def pair_for_dictionaries(source: ActivationSource, dictionaries: Iterable[SparseDictionary],
                           load: Callable[[str], ActivationSource]) -> ActivationSource:
     """``source`` as model A, paired with the model B that dictionaries trained on two models' sites record
@@ -79,6 +77,7 @@ class PairedModelOptions(Options):
     paired_pass: Literal["one", "two"] = "one"
     """With --model_b: one pass runs both models per batch; two runs MODEL over the data, then model B over the
     stored token shards (one model loaded at a time; same cache)."""
+
 
 class PairedSource(ActivationSource):
     """Several language models under labels (``{"A": source_a, "B": source_b}``) as one activation source
