@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,6 +512,9 @@ class RecordBuilder:
                                                None if dictionary is None else latent_layers(dictionary))
         """``feature_num`` as latent indices."""
         self._norms: torch.Tensor | None = None
+        self._diffing: list[dict[str, Any]] | None = None
+        self._share_sites: list[str] | None = (list(cache.manifest.get("sites", {}).get("inputs") or [])
+                                               or None)
 
     # ---- selection
 
@@ -577,9 +581,22 @@ class RecordBuilder:
         values = torch.zeros(window.length)
         values[token[a:b] - lo] = acts.value[a:b]
         token_strs, char_spans = self.decode.decode_window(tokens, *self.around(window))
+        shares = None
+        if activating and acts.site_share is not None and b > a:
+            peak = a + int(torch.argmax(acts.value[a:b]))  # the first max-activating token of the window
+            shares = self.site_shares(acts.site_share[peak])
         return Example(id=window.id, sequence=window.seq, start=window.start, tokens=tokens,
                        token_strs=token_strs, activations=values.tolist(), quantile=quantile,
-                       is_activating=activating, source=source, char_spans=char_spans)
+                       is_activating=activating, source=source, char_spans=char_spans, site_shares=shares)
+
+    def site_shares(self, share: torch.Tensor) -> dict[str, float] | None:
+        """Each input site's share (``[n_inputs]``, ``x_h W_enc[h]``) as a fraction of their sum, by site
+        name; None when the sum is zero or the cache does not name its input sites."""
+        sites = self._share_sites
+        total = float(share.double().sum())
+        if sites is None or len(sites) != share.numel() or total == 0.0:
+            return None
+        return {site: float(v) / total for site, v in zip(sites, share.double().tolist(), strict=True)}
 
     def around(self, window: Window) -> tuple[list[int], list[int]]:
         """Up to 3 tokens of the sequence before and after ``window`` (where a character cut by its edge
@@ -636,6 +653,7 @@ class RecordBuilder:
             negatives.append([self.example(w, acts, quantile=None, activating=False,
                                            source=w.source or self.source.name) for w in windows])
         top, bottom = self.cache.logits(latent)
+        by_model = self.cache.logits_by_model(latent)
         return LatentRecord(
             hookpoint=self.cache.hookpoint, latent=latent, train=train, test=test, non_activating=negatives[0],
             train_non_activating=negatives[1], stats=self.cache.latent_stats(latent), top_logits=top,
@@ -643,7 +661,33 @@ class RecordBuilder:
             neighbours=None if neighbours is None else [Neighbour(j, s, self.finder.name)  # type: ignore[union-attr]
                                                         for j, s in neighbours],
             decoder_norms=self.decoder_norms(latent),
+            top_logits_by_model=None if by_model is None else by_model[0],
+            bottom_logits_by_model=None if by_model is None else by_model[1],
+            diffing=self.diffing(latent),
         )
+
+    def diffing(self, latent: int) -> dict[str, Any] | None:
+        """``{"relative_norm", "cosine", "class"}`` of ``latent`` for a dictionary over exactly two sites
+        (inputs == outputs: a crosscoder; :func:`saelab.diffing.decoder_diff`, site 0 as A, site 1 as B),
+        computed once per builder from the dictionary when given, else read from the latent cache's
+        statistics; None otherwise."""
+        d = self.dictionary
+        if d is None or len(d.sites.outputs) != 2 or list(d.sites.inputs) != list(d.sites.outputs):
+            return self.cache.diffing(latent) if d is None else None
+        if self._diffing is None:
+            from .diffing import decoder_diff
+
+            try:
+                diff = decoder_diff(d, [0], [1])
+            except UsageError:
+                return None
+            def finite(value: float | None) -> float | None:
+                return value if value is not None and math.isfinite(value) else None
+
+            cosine = [None] * d.d_sae if diff.cosine is None else diff.cosine.double().tolist()
+            self._diffing = [{"relative_norm": finite(r), "cosine": finite(c), "class": k} for r, c, k in
+                             zip(diff.relative.double().tolist(), cosine, diff.classes, strict=True)]
+        return dict(self._diffing[latent])
 
     def decoder_norms(self, latent: int) -> dict[str, float] | None:
         """The norm of ``latent``'s decoder to each output site, by site name, for a dictionary whose sites

@@ -351,6 +351,12 @@ class SparseDictionary(nn.Module, Plugin, ABC):
             return None
         return (blocks if outputs is None else blocks[:, list(outputs)]).sum(1)
 
+    def site_preactivations(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each input site's additive share of the pre-activation, ``[batch, n_inputs, d_sae]`` for inputs
+        ``[batch, n_inputs, d_in]`` (a crosscoder: ``x_h @ W_enc[h]``, summing to the pre-activation less
+        the encoder bias); None when the encoder does not split into per-site shares (the default)."""
+        return None
+
     def decoder_norms_by_output(self) -> torch.Tensor | None:
         """Norm of each latent's decoder to each output site, float32 ``[d_sae, n_outputs]`` (zero where it
         does not write); None when the decoder has no such matrix. Default: built on

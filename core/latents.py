@@ -13,6 +13,12 @@ A latent cache lives in ``results/<name>/latents/<hook>/``::
     vocab.json                            token strings of the ids in the top/bottom logits
     .lock                                 held (flock) by the process writing the cache
 
+* A dictionary with per-site pre-activation shares (a crosscoder,
+  :meth:`~saelab.interfaces.SparseDictionary.site_preactivations`) also stores ``site_share`` float32
+  ``[nnz, n_inputs]`` in each split file: every nonzero's share ``x_h W_enc[h]`` per input site (for the
+  records' per-example shares; one more encoder matmul per token, no second LM pass). ``stats.json`` then
+  carries ``diffing`` columns (two sites) and ``logit_models`` (per-model logits in ``stats.safetensors``
+  as ``top_logit_ids@LABEL``...) for a dictionary over several models' sites.
 * ``token`` is the flat index ``seq * ctx_len + pos`` into the token array (int32: at most 2**31 tokens);
   ``latent`` is the global latent index. Each split holds the latents of one contiguous range
   (``--n_splits`` ranges of equal size, like delphi), so reading one latent loads one split only.
@@ -64,6 +70,7 @@ from .fileio import (
 )
 from .interfaces import ActivationSource, Dataset, SparseDictionary
 from .options import Options
+from .paired import PairedSource, split_site
 from .positions import PositionFilter, dictionary_filter
 
 if TYPE_CHECKING:
@@ -133,8 +140,9 @@ def dictionary_identity(dictionary: SparseDictionary) -> dict[str, Any]:
 
 
 def residual_output_sites(sites: Sequence[str]) -> list[int]:
-    """Indices of output sites whose values add into the residual stream (DLA applies to them)."""
-    return [i for i, s in enumerate(sites) if not s.endswith(".input")]
+    """Indices of output sites whose values add into the residual stream (DLA applies to them); a paired
+    site ``HOOKPOINT@LABEL`` by its hookpoint."""
+    return [i for i, s in enumerate(sites) if not split_site(s)[0].endswith(".input")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +161,10 @@ class LatentActivations:
     """Position in the sequence (int64)."""
     value: torch.Tensor
     """Activation (float32)."""
+    site_share: torch.Tensor | None = None
+    """``[n, n_inputs]`` float32: each input site's share ``x_h W_enc[h]`` of the pre-activation at each
+    activation, for a dictionary with per-site shares (:meth:`~saelab.interfaces.SparseDictionary.site_preactivations`);
+    None otherwise."""
 
     def __len__(self) -> int:
         return int(self.value.numel())
@@ -164,6 +176,7 @@ class _SplitIndex:
     offsets: torch.Tensor  # [n_latents + 1] into token/value
     token: torch.Tensor  # int64, grouped by latent, token order inside a latent
     value: torch.Tensor
+    site_share: torch.Tensor | None = None  # [nnz, n_inputs] in the same order, when stored
 
 
 class LatentCache:
@@ -260,12 +273,14 @@ class LatentCache:
         while len(self._loaded) >= self._max_loaded:
             self._loaded.popitem(last=False)
         lo, hi = self.splits[split]
-        tokens, latents, values = [], [], []
+        tokens, latents, values, shares = [], [], [], []
         for path in self.chunk_files(split):
             data = _load(path)
             tokens.append(data["token"])
             latents.append(data["latent"])
             values.append(data["value"])
+            if "site_share" in data:
+                shares.append(data["site_share"])
         token = torch.cat(tokens).long() if tokens else torch.zeros(0, dtype=torch.long)
         latent = torch.cat(latents).long() if latents else torch.zeros(0, dtype=torch.long)
         value = torch.cat(values).float() if values else torch.zeros(0)
@@ -273,7 +288,8 @@ class LatentCache:
         counts = torch.bincount(latent - lo, minlength=hi - lo)
         offsets = torch.zeros(hi - lo + 1, dtype=torch.long)
         offsets[1:] = counts.cumsum(0)
-        index = _SplitIndex(lo, offsets, token[order], value[order])
+        share = torch.cat(shares).float()[order] if shares and len(shares) == len(tokens) else None
+        index = _SplitIndex(lo, offsets, token[order], value[order], share)
         self._loaded[split] = index
         return index
 
@@ -282,7 +298,8 @@ class LatentCache:
         index = self._split(self.split_of(latent))
         a, b = int(index.offsets[latent - index.lo]), int(index.offsets[latent - index.lo + 1])
         token = index.token[a:b]
-        return LatentActivations(latent, token // self.ctx_len, token % self.ctx_len, index.value[a:b])
+        share = None if index.site_share is None else index.site_share[a:b]
+        return LatentActivations(latent, token // self.ctx_len, token % self.ctx_len, index.value[a:b], share)
 
     def iter_chunks(self, splits: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(token, latent, value)`` (int64, int64, float32) of each chunk over ``splits`` (default all),
@@ -367,6 +384,36 @@ class LatentCache:
             vals = arrays[f"{which}_logit_values"][latent].tolist()
             out.append(TokenValues([self._vocab.get(i, str(i)) for i in ids], vals))
         return out[0], out[1]
+
+    def logits_by_model(self, latent: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """``(top, bottom)``: by model label, the :class:`saelab.records.TokenValues` of ``latent``'s decoder
+        to that model's sites through its own unembedding, for a dictionary over several models' sites;
+        None when not computed."""
+        from .records import TokenValues
+
+        labels = self.stats().get("logit_models")
+        if not labels:
+            return None
+        arrays = self.arrays()
+        if self._vocab is None:
+            self._vocab = {int(k): v for k, v in json.loads((self.path / VOCAB_JSON).read_text(encoding="utf-8")).items()}
+        out: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        for label in labels:
+            for which, target in zip(("top", "bottom"), out, strict=True):
+                ids = arrays[f"{which}_logit_ids@{label}"][latent].tolist()
+                vals = arrays[f"{which}_logit_values@{label}"][latent].tolist()
+                target[label] = TokenValues([self._vocab.get(i, str(i)) for i in ids], vals)
+        return out
+
+    def diffing(self, latent: int) -> dict[str, Any] | None:
+        """``{"relative_norm", "cosine", "class"}`` of ``latent`` for a dictionary over two output sites
+        (site 0 as A, site 1 as B; :func:`saelab.diffing.decoder_diff`); None when not computed."""
+        columns = self.stats().get("diffing")
+        if not columns:
+            return None
+        cosine = columns.get("cosine")
+        return {"relative_norm": columns["relative_norm"][latent],
+                "cosine": None if cosine is None else cosine[latent], "class": columns["class"][latent]}
 
     def __repr__(self) -> str:
         return (f"LatentCache({str(self.path)!r}, hookpoint={self.hookpoint!r}, d_sae={self.d_sae}, "
@@ -535,6 +582,8 @@ def _prepare(source: ActivationSource, job: LatentCacheJob, locks: contextlib.Ex
         "data": data, "ctx_len": ctx_len, "filter_bos": bool(filter_bos), "exclude_positions": positions,
         "splits": splits,
     }
+    if has_site_shares(dictionary):  # only then, so other caches keep their fingerprint
+        inputs_fp["site_shares"] = True
     fp = _hash(inputs_fp)
     out = Path(job.out_dir)
     status = "built"
@@ -666,7 +715,8 @@ class _Writer:
         self.done = int(self.manifest["n_sequences"])
         self.resumed_from = self.done
         """Sequences already written when this writer started."""
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.site_shares = has_site_shares(dictionary)
         self._buffered = 0
         self._tokens: list[torch.Tensor] = []
         self._chunk_start = self.done
@@ -730,7 +780,10 @@ class _Writer:
             lat = lat * keep[a:a + self.encode_rows, None]
             rows, cols = lat.nonzero(as_tuple=True)
             values = lat[rows, cols].float().cpu()
-            self._buffer.append(((rows.cpu() + base + a).to(torch.int64), cols.cpu().to(torch.int64), values))
+            shares = None
+            if self.site_shares:
+                shares = _shares_at(self.dictionary, x[a:a + self.encode_rows].to(lat.dtype), rows, cols)
+            self._buffer.append(((rows.cpu() + base + a).to(torch.int64), cols.cpu().to(torch.int64), values, shares))
             self._buffered += int(values.numel())
         self._chunk_analysed += int(keep.sum())
 
@@ -743,17 +796,25 @@ class _Writer:
         token = torch.cat([b[0] for b in self._buffer]) if self._buffer else torch.zeros(0, dtype=torch.long)
         latent = torch.cat([b[1] for b in self._buffer]) if self._buffer else torch.zeros(0, dtype=torch.long)
         value = torch.cat([b[2] for b in self._buffer]) if self._buffer else torch.zeros(0)
+        share = None
+        if self.site_shares:
+            share = (torch.cat([b[3] for b in self._buffer]) if self._buffer  # type: ignore[misc]
+                     else torch.zeros(0, len(self.inputs)))
         self._buffer.clear()
         order = torch.argsort(latent * MAX_TOKENS + token)
         token, latent, value = token[order], latent[order], value[order]
+        share = None if share is None else share[order]
         cuts = [0, *torch.searchsorted(latent, self.bounds).tolist(), int(latent.numel())]
         entry: dict[str, Any] = {"index": index, "seq_start": self._chunk_start, "seq_stop": self.done,
                                  "n_analysed": self._chunk_analysed, "splits": []}
         for s in range(len(self.splits)):
             a, b = cuts[s], cuts[s + 1]
             rel = f"split_{s}/{name}"
-            _save({"token": token[a:b].to(torch.int32), "latent": latent[a:b].to(torch.int32),
-                   "value": value[a:b].to(torch.float32)}, self.out / rel)
+            arrays = {"token": token[a:b].to(torch.int32), "latent": latent[a:b].to(torch.int32),
+                      "value": value[a:b].to(torch.float32)}
+            if share is not None:
+                arrays["site_share"] = share[a:b].to(torch.float32).contiguous()
+            _save(arrays, self.out / rel)
             entry["splits"].append({"path": rel, "nnz": b - a})
         if self.activation_cache is None:
             rel = f"tokens/{name}"
@@ -790,6 +851,43 @@ class _Writer:
     def run(self, show_progress: bool) -> None:
         """Encode the missing sequences and write their chunks."""
         _consume([self], self._batches(), self.done, show_progress, self.manifest["hookpoint"])
+
+
+def has_site_shares(dictionary: SparseDictionary) -> bool:
+    """Whether ``dictionary`` splits its pre-activation into per-input-site shares (a crosscoder): then the
+    latent cache stores each nonzero's shares (``site_share``), which costs one more encoder matmul per
+    token instead of a second LM pass over the record examples' windows."""
+    if len(dictionary.sites.inputs) < 2:
+        return False
+    param = next(dictionary.parameters(), None)
+    probe = torch.zeros(1, len(dictionary.sites.inputs), dictionary.sites.d_in,
+                        dtype=param.dtype if param is not None else torch.float32,
+                        device=param.device if param is not None else None)
+    with torch.no_grad():
+        return dictionary.site_preactivations(probe) is not None
+
+
+_SHARE_ELEMENTS = 1 << 24
+"""At most this many ``[rows, n_inputs, d_sae]`` elements of per-site pre-activations exist at once."""
+
+
+@torch.no_grad()
+def _shares_at(dictionary: SparseDictionary, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Each input site's pre-activation share ``[nnz, n_inputs]`` (float32, CPU) at the nonzeros ``(rows,
+    cols)`` (row-major order, as ``nonzero`` gives) of ``x [n, n_inputs, d_in]``, in row blocks."""
+    n_in = x.shape[1]
+    step = max(1, _SHARE_ELEMENTS // max(1, n_in * dictionary.d_sae))
+    out = torch.zeros(rows.numel(), n_in)
+    cuts = torch.searchsorted(rows, torch.arange(0, x.shape[0] + step, step, device=rows.device)).tolist()
+    for block, r0 in enumerate(range(0, x.shape[0], step)):
+        i0, i1 = cuts[block], cuts[block + 1]
+        if i0 == i1:
+            continue
+        pre = dictionary.site_preactivations(x[r0:r0 + step])
+        if pre is None:
+            raise RuntimeError(f"architecture {dictionary.name!r} stopped returning site pre-activations")
+        out[i0:i1] = pre[rows[i0:i1] - r0, :, cols[i0:i1]].float().cpu()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -844,8 +942,12 @@ def _write_stats(out: Path, manifest: dict[str, Any], n_quantiles: int, source: 
     if dla is not None:
         arrays.update(dla)
         vocab_ids = set(dla["top_logit_ids"].flatten().tolist()) | set(dla["bottom_logit_ids"].flatten().tolist())
+    by_model = _direct_logits_by_model(source, dictionary, top_k)
+    for label, part in by_model.items():
+        arrays.update({f"{key}@{label}": value for key, value in part.items()})
+        vocab_ids |= set(part["top_logit_ids"].flatten().tolist()) | set(part["bottom_logit_ids"].flatten().tolist())
     _save(arrays, out / STATS_ARRAYS)
-    if dla is not None:
+    if dla is not None or by_model:
         tok = source.tokenizer
         _write_json_atomic(out / VOCAB_JSON, {str(i): tok.decode([i]) for i in sorted(vocab_ids)})
     sorted_freq = freq[fired].sort().values
@@ -871,6 +973,8 @@ def _write_stats(out: Path, manifest: dict[str, Any], n_quantiles: int, source: 
             "log10_frequency_histogram": {"edges": edges.tolist(), "counts": freq_hist},
         },
         "has_logits": dla is not None,
+        **({"logit_models": list(by_model)} if by_model else {}),
+        **({"diffing": diffing} if (diffing := _diffing_columns(dictionary)) is not None else {}),
         "latents": {
             "firing_count": counts.tolist(),
             "frequency": [float(f) for f in freq.tolist()],
@@ -878,6 +982,57 @@ def _write_stats(out: Path, manifest: dict[str, Any], n_quantiles: int, source: 
         },
     }
     _write_json_atomic(out / STATS_JSON, stats)
+
+
+@torch.no_grad()
+def _direct_logits_by_model(source: ActivationSource, dictionary: SparseDictionary,
+                            k: int) -> dict[str, dict[str, torch.Tensor]]:
+    """For a dictionary over several models' sites (``HOOKPOINT@LABEL``, every output site labelled, two or
+    more labels) and a source holding those models (``source.source(label)``, a
+    :class:`~saelab.paired.PairedSource`): by label, the top and bottom ``k`` logits of each latent's
+    decoder to that model's residual-stream sites through that model's own unembedding. Empty otherwise
+    (and for a model whose unembedding is unavailable: released, or of another width)."""
+    by_label: dict[str, list[int]] = {}
+    for i, site in enumerate(dictionary.sites.outputs):
+        hookpoint, label = split_site(site)
+        if label is None:
+            return {}
+        if not hookpoint.endswith(".input"):
+            by_label.setdefault(label, []).append(i)
+    if k < 1 or len(by_label) < 2 or not isinstance(source, PairedSource):
+        return {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for label, outputs in by_label.items():
+        try:
+            W_U = source.source(label).unembedding()
+        except UsageError:
+            continue
+        if W_U is None or W_U.shape[0] != dictionary.sites.d_out:
+            continue
+        directions = dictionary.output_directions(outputs)
+        if directions is not None:
+            out[label] = _top_bottom(directions, W_U, k)
+    return out
+
+
+def _diffing_columns(dictionary: SparseDictionary) -> dict[str, Any] | None:
+    """For a dictionary over exactly two sites (inputs == outputs: a crosscoder): per latent, the relative decoder norm, the decoders'
+    cosine and the class of :func:`saelab.diffing.decoder_diff` (site 0 as A, site 1 as B); else None."""
+    from .diffing import decoder_diff
+
+    outputs = list(dictionary.sites.outputs)
+    if len(outputs) != 2 or list(dictionary.sites.inputs) != outputs:
+        return None
+    try:
+        diff = decoder_diff(dictionary, [0], [1])
+    except UsageError:  # a decoder without per-site blocks
+        return None
+
+    def finite(values: torch.Tensor) -> list[float | None]:
+        return [round(v, 6) if v == v and abs(v) != float("inf") else None for v in values.double().tolist()]
+
+    return {"a_sites": outputs[:1], "b_sites": outputs[1:], "relative_norm": finite(diff.relative),
+            "cosine": None if diff.cosine is None else finite(diff.cosine), "class": list(diff.classes)}
 
 
 def _stored_quantiles(out: Path) -> int | None:
@@ -922,6 +1077,11 @@ def _direct_logits(source: ActivationSource, dictionary: SparseDictionary, k: in
     directions = dictionary.output_directions(writing)  # summed over the sites that write the residual stream
     if directions is None:
         return None
+    return _top_bottom(directions, W_U, k, chunk)
+
+
+def _top_bottom(directions: torch.Tensor, W_U: torch.Tensor, k: int, chunk: int = 512) -> dict[str, torch.Tensor]:
+    """Top and bottom ``k`` of ``directions @ W_U`` per row (ids int32, values float32)."""
     W_U = W_U.detach().float().cpu()
     W = directions.detach().float().cpu()
     k = min(k, W_U.shape[1])
@@ -948,6 +1108,7 @@ __all__ = [
     "build_latent_cache",
     "build_latent_caches",
     "dictionary_identity",
+    "has_site_shares",
     "find_activation_cache",
     "latent_caches_for_run",
     "latent_layers",

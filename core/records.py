@@ -135,6 +135,11 @@ class Example(_Record):
     """Token ranges ``[start, stop)`` decoded together because a character is split across their tokens
     (byte-level BPE); shown as one piece of text, with the max activation of its tokens. Empty when
     no character is split (and in records written before this field existed)."""
+    site_shares: dict[str, float] | None = None
+    """For a dictionary whose input sites each add a share to the pre-activation (a crosscoder): each input
+    site's share ``x_h W_enc[h]`` of the latent's pre-activation at the example's max-activating token, as a
+    fraction of the shares' sum (may be negative or above 1 when a site pushes against the others), by site
+    name. None otherwise, for non-activating examples, and in records written before this field existed."""
 
     def __post_init__(self) -> None:
         if len(self.token_strs) != len(self.tokens) or len(self.activations) != len(self.tokens):
@@ -173,6 +178,8 @@ class Example(_Record):
             "source": self.source,
             # only when a character is split, so records (and fingerprints) of other text are unchanged
             **({"char_spans": [[a, b] for a, b in self.char_spans]} if self.char_spans else {}),
+            **({"site_shares": {str(k): _finite(v) for k, v in self.site_shares.items()}}
+               if self.site_shares is not None else {}),
         }
 
     @classmethod
@@ -189,6 +196,8 @@ class Example(_Record):
             is_activating=bool(data.get("is_activating", True)),
             source=str(data.get("source", "")),
             char_spans=[(int(a), int(b)) for a, b in data.get("char_spans") or []],
+            site_shares=None if data.get("site_shares") is None
+            else {str(k): float("nan") if v is None else float(v) for k, v in data["site_shares"].items()},
         )
 
 
@@ -308,6 +317,16 @@ class LatentRecord(_Record):
     """Norm of the latent's decoder to each output site, by site name in site order (a cross-layer
     transcoder latent of layer i: to every layer, zero below i); None for dictionaries whose sites are
     not layers. Stored only when set, so older records keep their fingerprint."""
+    top_logits_by_model: dict[str, TokenValues] | None = None
+    """For a dictionary over several models' sites (``HOOKPOINT@LABEL``): by model label, the tokens whose
+    logits the latent's decoder to that model's sites raises most, through that model's own unembedding.
+    None otherwise; stored only when set."""
+    bottom_logits_by_model: dict[str, TokenValues] | None = None
+    """Like :attr:`top_logits_by_model`, the tokens whose logits it lowers most."""
+    diffing: dict[str, Any] | None = None
+    """For a dictionary over exactly two output sites (A, B): ``{"relative_norm": float|None, "cosine":
+    float|None, "class": str}`` from :func:`saelab.diffing.decoder_diff` (site 0 as A, site 1 as B).
+    None otherwise; stored only when set."""
 
     def examples(self) -> list[Example]:
         """Every example: train, test, non-activating, then train non-activating."""
@@ -334,6 +353,13 @@ class LatentRecord(_Record):
         }
         if self.decoder_norms is not None:
             out["decoder_norms"] = {str(k): float(v) for k, v in self.decoder_norms.items()}
+        for key in ("top_logits_by_model", "bottom_logits_by_model"):
+            by_model = getattr(self, key)
+            if by_model is not None:
+                out[key] = {str(label): values.to_dict() for label, values in by_model.items()}
+        if self.diffing is not None:
+            out["diffing"] = {"relative_norm": _finite(self.diffing.get("relative_norm")),
+                              "cosine": _finite(self.diffing.get("cosine")), "class": str(self.diffing["class"])}
         return out
 
     @classmethod
@@ -352,7 +378,17 @@ class LatentRecord(_Record):
             bottom_logits=TokenValues.from_dict(data.get("bottom_logits")),
             neighbours=None if neighbours is None else [Neighbour.from_dict(n) for n in neighbours],
             decoder_norms=None if norms is None else {str(k): float(v) for k, v in norms.items()},
+            top_logits_by_model=_by_model(data.get("top_logits_by_model")),
+            bottom_logits_by_model=_by_model(data.get("bottom_logits_by_model")),
+            diffing=None if data.get("diffing") is None else dict(data["diffing"]),
         )
+
+
+def _by_model(data: Mapping[str, Any] | None) -> dict[str, TokenValues] | None:
+    """``{label: TokenValues}`` from its JSON form (None stays None)."""
+    if data is None:
+        return None
+    return {str(label): TokenValues.from_dict(values) for label, values in data.items()}  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------------------------

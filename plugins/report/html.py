@@ -351,9 +351,42 @@ def render_example(example: Example, scale: float | None = None, extra: str = ""
     if example.source:
         meta.append(example.source)
     meta.append(f"seq {example.sequence} @ {example.start}")
+    if example.site_shares:
+        meta.append("share " + " / ".join(f"{_site_label(site)} {fmt(v, 2)}"
+                                          for site, v in example.site_shares.items()))
     return (f'<div class="example" data-example-id="{esc(example.id)}">{extra}'
             f'<div class="example-meta">{esc(" · ".join(meta))}</div>'
             f'<div class="tokens">{"".join(spans)}</div></div>')
+
+
+def _site_label(site: str) -> str:
+    """A site's short name on the page: a paired site's model label (``layers.1@B`` -> ``B``), else the site."""
+    return site.rsplit("@", 1)[1] if "@" in site else site
+
+
+def relative_norm_histogram_svg(stats: Mapping[str, Any], title: str) -> str:
+    """Histogram of the relative decoder norm ``||d_B|| / (||d_A|| + ||d_B||)`` of the latents that fired, from a
+    latent cache's ``stats.json`` (its ``diffing`` columns); '' when it has none."""
+    diffing = stats.get("diffing") or {}
+    relative = diffing.get("relative_norm")
+    counts = (stats.get("latents") or {}).get("firing_count")
+    if not relative or not counts or len(relative) != len(counts):
+        return ""
+    values = [float(r) for r, c in zip(relative, counts, strict=True) if c and r is not None]
+    if not values:
+        return f'<p class="muted">{esc(title)}: no latent fired.</p>'
+    hist, edges = histogram(values, 0.0, 1.0, 20)
+    a = ", ".join(diffing.get("a_sites") or ["A"])
+    b = ", ".join(diffing.get("b_sites") or ["B"])
+    return svg_histogram(hist, edges, title=f"{title} ({len(values)} latents that fired)",
+                         xlabel=f"||d {b}|| / (||d {a}|| + ||d {b}||)", ylabel="latents")
+
+
+def _diffing_table(diffing: Mapping[str, Any]) -> str:
+    rows = [["class", esc(str(diffing.get("class", "")))],
+            ["relative norm", esc(fmt(diffing.get("relative_norm")))],
+            ["decoder cosine", esc(fmt(diffing.get("cosine")))]]
+    return _table(["model diffing", ""], rows, "compact diffing")
 
 
 def _svg_activation_histogram(entry: LatentEntry) -> str:
@@ -474,9 +507,17 @@ def render_latent_page(run: RunData, hook: HookData, entry: LatentEntry) -> str:
         body.append('<section><h2>Logits</h2><div class="row">'
                     + _logits_table("top positive logits", record.top_logits, "pos")
                     + _logits_table("top negative logits", record.bottom_logits, "neg") + "</div></section>")
+        if record.top_logits_by_model:
+            bottoms = record.bottom_logits_by_model or {}
+            tables = "".join(_logits_table(f"model {label}: top positive logits", values, "pos")
+                             + _logits_table(f"model {label}: top negative logits", bottoms.get(label), "neg")
+                             for label, values in record.top_logits_by_model.items())
+            body.append('<section id="logits-by-model"><h2>Logits per model (its own unembedding)</h2>'
+                        f'<div class="row">{tables}</div></section>')
         if record.decoder_norms:
-            body.append('<section id="decoder-norms"><h2>Decoder norms by output site</h2>'
-                        + decoder_norms_svg(record.decoder_norms) + "</section>")
+            diffing = _diffing_table(record.diffing) if record.diffing else ""
+            body.append('<section id="decoder-norms"><h2>Decoder norms by output site</h2><div class="row">'
+                        + decoder_norms_svg(record.decoder_norms) + diffing + "</div></section>")
         if record.neighbours:
             rows = []
             for n in record.neighbours:
@@ -576,6 +617,8 @@ def render_index(run: RunData) -> str:
         freqs = ((hook.stats or {}).get("latents") or {}).get("frequency")
         if freqs:
             plots.append(frequency_histogram_svg(freqs, f"{hook.hookpoint} firing frequency"))
+        if hook.stats and (relative := relative_norm_histogram_svg(hook.stats, f"{hook.hookpoint} relative norm")):
+            plots.append(relative)
     failures = _scorer_failures(run)
     body.append('<section id="plots"><h2>Distributions</h2>' + failures + '<div class="row plots">'
                 + "".join(plots) + "</div></section>" if plots or failures else "")
@@ -653,6 +696,7 @@ __all__ = [
     "esc",
     "decoder_norms_svg",
     "frequency_histogram_svg",
+    "relative_norm_histogram_svg",
     "latent_href",
     "render_example",
     "render_index",
