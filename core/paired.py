@@ -90,8 +90,6 @@ class PairedSource(ActivationSource):
     holds one model at a time: sources load their weights on first use (the transformers sources do).
     """
 
-    name = "paired"
-
     def __init__(self, sources: Mapping[str, ActivationSource]):
         if len(sources) < 2:
             raise UsageError(f"a paired source needs two or more models; got {len(sources)}")
