@@ -153,6 +153,33 @@ def _isolate_results_and_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     manager.reset()
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``n`` torch intra-op threads inside the block (small products run faster so on a shared 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for this test."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread_module")``)."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture
 def results_dir(tmp_path: Path) -> Path:
     """This test's results tree (what ``SAELAB_RESULTS_DIR`` points to)."""

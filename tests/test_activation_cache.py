@@ -26,14 +26,7 @@ from saelab.activation_cache import (
 from saelab.data import DataExhaustedWarning, load_dataset_source
 from safetensors.torch import load_file
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread (the tiny model gains nothing from more, and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -326,14 +326,6 @@ TOY = {"L": 3, "d": 160, "per_layer": 16, "active": 3.0}
 """3 layers x 16 planted features (48 read + 96 written directions in R^160)."""
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these small products run ~5x faster so on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_recovers_planted_cross_layer_features(activation: str, one_thread) -> None:

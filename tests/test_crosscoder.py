@@ -429,14 +429,6 @@ def planted_sites(n: int, h: int, d: int, shared: int, per_site: int, active: fl
     return torch.einsum("nf,fhd->nhd", c, directions) + 0.01 * torch.randn(n, h, d, generator=g), directions, writes
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these small products run faster so on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu"])
 def test_recovers_planted_per_site_directions(activation: str, one_thread) -> None:

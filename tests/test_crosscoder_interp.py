@@ -27,12 +27,7 @@ OPTIONS = {"min_examples": 2, "n_examples_train": 3, "n_examples_test": 2, "n_no
            "example_ctx_len": 8, "max_latents": 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -302,14 +302,6 @@ def test_latent_scaling_bad_input_is_one_line_error() -> None:
 # The crosscoder architecture
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: these small products run much faster so on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 XC_SITES = SiteSpec(["a.layers.0", "b.layers.0"], ["a.layers.0", "b.layers.0"], 32, 32)
 

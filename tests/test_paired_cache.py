@@ -20,13 +20,7 @@ from saelab.paired import TOKENIZER_CHECK_WINDOWS, PairedSource, label_site, spl
 TINY = str(TINY_GPT2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread (the tiny models gain nothing from more, and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def make_variant(out: Path, *, noise_seed: int | None = None, **config: int) -> Path:

@@ -22,13 +22,10 @@ from test_clt import (
     K,
     batch,
     clt_args,
-    one_thread,
     randomise,
     sites,
     toy_stack,
 )
-
-__all__ = ["one_thread"]  # the fixture, imported for the toy-stack test
 
 
 def make(L: int = 3, seed: int = 0, **options) -> torch.nn.Module:
