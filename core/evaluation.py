@@ -602,7 +602,8 @@ def evaluate(modules: Mapping[str, SparseDictionary], source: ActivationSource,
         ids = torch.stack(batch)
         needed = list(dict.fromkeys(h for ev in evaluators.values() for h in ev.hookpoints))
         acts = source.activations(ids, needed)
-        clean = source.logits(ids) if config.downstream else None
+        # a paired source's clean forwards are per model (DictionaryEvaluator._add_paired runs them)
+        clean = source.logits(ids) if config.downstream and not isinstance(source, PairedSource) else None
         for ev in evaluators.values():
             ev.add_batch(source, ids, bos, acts, clean)
         done += len(batch)
