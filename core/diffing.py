@@ -423,6 +423,21 @@ def _finite(values: torch.Tensor) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in values.double().tolist()]
 
 
+def diffing_columns(dictionary: SparseDictionary) -> dict[str, list] | None:
+    """Per latent ``relative_norm``, ``cosine`` (None when undefined for the groups) and ``class`` (site 0 as A, site 1 as B; :func:`decoder_diff`)
+    of a dictionary over exactly two sites that reconstructs what it reads (a crosscoder), as JSON-ready
+    lists (non-finite values None); None for other dictionaries and decoders without per-site blocks."""
+    outputs = list(dictionary.sites.outputs)
+    if len(outputs) != 2 or list(dictionary.sites.inputs) != outputs:
+        return None
+    try:
+        diff = decoder_diff(dictionary, [0], [1])
+    except UsageError:
+        return None
+    return {"relative_norm": _finite(diff.relative), "cosine": None if diff.cosine is None else _finite(diff.cosine),
+            "class": list(diff.classes)}
+
+
 def diffing_report(dictionary: SparseDictionary, a_sites: Sequence[int], b_sites: Sequence[int],
                    scaling: LatentScaling, fired: torch.Tensor,
                    bins: int = DEFAULT_BINS) -> tuple[dict[str, object], dict[str, object]]:
@@ -476,6 +491,7 @@ __all__ = [
     "classify",
     "decoder_cosines",
     "decoder_diff",
+    "diffing_columns",
     "diffing_report",
     "group_norms",
     "latent_scaling",

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,21 +671,17 @@ class RecordBuilder:
         computed once per builder from the dictionary when given, else read from the latent cache's
         statistics; None otherwise."""
         d = self.dictionary
-        if d is None or len(d.sites.outputs) != 2 or list(d.sites.inputs) != list(d.sites.outputs):
-            return self.cache.diffing(latent) if d is None else None
+        if d is None:
+            return self.cache.diffing(latent)
         if self._diffing is None:
-            from .diffing import decoder_diff
+            from .diffing import diffing_columns
 
-            try:
-                diff = decoder_diff(d, [0], [1])
-            except UsageError:
+            columns = diffing_columns(d)
+            if columns is None:
                 return None
-            def finite(value: float | None) -> float | None:
-                return value if value is not None and math.isfinite(value) else None
-
-            cosine = [None] * d.d_sae if diff.cosine is None else diff.cosine.double().tolist()
-            self._diffing = [{"relative_norm": finite(r), "cosine": finite(c), "class": k} for r, c, k in
-                             zip(diff.relative.double().tolist(), cosine, diff.classes, strict=True)]
+            cosine = columns["cosine"] or [None] * d.d_sae
+            self._diffing = [{"relative_norm": r, "cosine": c, "class": k} for r, c, k in
+                             zip(columns["relative_norm"], cosine, columns["class"], strict=True)]
         return dict(self._diffing[latent])
 
     def decoder_norms(self, latent: int) -> dict[str, float] | None:

@@ -1016,23 +1016,19 @@ def _direct_logits_by_model(source: ActivationSource, dictionary: SparseDictiona
 
 
 def _diffing_columns(dictionary: SparseDictionary) -> dict[str, Any] | None:
-    """For a dictionary over exactly two sites (inputs == outputs: a crosscoder): per latent, the relative decoder norm, the decoders'
-    cosine and the class of :func:`saelab.diffing.decoder_diff` (site 0 as A, site 1 as B); else None."""
-    from .diffing import decoder_diff
+    """:func:`saelab.diffing.diffing_columns` with the sites and values to 6 digits (the stats' record)."""
+    from .diffing import diffing_columns
 
+    columns = diffing_columns(dictionary)
+    if columns is None:
+        return None
     outputs = list(dictionary.sites.outputs)
-    if len(outputs) != 2 or list(dictionary.sites.inputs) != outputs:
-        return None
-    try:
-        diff = decoder_diff(dictionary, [0], [1])
-    except UsageError:  # a decoder without per-site blocks
-        return None
 
-    def finite(values: torch.Tensor) -> list[float | None]:
-        return [round(v, 6) if v == v and abs(v) != float("inf") else None for v in values.double().tolist()]
+    def rounded(values: list[float | None] | None) -> list[float | None] | None:
+        return None if values is None else [None if v is None else round(v, 6) for v in values]
 
-    return {"a_sites": outputs[:1], "b_sites": outputs[1:], "relative_norm": finite(diff.relative),
-            "cosine": None if diff.cosine is None else finite(diff.cosine), "class": list(diff.classes)}
+    return {"a_sites": outputs[:1], "b_sites": outputs[1:], "relative_norm": rounded(columns["relative_norm"]),
+            "cosine": rounded(columns["cosine"]), "class": columns["class"]}
 
 
 def _stored_quantiles(out: Path) -> int | None:
