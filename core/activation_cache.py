@@ -64,7 +64,7 @@ from .fileio import (
 from .interfaces import ActivationSource, Dataset
 from .memory import release_free_heap
 from .options import Options
-from .paired import LABELS, PairedSource, label_site, split_site
+from .paired import LABELS, PairedSource, paired_sites, split_site
 from .positions import PositionFilter
 
 FORMAT = "saelab-activation-cache"
@@ -1163,7 +1163,7 @@ def paired_request(values: Mapping[str, Any], source: ActivationSource) -> tuple
     named = list(dict.fromkeys(values["hookpoints"]))
     hookpoints = [name for name in named if split_site(name)[1] is not None]
     plain = [name for name in named if split_site(name)[1] is None]
-    hookpoints = [*(label_site(hp, label) for label in source.labels for hp in plain), *hookpoints]
+    hookpoints = [*paired_sites(plain, source.labels), *hookpoints]
     hookpoints = source.check_hookpoints(hookpoints)
     source.check_widths(plain)
     return source, hookpoints

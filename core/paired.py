@@ -40,6 +40,11 @@ def label_site(hookpoint: str, label: str) -> str:
     return f"{hookpoint}@{label}"
 
 
+def paired_sites(hookpoints: Sequence[str], labels: Sequence[str] = LABELS) -> list[str]:
+    """Every hookpoint in every model, model by model: ``[h@A for h in hookpoints] + [h@B ...]``."""
+    return [label_site(hp, label) for label in labels for hp in hookpoints]
+
+
 def split_site(name: str) -> tuple[str, str | None]:
     """``(hookpoint, label)`` of a paired site name; ``(name, None)`` for a plain hookpoint."""
     if "@" not in name:
@@ -149,7 +154,7 @@ class PairedSource(ActivationSource):
 
     def hookpoints(self) -> list[str]:
         """Every labelled site: the first model's hookpoints, then the second's..."""
-        return [label_site(hp, label) for label in self.labels for hp in self._hookpoints_of(label)]
+        return [hp for label in self.labels for hp in paired_sites(self._hookpoints_of(label), [label])]
 
     def check_hookpoints(self, hookpoints: Sequence[str]) -> list[str]:
         """Labelled sites whose model has the hookpoint, deduplicated; anything else is a one-line error
@@ -287,7 +292,7 @@ class PairedSource(ActivationSource):
         a labelled site) differ: a crosscoder over the models needs equal widths."""
         plain = list(dict.fromkeys(split_site(name)[0] for name in hookpoints))
         for hp in plain:
-            sites = self.check_hookpoints([label_site(hp, label) for label in self.labels])
+            sites = self.check_hookpoints(paired_sites([hp], self.labels))
             dims = {split_site(site)[1]: self.hookpoint_dim(site) for site in sites}
             if len(set(dims.values())) > 1:
                 widths = ", ".join(f"{dims[label]} in model {label} ({self.model_ids[label]})" for label in self.labels)

@@ -46,7 +46,7 @@ from saelab.config import config_option, recorded_invocation, write_run_config
 from saelab.layout import RunLayout, activation_store
 from saelab.models import load_activation_source, source_options
 from saelab.options import load_config_file, parse_option_value
-from saelab.paired import LABELS, PairedModelOptions, label_site, split_site
+from saelab.paired import LABELS, PairedModelOptions, paired_sites, split_site
 from saelab.positions import CFG_KEY, PositionFilter, model_exclusions
 from saelab.training import TrainerConfig
 
@@ -189,8 +189,7 @@ def _paired_sites(pairs: list[tuple[Sites, DictConfig]]) -> list[tuple[Sites, Di
             paired = sorted(n for n in reg.names() if not reg.get(n).per_layer_sites)
             raise UsageError(f"architecture {cfg.architecture!r} reads one model's layers; with --model_b accepted: "
                              f"{', '.join(paired)} (e.g. crosscoder)")
-        out.append(((tuple(label_site(h, label) for label in LABELS for h in inputs),
-                     tuple(label_site(h, label) for label in LABELS for h in outputs)), cfg))
+        out.append(((tuple(paired_sites(inputs)), tuple(paired_sites(outputs))), cfg))
     return out
 
 
