@@ -395,3 +395,19 @@ def test_class_latents_needs_two_sites() -> None:
     with torch.no_grad():
         two.W_dec[0, 1:3] = 0  # latents 1 and 2 write to B only
     assert class_latents(two, "b_only") == [1, 2] and class_latents(two, "b_only", among=[2, 3]) == [2]
+
+
+def test_run_diffing_class_errors_are_one_line() -> None:
+    """``saelab run --diffing_class``: an empty class and several dictionaries are one-line errors; the
+    class's latents are capped by ``--max_latents``."""
+    from saelab.plugins.commands.run import _class_latents
+
+    two = build_dictionary("crosscoder", SiteSpec(["a", "b"], ["a", "b"], 8, 8), {"d_sae": 4})
+    with torch.no_grad():
+        two.W_dec[0, 1:3] = 0  # latents 1 and 2 write to B only; none to A only
+    assert _class_latents({"diffing_class": "b_only", "max_latents": 1}, {"x": two}) == [1]
+    for values, dictionaries, fragment in (({"diffing_class": "a_only"}, {"x": two}, "--diffing_class a_only: no latent"),
+                                           ({"diffing_class": "b_only"}, {"x": two, "y": two}, "one dictionary")):
+        with pytest.raises(UsageError, match=fragment) as excinfo:
+            _class_latents(values, dictionaries)
+        assert "\n" not in str(excinfo.value)
