@@ -45,7 +45,7 @@ from .interfaces import NeighbourFinder, NonActivatingSource, Plugin, Sampler, S
 from .latents import LatentActivations, LatentCache, latent_layers
 from .layout import SUMMARY_JSON, latent_filename
 from .options import Options
-from .records import Example, LatentRecord, Neighbour, content_hash, write_json_atomic
+from .records import Example, LatentDiffing, LatentRecord, Neighbour, content_hash, write_json_atomic
 from .registry import normalise_name
 
 # --------------------------------------------------------------------------------------------------
@@ -511,7 +511,7 @@ class RecordBuilder:
                                                None if dictionary is None else latent_layers(dictionary))
         """``feature_num`` as latent indices."""
         self._norms: torch.Tensor | None = None
-        self._diffing: list[dict[str, Any]] | None = None
+        self._diffing: list[LatentDiffing] | None = None
         self._share_sites: list[str] | None = (list(cache.manifest.get("sites", {}).get("inputs") or [])
                                                or None)
 
@@ -665,7 +665,7 @@ class RecordBuilder:
             diffing=self.diffing(latent),
         )
 
-    def diffing(self, latent: int) -> dict[str, Any] | None:
+    def diffing(self, latent: int) -> LatentDiffing | None:
         """``{"relative_norm", "cosine", "class"}`` of ``latent`` for a dictionary over exactly two sites
         (inputs == outputs: a crosscoder; :func:`saelab.diffing.decoder_diff`, site 0 as A, site 1 as B),
         computed once per builder from the dictionary when given, else read from the latent cache's
@@ -680,9 +680,9 @@ class RecordBuilder:
             if columns is None:
                 return None
             cosine = columns["cosine"] or [None] * d.d_sae
-            self._diffing = [{"relative_norm": r, "cosine": c, "class": k} for r, c, k in
+            self._diffing = [LatentDiffing(relative_norm=r, cosine=c, **{"class": k}) for r, c, k in
                              zip(columns["relative_norm"], cosine, columns["class"], strict=True)]
-        return dict(self._diffing[latent])
+        return LatentDiffing(**self._diffing[latent])
 
     def decoder_norms(self, latent: int) -> dict[str, float] | None:
         """The norm of ``latent``'s decoder to each output site, by site name, for a dictionary whose sites

@@ -75,6 +75,7 @@ from .positions import PositionFilter, dictionary_filter
 
 if TYPE_CHECKING:
     from .activation_cache import ActivationCache
+    from .records import LatentDiffing
 
 FORMAT = "saelab-latent-cache"
 FORMAT_VERSION = 1
@@ -405,15 +406,17 @@ class LatentCache:
                 target[label] = TokenValues([self._vocab.get(i, str(i)) for i in ids], vals)
         return out
 
-    def diffing(self, latent: int) -> dict[str, Any] | None:
+    def diffing(self, latent: int) -> LatentDiffing | None:
         """``{"relative_norm", "cosine", "class"}`` of ``latent`` for a dictionary over two output sites
         (site 0 as A, site 1 as B; :func:`saelab.diffing.decoder_diff`); None when not computed."""
+        from .records import LatentDiffing
+
         columns = self.stats().get("diffing")
         if not columns:
             return None
         cosine = columns.get("cosine")
-        return {"relative_norm": columns["relative_norm"][latent],
-                "cosine": None if cosine is None else cosine[latent], "class": columns["class"][latent]}
+        return LatentDiffing(relative_norm=columns["relative_norm"][latent],
+                             cosine=None if cosine is None else cosine[latent], **{"class": columns["class"][latent]})
 
     def __repr__(self) -> str:
         return (f"LatentCache({str(self.path)!r}, hookpoint={self.hookpoint!r}, d_sae={self.d_sae}, "

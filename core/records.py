@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar
 
 from .errors import UsageError
 from .fileio import json_default as _json_default
@@ -282,6 +282,12 @@ class Neighbour:
                    kind=str(data.get("kind", "")))
 
 
+LatentDiffing = TypedDict("LatentDiffing", {"relative_norm": float | None, "cosine": float | None, "class": str})
+"""A latent's model diffing (:attr:`LatentRecord.diffing`): relative decoder norm ``||d_B|| / (||d_A|| +
+||d_B||)``, cosine of the two decoders (None where undefined) and class (``a_only``, ``b_only``, ``shared``,
+``other``)."""
+
+
 @dataclass
 class LatentRecord(_Record):
     """Everything explainers and scorers need about one latent.
@@ -323,7 +329,7 @@ class LatentRecord(_Record):
     None otherwise; stored only when set."""
     bottom_logits_by_model: dict[str, TokenValues] | None = None
     """Like :attr:`top_logits_by_model`, the tokens whose logits it lowers most."""
-    diffing: dict[str, Any] | None = None
+    diffing: LatentDiffing | None = None
     """For a dictionary over exactly two output sites (A, B): ``{"relative_norm": float|None, "cosine":
     float|None, "class": str}`` from :func:`saelab.diffing.decoder_diff` (site 0 as A, site 1 as B).
     None otherwise; stored only when set."""
@@ -380,7 +386,7 @@ class LatentRecord(_Record):
             decoder_norms=None if norms is None else {str(k): float(v) for k, v in norms.items()},
             top_logits_by_model=_by_model(data.get("top_logits_by_model")),
             bottom_logits_by_model=_by_model(data.get("bottom_logits_by_model")),
-            diffing=None if data.get("diffing") is None else dict(data["diffing"]),
+            diffing=None if data.get("diffing") is None else LatentDiffing(**data["diffing"]),
         )
 
 
