@@ -403,6 +403,7 @@ def test_cli_trains_a_crosscoder_on_two_models(cli, results_dir, models):
     assert cli("report", "lat").exit_code == 0
     page = next((results_dir / "lat" / "report").rglob(f"latent_{record.latent}.html")).read_text()
     assert 'id="decoder-norms"' in page and "layers.1@B" in page
+    assert "model (layers.1)" in page  # the bars are labelled by model, not both "1"
     # --diffing_class restricts the run to the latents of one class (site A vs site B)
     from saelab.diffing import CLASSES, class_latents
 

@@ -37,6 +37,7 @@ from urllib.parse import quote
 from saelab.fileio import remove_stale_temporaries
 from saelab.highlight import display_spans, span_activations, span_texts, visible
 from saelab.layout import RunLayout
+from saelab.paired import split_site
 from saelab.plugins.report.run_data import (
     HookData,
     LatentEntry,
@@ -273,13 +274,19 @@ _LAYER_SITE = re.compile(r"^layers\.(\d+)(?:\.|$)")
 
 def decoder_norms_svg(norms: Mapping[str, float]) -> str:
     """Bar chart of a latent's decoder norm to each output site (``LatentRecord.decoder_norms``), one bar per
-    site in site order, labelled by layer number where the site names one (``layers.3.mlp`` -> ``3``)."""
+    site in site order, labelled by layer number where the sites name distinct layers (``layers.3.mlp`` ->
+    ``3``), by model label where they are one hookpoint in several models (``layers.6@A`` -> ``A``)."""
     sites = list(norms)
-    labels = [m.group(1) if (m := _LAYER_SITE.match(site)) else site for site in sites]
-    by_layer = all(_LAYER_SITE.match(site) for site in sites)
+    layers = [m.group(1) if (m := _LAYER_SITE.match(site)) else None for site in sites]
+    paired = [split_site(site) for site in sites]
+    if None not in layers and len(set(layers)) == len(layers):
+        labels, xlabel = [str(layer) for layer in layers], "target layer"
+    elif all(label is not None for _, label in paired) and len({hp for hp, _ in paired}) == 1:
+        labels, xlabel = [str(label) for _, label in paired], f"model ({paired[0][0]})"
+    else:
+        labels, xlabel = [m.group(1) if (m := _LAYER_SITE.match(site)) else site for site in sites], "output site"
     return svg_bar_chart(labels, [float(norms[s]) for s in sites], names=sites,
-                         title="decoder norm to each output site", xlabel="target layer" if by_layer else "output site",
-                         ylabel="norm")
+                         title="decoder norm to each output site", xlabel=xlabel, ylabel="norm")
 
 
 def frequency_histogram_svg(frequencies: Sequence[float], title: str = "latent firing frequency") -> str:
