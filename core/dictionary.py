@@ -138,7 +138,7 @@ class _SelectedPreacts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, selected: torch.Tensor, x: torch.Tensor, b_pre: torch.Tensor | None,
-                W_enc: torch.Tensor, b_enc: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+                W_enc: torch.Tensor, b_enc: torch.Tensor, codes: SparsityPattern) -> torch.Tensor:
         ctx.save_for_backward(x, b_pre, W_enc)
         ctx.codes = codes
         ctx.has_b_pre = b_pre is not None
@@ -147,7 +147,7 @@ class _SelectedPreacts(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, b_pre, W_enc = ctx.saved_tensors
-        codes: SparseCodes = ctx.codes
+        codes: SparsityPattern = ctx.codes
         grad = grad.contiguous()
         d_sae = W_enc.shape[1]
         grad_x = grad_b_pre = grad_W = grad_b_enc = None
@@ -173,14 +173,14 @@ def selected_preacts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     """Differentiable ``((x - b_pre) @ W_enc + b_enc)[codes.rows, codes.cols]`` given those values
     ``selected`` (read without autograd from the dense product): gradients reach ``x``, ``b_pre``,
     ``W_enc`` and ``b_enc`` sparsely."""
-    return _SelectedPreacts.apply(selected, x, b_pre, W_enc, b_enc, codes)
+    return _SelectedPreacts.apply(selected, x, b_pre, W_enc, b_enc, codes.pattern)
 
 
 class _SparseDecode(torch.autograd.Function):
     """``sum_e values[e] * W_dec[cols[e]]`` per batch row, with a sparse backward (see :func:`sparse_decode`)."""
 
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, W_dec: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+    def forward(ctx: Any, values: torch.Tensor, W_dec: torch.Tensor, codes: SparsityPattern) -> torch.Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.codes = codes
         indices, offsets = codes.bags()
@@ -190,7 +190,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         values, W_dec = ctx.saved_tensors
-        codes: SparseCodes = ctx.codes
+        codes: SparsityPattern = ctx.codes
         grad = grad.contiguous()
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
@@ -230,18 +230,15 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
     return codes.decode(W_dec)
 
 
-class SparseCodes:
-    """Selected latents of a batch in row-major COO form: ``rows``, ``cols`` (latent ids) and
-    ``values`` (differentiable); ``k`` is set when every row holds exactly ``k`` entries.
+class SparsityPattern:
+    """Which ``(row, latent)`` entries of a batch are active, in row-major COO form, with the groupings
+    the sparse kernels share (cached). The autograd contexts of :func:`selected_preacts` and
+    :meth:`SparseCodes.decode` keep this, never the codes: codes hold the differentiable ``values``,
+    whose graph holds those contexts, and that reference cycle kept every step's activations alive
+    until Python's garbage collector happened to run (peak RSS grew ~0.1 GB per CLT step)."""
 
-    Decoding (:meth:`decode`) and the encoder's :func:`selected_preacts` share one grouping of the
-    entries by latent (:meth:`groups`, computed once, on the first backward that needs it).
-    """
-
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | None, batch: int,
-                 d_sae: int, k: int | None = None):
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, d_sae: int, k: int | None = None):
         self.rows, self.cols, self.batch, self.d_sae, self.k = rows, cols, batch, d_sae, k
-        self.values = values if values is not None else cols.new_zeros(0, dtype=torch.float32)
         self._groups: LatentGroups | None = None
         self._row_offsets: torch.Tensor | None = None
 
@@ -266,9 +263,24 @@ class SparseCodes:
             return self.cols.view(self.batch, self.k), None
         return self.cols, self.row_offsets()
 
+
+class SparseCodes:
+    """Selected latents of a batch: their :class:`SparsityPattern` (``rows``, ``cols``: latent ids; ``k``
+    set when every row holds exactly ``k`` entries) and their ``values`` (differentiable).
+
+    Decoding (:meth:`decode`) and the encoder's :func:`selected_preacts` share one grouping of the
+    entries by latent (``pattern.groups()``, computed once, on the first backward that needs it).
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | None, batch: int,
+                 d_sae: int, k: int | None = None):
+        self.pattern = SparsityPattern(rows, cols, batch, d_sae, k)
+        self.rows, self.cols, self.batch, self.d_sae, self.k = rows, cols, batch, d_sae, k
+        self.values = values if values is not None else cols.new_zeros(0, dtype=torch.float32)
+
     def decode(self, W_dec: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch, width]`` reconstruction without bias (``values`` overrides, e.g. masked ones)."""
-        return _SparseDecode.apply(self.values if values is None else values, W_dec, self)
+        return _SparseDecode.apply(self.values if values is None else values, W_dec, self.pattern)
 
     def dense(self, d_sae: int | None = None) -> torch.Tensor:
         """Dense latents ``[batch, d_sae]`` (differentiable in ``values``)."""
@@ -549,6 +561,7 @@ __all__ = [
     "LatentGroups",
     "LinearDictionary",
     "SparseCodes",
+    "SparsityPattern",
     "build_dictionary",
     "check_k",
     "detect_format",

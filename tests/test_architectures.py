@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
+import weakref
 
 import pytest
 import saelab
@@ -13,6 +15,7 @@ from saelab import SiteSpec, UsageError
 from saelab.dictionary import (
     DictionaryOptions,
     LinearDictionary,
+    SparseCodes,
     build_dictionary,
     geometric_median,
     load_dictionary,
@@ -139,6 +142,32 @@ def test_gradients_flow(name: str) -> None:
 def _is_exact_topk(module: saelab.SparseDictionary) -> bool:
     return (isinstance(module, TopKDictionary) and not isinstance(module, BatchTopKDictionary)
             and getattr(module.options, "activation", "topk") == "topk")
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_training_step_frees_its_sparse_codes(name: str, monkeypatch) -> None:
+    """A step's codes (and the activations they hold) are freed once its outputs go: an autograd context
+    that held the codes, whose values hold that context through the graph, made a cycle Python's garbage
+    collector cannot see through, and a CLT's peak RSS grew ~0.1 GB per training step."""
+    created: list[weakref.ref] = []
+    init = SparseCodes.__init__
+
+    def tracked(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        created.append(weakref.ref(self))
+
+    monkeypatch.setattr(SparseCodes, "__init__", tracked)
+    torch.manual_seed(2)
+    module = make(name, multi=True)
+    x, y = data(module)
+    module.initialize_from_data(x, x if y is None else y)
+    module.train()
+    out = module(x, target=y, dead_mask=torch.ones(module.d_sae, dtype=torch.bool))
+    sum(out.losses.values()).backward()
+    del out
+    gc.collect()
+    alive = sum(ref() is not None for ref in created)
+    assert alive == 0, f"{name}: {alive} of {len(created)} SparseCodes outlive their training step"
 
 
 @pytest.mark.parametrize("name", ARCHS)
