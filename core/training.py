@@ -55,6 +55,7 @@ from torch import nn
 from .errors import UsageError
 from .fileio import safetensors_os_errors
 from .interfaces import ActivationSource, SiteSpec, SparseDictionary
+from .memory import release_free_heap
 from .options import Options
 from .positions import PositionFilter
 
@@ -105,7 +106,9 @@ class TrainerConfig(Options):
     """'norm': scale inputs (and targets) so that the mean squared row norm equals the width, estimated
     on `init_rows` rows; folded back into the saved weights. 'none': train on raw activations."""
     init_rows: int = 65536
-    """Rows sampled from the stream to estimate the normalisation and initialise the dictionary (b_dec)."""
+    """Rows sampled from the stream to estimate the normalisation and initialise the dictionary (b_dec);
+    lowered for a dictionary whose float32 inputs and targets would take more than ``INIT_SAMPLE_BYTES``
+    at this many rows (a 30-layer CLT at d=576: 15,534 rows, not 18 GB)."""
     exclude_positions: tuple[int, ...] | None = None
     """Window positions never trained on (cache / on-the-fly streams; negative ones count from the end;
     empty, or 'none' on the command line: none) [default: the model's declaration
@@ -711,6 +714,8 @@ class Trainer:
                         got_batch = True
                         for st in states:
                             self._train_step(st, batch, dead_tokens)
+                        del batch
+                        release_free_heap()  # flat peak RSS: a step's freed buffers go back to the OS
                         step += 1
                         batch_in_epoch += 1
                         epoch_done = steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch
@@ -770,7 +775,7 @@ class Trainer:
 
     def _initialise(self, states: list[_JobState], source: BatchSource) -> None:
         cfg = self.config
-        sample = source.sample(cfg.init_rows, seed=cfg.seed)
+        sample = source.sample(init_rows(cfg.init_rows, [st.sites for st in states]), seed=cfg.seed)
         for st in states:
             sites = st.sites
             x = torch.stack([sample[hp] for hp in sites.inputs], dim=1).float().to(self.device)
@@ -778,13 +783,16 @@ class Trainer:
             if cfg.normalise == "norm":
                 st.input_scales = _norm_scales(x, self.dist)
                 st.output_scales = list(st.input_scales) if sites.is_autoencoder else _norm_scales(y, self.dist)
-            x = _scaled(x, st.input_scales)
-            y = x if sites.is_autoencoder else _scaled(y, st.output_scales)
+            x = _scaled(x, st.input_scales, inplace=True)  # stacked: fresh tensors
+            y = x if sites.is_autoencoder else _scaled(y, st.output_scales, inplace=True)
             with torch.no_grad():
                 st.module.initialize_from_data(x, y)
+            del x, y
             # Every rank must start from rank 0's weights.
             for t in st.module.state_dict().values():
                 self.dist.broadcast(t)
+        del sample
+        release_free_heap()
 
     def _train_step(self, st: _JobState, batch: Batch, dead_tokens: int) -> None:
         sites = st.sites
@@ -973,12 +981,24 @@ def _norm_scales(x: torch.Tensor, dist: DistContext) -> list[float]:
     return scales
 
 
-def _scaled(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+def _scaled(x: torch.Tensor, scales: Sequence[float], inplace: bool = False) -> torch.Tensor:
     """``x [N, n_sites, d]`` with site ``i`` multiplied by ``scales[i]`` (one Python-float product when
-    every site shares a scale, so a single site is scaled exactly as by a scalar)."""
-    if len(set(scales)) == 1:
-        return x * scales[0]
-    return x * torch.tensor(scales, dtype=x.dtype, device=x.device)[:, None]
+    every site shares a scale, so a single site is scaled exactly as by a scalar); ``inplace`` overwrites
+    ``x`` (no second copy of a large sample)."""
+    factor = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=x.dtype, device=x.device)[:, None]
+    return x.mul_(factor) if inplace else x * factor
+
+
+INIT_SAMPLE_BYTES = 2 * 1024**3
+"""Most memory the initialisation sample of one dictionary may take as float32 inputs and targets."""
+
+
+def init_rows(requested: int, dictionaries: Sequence[SiteSpec]) -> int:
+    """Rows of the initialisation sample: ``requested``, lowered so that the widest dictionary's float32
+    inputs and targets fit ``INIT_SAMPLE_BYTES`` (never below 1024)."""
+    row_bytes = max(4 * (len(s.inputs) * s.d_in + (0 if s.is_autoencoder else len(s.outputs) * s.d_out))
+                    for s in dictionaries)
+    return min(requested, max(1024, INIT_SAMPLE_BYTES // row_bytes))
 
 
 def _all_reduce_grads(module: nn.Module, dist: DistContext) -> None:
