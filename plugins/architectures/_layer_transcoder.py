@@ -431,7 +431,9 @@ class LayerTranscoder(SparseDictionary):
         among dead latents of every layer, decoded to their target layers, reconstruct the detached
         residual; normalised by the residual's variance times the target's, scaled by
         ``min(n_dead / auxk_k, 1)`` and ``auxk_alpha`` (and by 1/L under ``loss_reduction="mean"``).
-        Costs one ``[batch, n_dead]`` gather and the sparse decode of ``auxk_k`` latents per token."""
+        Costs one ``[batch, n_dead]`` gather and the decode of ``auxk_k`` latents per token, through the
+        path ``decode`` picks for that density (at the default ``auxk_k`` it is often past
+        ``sparse_max_density``: dense)."""
         dead = dead_mask.nonzero().squeeze(1)
         n_dead = int(dead.numel())
         if n_dead == 0:
@@ -445,7 +447,7 @@ class LayerTranscoder(SparseDictionary):
             rows = torch.arange(B, device=pre.device).repeat_interleave(k)
             split = self._split(rows, dead[idx].reshape(-1), vals.reshape(-1), B)
         codes = self._codes(xl, [(r, c, v, None) for r, c, v in split], B)
-        e_hat = self.decode_sparse(codes)
+        e_hat = self._decode(None, codes)
         residual = (y - recon).detach()
         aux = (e_hat - residual).pow(2).sum((1, 2)).mean()
         resid_var = (residual - residual.mean(0)).pow(2).sum((1, 2)).mean().clamp_min(1e-12)
