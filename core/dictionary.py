@@ -202,6 +202,15 @@ class _SparseDecode(torch.autograd.Function):
         return grad_values, grad_W, None
 
 
+def use_sparse_decode(decode: str, sparse_max_density: float, nnz: int, n_entries: int) -> bool:
+    """Whether ``nnz`` active entries of ``n_entries`` (batch x latents) are decoded through the sparse
+    path: ``decode`` ``"sparse"`` or ``"dense"`` forces it, ``"auto"`` picks sparse at a density of at
+    most ``sparse_max_density`` (the multi-site architectures' ``decode`` option)."""
+    if decode != "auto":
+        return decode == "sparse"
+    return nnz <= sparse_max_density * n_entries
+
+
 def offsets_from_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """``embedding_bag`` offsets for sorted row indices (bag ``i`` holds the entries of row ``i``)."""
     counts = torch.bincount(rows, minlength=n_rows)
@@ -234,8 +243,8 @@ class SparsityPattern:
     """Which ``(row, latent)`` entries of a batch are active, in row-major COO form, with the groupings
     the sparse kernels share (cached). The autograd contexts of :func:`selected_preacts` and
     :meth:`SparseCodes.decode` keep this, never the codes: codes hold the differentiable ``values``,
-    whose graph holds those contexts, and that reference cycle kept every step's activations alive
-    until Python's garbage collector happened to run (peak RSS grew ~0.1 GB per CLT step)."""
+    whose autograd graph holds those contexts, a cycle through C++ that Python's garbage collector does
+    not break, and every training step's codes and saved activations leaked (~0.1 GB per CLT step)."""
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, batch: int, d_sae: int, k: int | None = None):
         self.rows, self.cols, self.batch, self.d_sae, self.k = rows, cols, batch, d_sae, k
@@ -576,4 +585,5 @@ __all__ = [
     "site_spec",
     "sparse_decode",
     "unit_norm_decoder_",
+    "use_sparse_decode",
 ]

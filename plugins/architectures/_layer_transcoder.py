@@ -41,7 +41,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from saelab import DictionaryOutput, Options, SiteSpec, SparseDictionary, SparseLatents, UsageError
-from saelab.dictionary import DictionaryOptions, SparseCodes, geometric_median, selected_preacts, site_scales
+from saelab.dictionary import (
+    DictionaryOptions,
+    SparseCodes,
+    geometric_median,
+    selected_preacts,
+    site_scales,
+    use_sparse_decode,
+)
 from torch import nn
 
 from ._jumprelu import jumprelu
@@ -337,26 +344,21 @@ class LayerTranscoder(SparseDictionary):
             out[:, i:i + t] += (z[:, i] @ self.decoder(i).reshape(F_, -1)).view(-1, t, d)
         return out
 
-    def _use_sparse(self, nnz: int, batch: int) -> bool:
-        mode = self.options.decode
-        if mode != "auto":
-            return mode == "sparse"
-        return nnz <= self.options.sparse_max_density * batch * self.d_sae
-
     def _decode(self, z: torch.Tensor | None, codes: list[SparseCodes] | None,
                 support: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction without bias through the sparse or the dense path (see ``decode``). Dense latents
         ``z [batch, L, F]`` are gathered on ``support`` (default ``z != 0``): the entries whose gradient
         matters (JumpReLU adds the inactive ones within the threshold kernel)."""
+        o = self.options
         if codes is not None:
             nnz = sum(int(c.rows.numel()) for c in codes)
-            if self._use_sparse(nnz, codes[0].batch):
+            if use_sparse_decode(o.decode, o.sparse_max_density, nnz, codes[0].batch * self.d_sae):
                 return self.decode_sparse(codes)
             return self.decode_dense(torch.stack([c.dense() for c in codes], dim=1))
         assert z is not None
         if support is None:
             support = z.detach() != 0
-        if not self._use_sparse(int(support.sum()), z.shape[0]):
+        if not use_sparse_decode(o.decode, o.sparse_max_density, int(support.sum()), z.shape[0] * self.d_sae):
             return self.decode_dense(z)
         codes = []
         for i in range(self.n_layers):

@@ -51,6 +51,7 @@ from saelab.dictionary import (
     geometric_median,
     selected_preacts,
     site_scales,
+    use_sparse_decode,
 )
 from torch import nn
 
@@ -285,25 +286,20 @@ class Crosscoder(SparseDictionary):
         """``[batch, H, d]`` (no bias) from dense latents ``[batch, F]``."""
         return torch.matmul(z, self.W_dec).transpose(0, 1)
 
-    def _use_sparse(self, nnz: int, batch: int) -> bool:
-        mode = self.options.decode
-        if mode != "auto":
-            return mode == "sparse"
-        return nnz <= self.options.sparse_max_density * batch * self.d_sae
-
     def _decode(self, z: torch.Tensor | None, codes: SparseCodes | None,
                 support: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction without bias through the sparse or the dense path. Dense latents ``z`` are
         gathered on ``support`` (default ``z != 0``): the entries whose gradient matters (JumpReLU adds
         the inactive ones within the threshold kernel)."""
+        o = self.options
         if codes is not None:
-            if self._use_sparse(int(codes.rows.numel()), codes.batch):
+            if use_sparse_decode(o.decode, o.sparse_max_density, int(codes.rows.numel()), codes.batch * self.d_sae):
                 return self.decode_sparse(codes)
             return self.decode_dense(codes.dense())
         assert z is not None
         if support is None:
             support = z.detach() != 0
-        if not self._use_sparse(int(support.sum()), z.shape[0]):
+        if not use_sparse_decode(o.decode, o.sparse_max_density, int(support.sum()), z.shape[0] * self.d_sae):
             return self.decode_dense(z)
         rows, cols = support.nonzero(as_tuple=True)
         return self.decode_sparse(SparseCodes(rows, cols, z[rows, cols], z.shape[0], self.d_sae))
