@@ -19,6 +19,7 @@ from saelab.training import (
     Trainer,
     TrainerConfig,
     auto_lr,
+    init_rows,
     list_checkpoints,
     lr_lambda,
     train_on_tensors,
@@ -89,6 +90,36 @@ def test_saved_dictionary_reconstructs_raw_activations(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
     assert lines and {"step", "tokens", "lr", "loss", "mse", "fvu", "l0", "dead_frac"} <= set(lines[-1])
     assert lines[-1]["step"] == result.steps
+
+
+def test_init_sample_is_capped_for_wide_dictionaries(monkeypatch) -> None:
+    """The initialisation sample of a many-site dictionary is capped in float32 bytes (a 30-layer CLT at
+    d=576 asked for 65,536 rows of 60 sites: 9 GB of inputs and targets, twice over while scaled); a
+    single site keeps every row asked for."""
+    def spec(n: int, d: int = 576) -> SiteSpec:
+        return SiteSpec([f"in{i}" for i in range(n)], [f"out{i}" for i in range(n)], d, d)
+
+    single = SiteSpec(["l0"], ["l0"], 576, 576)
+    assert init_rows(65536, [single]) == 65536
+    assert init_rows(65536, [spec(8)]) == 2 * 1024**3 // (4 * 16 * 576)  # 58,254
+    assert init_rows(65536, [single, spec(30)]) == 2 * 1024**3 // (4 * 60 * 576)  # the widest decides
+    assert init_rows(65536, [spec(10_000)]) == 1024  # never below 1024
+    assert init_rows(500, [spec(8)]) == 500
+
+    x, _ = synthetic(n=2048, d=8)
+    data = {f"in{i}": x for i in range(3)} | {f"out{i}": x.flip(0) for i in range(3)}
+    requested: list[int] = []
+
+    class RecordingSource(TensorSource):
+        def sample(self, n_rows: int, *, seed: int):
+            requested.append(n_rows)
+            return super().sample(n_rows, seed=seed)
+
+    monkeypatch.setattr("saelab.training.INIT_SAMPLE_BYTES", 4 * 6 * 8 * 1500)  # 1,500 rows of 6 sites
+    module = build_dictionary("clt", spec(3, 8), {"d_sae": 16, "k": 2, "activation": "topk"})
+    config = TrainerConfig(**FAST, max_steps=2, init_rows=4096, checkpoint_every=0, checkpoint_every_minutes=0)
+    Trainer([DictionaryJob("clt", module)], config, progress=False).fit(RecordingSource(data), resume=False)
+    assert requested == [1500]
 
 
 def test_normalise_none_trains_on_raw_values() -> None:
