@@ -52,12 +52,16 @@ D_MODEL = 576
 N_LAYERS = 30
 """Blocks of SmolLM2-135M."""
 PRESETS: dict[str, dict[str, Any]] = {
-    "a": {"layers": "0-29", "d_sae": 1024, "tokens": 100_000, "eval_tokens": 16384, "train_batch_size": 1024},
-    "b": {"layers": "0-7", "d_sae": 2048, "tokens": 200_000, "eval_tokens": 16384, "train_batch_size": 1024},
-    "cpu": {"layers": "0-3", "d_sae": 512, "tokens": 50_000, "eval_tokens": 8192, "train_batch_size": 512},
+    "a": {"layers": "0-29", "d_sae": 1024, "tokens": 100_000, "eval_tokens": 16384, "train_batch_size": 1024,
+          "per_site_tokens": 2048, "step_repeats": 1},
+    "b": {"layers": "0-7", "d_sae": 2048, "tokens": 200_000, "eval_tokens": 16384, "train_batch_size": 1024,
+          "per_site_tokens": 4096, "step_repeats": 3},
+    "cpu": {"layers": "0-3", "d_sae": 512, "tokens": 50_000, "eval_tokens": 8192, "train_batch_size": 512,
+            "per_site_tokens": 4096, "step_repeats": 3},
 }
 """Issue 11's configurations a and b, and a reduced one for a CPU (13-16 minutes on 2 shared cores);
-explicit options override them."""
+explicit options override them. At 30 layers one forward per site is 60 forwards and a CLT step takes
+12-36 s on 2 CPU cores, so (a) caches a smaller per-site subset and times one step of each path."""
 ARCHITECTURES = ("clt", "transcoder_set")
 ACTIVATIONS = ("topk", "topk_across_layers", "batchtopk", "jumprelu", "relu")
 
@@ -81,8 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input_site", choices=("mlp.input", "resid_mid"), default="mlp.input")
     parser.add_argument("--tokens", type=int, default=None, help="training token budget [preset]")
     parser.add_argument("--eval_tokens", type=int, default=None, help="held-out tokens evaluated [preset]")
-    parser.add_argument("--per_site_tokens", type=int, default=4096,
-                        help="token subset of the caching comparison (one forward per site is 2L forwards)")
+    parser.add_argument("--per_site_tokens", type=int, default=None,
+                        help="token subset of the caching comparison (one forward per site is 2L forwards) [preset]")
     parser.add_argument("--cache_dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--stream", action="store_true",
                         help="train on activations streamed from the LM (no cache; each dictionary re-runs the LM)")
@@ -90,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lm_batch_size", type=int, default=32, help="windows per LM forward")
     parser.add_argument("--train_batch_size", type=int, default=None, help="tokens per optimisation step [preset]")
     parser.add_argument("--lr", type=float, default=None, help="learning rate [default: saelab's auto_lr]")
-    parser.add_argument("--step_repeats", type=int, default=3, help="timed dense/sparse steps (median)")
+    parser.add_argument("--step_repeats", type=int, default=None, help="timed dense/sparse steps (median) [preset]")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (LM, training and evaluation)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
