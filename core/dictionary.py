@@ -284,8 +284,32 @@ class SparseCodes:
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | None, batch: int,
                  d_sae: int, k: int | None = None):
         self.pattern = SparsityPattern(rows, cols, batch, d_sae, k)
-        self.rows, self.cols, self.batch, self.d_sae, self.k = rows, cols, batch, d_sae, k
         self.values = values if values is not None else cols.new_zeros(0, dtype=torch.float32)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Batch row of each entry."""
+        return self.pattern.rows
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """Latent id of each entry."""
+        return self.pattern.cols
+
+    @property
+    def batch(self) -> int:
+        """Rows in the batch."""
+        return self.pattern.batch
+
+    @property
+    def d_sae(self) -> int:
+        """Latents of the dictionary."""
+        return self.pattern.d_sae
+
+    @property
+    def k(self) -> int | None:
+        """Entries per row when every row holds the same number, else ``None``."""
+        return self.pattern.k
 
     def decode(self, W_dec: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch, width]`` reconstruction without bias (``values`` overrides, e.g. masked ones)."""

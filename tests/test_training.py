@@ -101,8 +101,8 @@ def test_init_sample_is_capped_for_wide_dictionaries(monkeypatch) -> None:
 
     single = SiteSpec(["l0"], ["l0"], 576, 576)
     assert init_rows(65536, [single]) == 65536
-    assert init_rows(65536, [spec(8)]) == 2 * 1024**3 // (4 * 16 * 576)  # 58,254
-    assert init_rows(65536, [single, spec(30)]) == 2 * 1024**3 // (4 * 60 * 576)  # the widest decides
+    assert init_rows(65536, [spec(8)]) == 58_254  # 2 GiB of float32 rows of 16 sites of width 576
+    assert init_rows(65536, [single, spec(30)]) == 15_534  # the widest decides
     assert init_rows(65536, [spec(10_000)]) == 1024  # never below 1024
     assert init_rows(500, [spec(8)]) == 500
 
