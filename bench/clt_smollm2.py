@@ -40,7 +40,7 @@ import torch
 from saelab import SiteSpec, UsageError, registry
 from saelab.activation_cache import build_activation_cache, cache_bytes, human_bytes
 from saelab.data import WindowSpec, iter_windows, load_dataset_source, n_windows_for
-from saelab.dictionary import build_dictionary
+from saelab.dictionary import build_dictionary, load_dictionary, save_dictionary
 from saelab.evaluation import EvalConfig, evaluate, heldout_windows, skip_tokens_for
 from saelab.plugins.commands.train import ADAM_BYTES_PER_PARAMETER, parse_layers
 from saelab.positions import model_exclusions
@@ -99,6 +99,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry_run", action="store_true", help="print sizes and memory; load and run nothing")
+    parser.add_argument("--save_dir", type=Path, default=None,
+                        help="save both trained dictionaries under DIR/clt and DIR/transcoder_set")
+    parser.add_argument("--load_dir", type=Path, default=None,
+                        help="load both dictionaries from a --save_dir of the same sizes and only evaluate them "
+                             "(sections 3 and 4; no caching, training or step timing)")
     args = parser.parse_args()
     args.preset = args.preset or ("b" if str(args.device).startswith("cuda") else "cpu")
     preset = PRESETS[args.preset]
@@ -109,6 +114,13 @@ def parse_args() -> argparse.Namespace:
         args.layer_list = parse_layers([args.layers])
     except UsageError as exc:
         parser.error(str(exc))
+    if args.save_dir and args.load_dir:
+        parser.error("--save_dir and --load_dir: accepted: one of them (--load_dir trains nothing to save)")
+    if args.load_dir:
+        missing = [arch for arch in ARCHITECTURES if not (args.load_dir / arch).is_dir()]
+        if missing:
+            parser.error(f"--load_dir {args.load_dir}: no {', '.join(missing)} directory in it; accepted: a "
+                         f"--save_dir of an earlier run")
     if args.layer_list[-1] >= N_LAYERS:
         parser.error(f"--layers {args.layers}: smollm2 has layers 0-{N_LAYERS - 1}")
     for name in ("d_sae", "k", "tokens", "eval_tokens", "per_site_tokens", "ctx_len", "lm_batch_size",
@@ -245,15 +257,24 @@ def fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(args: argparse.Namespace, d: int, caching: dict[str, float], trained: dict[str, Any],
-                steps: dict[str, float], density: float, metrics: dict[str, dict[str, Any]], eval_tokens: int,
-                elapsed: float) -> None:
-    """Every figure of the run, with its sizes."""
+def print_table(args: argparse.Namespace, d: int, measured: dict[str, Any] | None,
+                metrics: dict[str, dict[str, Any]], eval_tokens: int, elapsed: float) -> None:
+    """Every figure of the run, with its sizes (``measured``: sections 1 and 2, None with ``--load_dir``)."""
     print()
     print("=" * 100)
     print_sizes(args, d)
     print(f"  torch {torch.__version__}, {torch.get_num_threads()} threads; total wall time {elapsed:.0f} s")
     print()
+    if measured is None:
+        print(f"1-2. caching and training: not run (dictionaries loaded from {args.load_dir})")
+    else:
+        print_training(args, **measured)
+    print_evaluation(args, metrics, eval_tokens)
+
+
+def print_training(args: argparse.Namespace, caching: dict[str, float], trained: dict[str, Any],
+                   steps: dict[str, float], density: float) -> None:
+    """Sections 1 and 2: caching throughput, training tokens/s, dense vs sparse step time."""
     print("1. caching throughput (tokens/s)")
     n = 2 * len(args.layer_list)
     sub = n_windows_for(args.per_site_tokens, args.ctx_len) * args.ctx_len
@@ -281,6 +302,10 @@ def print_table(args: argparse.Namespace, d: int, caching: dict[str, float], tra
         print(f"  the same with AuxK on the {int(steps['dead']):,} latents dead at the end of training (as the trainer "
               f"steps): dense {steps['dense_auxk'] * 1e3:.1f} ms, sparse {steps['sparse_auxk'] * 1e3:.1f} ms; "
               f"dense / sparse {steps['dense_auxk'] / steps['sparse_auxk']:.2f}x")
+
+
+def print_evaluation(args: argparse.Namespace, metrics: dict[str, dict[str, Any]], eval_tokens: int) -> None:
+    """Sections 3 and 4: per-layer FVU and the replacement model, both dictionaries."""
     print()
     print(f"3. per-layer FVU on {eval_tokens:,} held-out tokens (positions the training left out excluded)")
     header = f"  {'layer':>5} | {'CLT open':>9} {'CLT closed':>10} {'CLT L0':>7} | {'TS open':>9} {'TS closed':>10} {'TS L0':>7}"
@@ -307,29 +332,11 @@ def print_table(args: argparse.Namespace, d: int, caching: dict[str, float], tra
     print("  (closed-loop is the headline: each encoder reads the stream changed by the replaced layers below it)")
 
 
-def main() -> None:
-    """Parse the options, run the four measurements, print the table."""
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.dry_run:
-        print_sizes(args, D_MODEL)
-        print("dry run: nothing loaded or trained")
-        return
-    from saelab.models import load_activation_source
-
-    started = time.perf_counter()
-    print_sizes(args, D_MODEL)
-    source = load_activation_source(MODEL, device=args.device)
-    dataset = load_dataset_source("wikipedia-sample")
-    source.identity()  # weights hash once, outside the timings
-    inputs, outputs = layer_sites(args, "clt")
-    sites = [hp for pair in zip(inputs, outputs, strict=True) for hp in pair]
-    d = source.hookpoint_dim(inputs[0])
-    excluded = model_exclusions(MODEL)
-    config = TrainerConfig(batch_size=args.train_batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                           exclude_positions=excluded, checkpoint_every=0, checkpoint_every_minutes=0, log_every=5)
-
+def train_both(args: argparse.Namespace, source: Any, dataset: Any, sites: list[str], d: int,
+               config: TrainerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sections 1 and 2: cache all sites, train the CLT and the transcoder set on the same stream (saved
+    under ``--save_dir`` when given), time dense vs sparse steps; (the trained modules, their figures)."""
+    excluded = config.exclude_positions
     with tempfile.TemporaryDirectory() as tmp:
         log(f"caching {len(sites)} sites")
         caching, cache = cache_throughput(source, dataset, sites, args, Path(tmp))
@@ -355,6 +362,9 @@ def main() -> None:
             modules[arch] = build(args, arch, d)
             trained[arch] = train(args, arch, modules[arch], make_source, config)
             log(f"{arch}: {trained[arch][0].steps} steps in {trained[arch][1]:.0f} s")
+            if args.save_dir:
+                save_dictionary(modules[arch], args.save_dir / arch)
+                log(f"saved {arch} to {args.save_dir / arch}")
 
         log("timing dense vs sparse decode steps")
         batch = make_source().sample(args.train_batch_size, seed=args.seed)
@@ -371,6 +381,43 @@ def main() -> None:
             x = torch.stack([batch[hp] for hp in clt.sites.inputs], dim=1).float().to(args.device)
             density = float((clt.encode(x) != 0).float().mean())
         del batch
+    return modules, {"caching": caching, "trained": trained, "steps": steps, "density": density}
+
+
+def main() -> None:
+    """Parse the options, run the four measurements, print the table."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dry_run:
+        print_sizes(args, D_MODEL)
+        print("dry run: nothing loaded or trained")
+        return
+    from saelab.models import load_activation_source
+
+    started = time.perf_counter()
+    print_sizes(args, D_MODEL)
+    source = load_activation_source(MODEL, device=args.device)
+    dataset = load_dataset_source("wikipedia-sample")
+    source.identity()  # weights hash once, outside the timings
+    inputs, outputs = layer_sites(args, "clt")
+    sites = [hp for pair in zip(inputs, outputs, strict=True) for hp in pair]
+    d = source.hookpoint_dim(inputs[0])
+    excluded = model_exclusions(MODEL)
+    config = TrainerConfig(batch_size=args.train_batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                           exclude_positions=excluded, checkpoint_every=0, checkpoint_every_minutes=0, log_every=5)
+
+    measured: dict[str, Any] | None = None
+    if args.load_dir:
+        modules = {arch: load_dictionary(args.load_dir / arch, device=args.device) for arch in ARCHITECTURES}
+        for arch, module in modules.items():
+            expected = layer_sites(args, arch)
+            if (list(module.sites.inputs), list(module.sites.outputs)) != expected:
+                raise SystemExit(f"--load_dir {args.load_dir}: {arch} spans {list(module.sites.outputs)}; "
+                                 f"accepted: a dictionary over {expected[1]} (the --layers and --input_site given)")
+        log(f"loaded {', '.join(ARCHITECTURES)} from {args.load_dir}")
+    else:
+        modules, measured = train_both(args, source, dataset, sites, d, config)
 
     skip = skip_tokens_for(args.tokens, args.ctx_len)
     assert skip is not None
@@ -380,8 +427,7 @@ def main() -> None:
     eval_config = EvalConfig(n_tokens=args.eval_tokens, ctx_len=args.ctx_len, batch_size=8, skip_tokens=skip,
                              device=args.device)
     metrics = evaluate(modules, source, windows, eval_config)
-    print_table(args, d, caching, trained, steps, density, metrics, len(windows) * args.ctx_len,
-                time.perf_counter() - started)
+    print_table(args, d, measured, metrics, len(windows) * args.ctx_len, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
