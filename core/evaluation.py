@@ -430,16 +430,18 @@ def closed_loop_forward(module: SparseDictionary, source: ActivationSource, ids:
                         targets: torch.Tensor | None = None, device: str | torch.device = "cpu") -> ClosedLoopForward:
     """The LM with all L output sites of a ``per_layer_sites`` dictionary replaced at once, each encoder
     reading the residual stream already changed by the replaced layers below it (one forward with
-    replacements, which run in forward order: at input site ``i`` the current activation is kept as
-    layer ``i``'s input; at output site ``j`` the dictionary runs on the inputs reached so far and layer
-    ``j``'s reconstruction replaces the activation where ``splice_mask [B, T]`` is true, elsewhere the
-    model keeps its own).
+    replacements, which run in forward order: at input site ``i`` the current activation is handed to
+    the dictionary's :class:`~saelab.LayerReplacement` as layer ``i``'s input; at output site ``j`` layer
+    ``j``'s reconstruction from the inputs reached so far replaces the activation where ``splice_mask
+    [B, T]`` is true, elsewhere the model keeps its own).
 
-    Layers not reached yet are given their clean ``inputs`` (``[B * T, L, d_in]``; read from ``source``
-    when None): they do not change the reconstruction of an earlier layer unless the encoder couples
-    layers (TopK across layers: there layer ``j``'s latents are chosen with the clean inputs of the later
-    layers). ``targets`` (clean outputs) only feed loss terms some architectures compute; ``device`` is
-    where the dictionary runs (in eval mode, set by the caller)."""
+    The pass comes from ``module.layer_replacement``: the builtin layer transcoders encode each layer once,
+    so a pass costs about one forward of the dictionary. Layers not reached yet hold their clean
+    ``inputs`` (``[B * T, L, d_in]``; read from ``source`` when None): they do not change the
+    reconstruction of an earlier layer unless the encoder couples layers (TopK across layers: there layer
+    ``j``'s latents are chosen with the clean inputs of the later layers). ``targets`` (clean outputs) only
+    feed loss terms some architectures compute; ``device`` is where the dictionary runs (in eval mode, set
+    by the caller)."""
     check_layer_order(module)
     sites = module.sites
     L, (B, T) = len(sites.inputs), ids.shape
@@ -447,26 +449,25 @@ def closed_loop_forward(module: SparseDictionary, source: ActivationSource, ids:
     if inputs is None:
         acts = source.activations(ids, list(dict.fromkeys(sites.inputs)))
         inputs = torch.stack([acts[h].float().cpu() for h in sites.inputs], dim=2).reshape(N, L, sites.d_in)
-    x = inputs.to(dev, torch.float32).clone()
     y = targets.to(dev, torch.float32) if targets is not None else None
+    replacement = module.layer_replacement(inputs.to(dev, torch.float32), y)
     recon = torch.zeros(N, L, sites.d_out)
     own = torch.zeros(N, L, sites.d_out)
-    latents: list[torch.Tensor] = []
+    x = inputs.float().cpu().clone()
 
     def read(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(act: torch.Tensor) -> torch.Tensor:
-            x[:, i] = act.reshape(N, sites.d_in).to(dev, torch.float32)
+            x_i = act.reshape(N, sites.d_in).to(dev, torch.float32)
+            x[:, i] = x_i.cpu()
+            replacement.read(i, x_i)
             return act
         return fn
 
     def write(j: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(act: torch.Tensor) -> torch.Tensor:
-            out = module(x, y)
-            y_hat = out.reconstruction[:, j].float()
+            y_hat = replacement.write(j).float()
             recon[:, j] = y_hat.cpu()
             own[:, j] = act.reshape(N, sites.d_out).float().cpu()
-            if j == L - 1:
-                latents.append(out.latents.float().cpu())
             m = splice_mask.to(act.device)[..., None]
             return torch.where(m, y_hat.reshape(B, T, sites.d_out).to(act.device, act.dtype), act)
         return fn
@@ -485,7 +486,7 @@ def closed_loop_forward(module: SparseDictionary, source: ActivationSource, ids:
         return fn
 
     logits = source.logits(ids, {h: chain(fns) for h, fns in steps.items()})
-    return ClosedLoopForward(logits.float().cpu(), recon, own, x.cpu(), latents[0])
+    return ClosedLoopForward(logits.float().cpu(), recon, own, x, replacement.latents().float().cpu())
 
 
 class ReplacementEvaluator(DictionaryEvaluator):

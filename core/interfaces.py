@@ -286,6 +286,43 @@ class DictionaryOutput:
         return f"DictionaryOutput(reconstruction={shape}, losses={sorted(self.losses)})"
 
 
+class LayerReplacement:
+    """One closed-loop pass of a dictionary whose sites are layers (``per_layer_sites``), driven by the
+    LM's forward in layer order: :meth:`read` when input site ``i`` is reached, :meth:`write` when output
+    site ``j`` is (after ``read(j)``), :meth:`latents` after the last write.
+
+    This generic pass runs the whole dictionary at every output site (L forwards per pass; layers not
+    read yet keep their clean inputs) and keeps that site's reconstruction. Architectures whose layers
+    can be encoded one at a time return a pass that encodes each layer once from
+    :meth:`SparseDictionary.layer_replacement`; both must give the same outputs."""
+
+    def __init__(self, module: SparseDictionary, inputs: torch.Tensor, targets: torch.Tensor | None = None):
+        self.module = module
+        """The dictionary (in eval mode, set by the caller)."""
+        self.inputs = inputs.clone()
+        """``[N, L, d_in]`` what each input site holds: clean until :meth:`read` replaces it."""
+        self.targets = targets
+        """``[N, L, d_out]`` clean outputs, only for architectures that compute loss terms in forward."""
+        self._latents: torch.Tensor | None = None
+
+    def read(self, i: int, x: torch.Tensor) -> None:
+        """Input site ``i`` holds ``x [N, d_in]`` in this forward."""
+        self.inputs[:, i] = x
+
+    def write(self, j: int) -> torch.Tensor:
+        """Reconstruction ``[N, d_out]`` of output site ``j`` from the inputs read so far."""
+        out = self.module(self.inputs, self.targets)
+        if j == self.inputs.shape[1] - 1:
+            self._latents = out.latents
+        return out.reconstruction[:, j]
+
+    def latents(self) -> torch.Tensor:
+        """``[N, d_sae]`` every layer's latents on the inputs read (after the last :meth:`write`)."""
+        if self._latents is None:
+            raise RuntimeError("latents are known after the last output site is written")
+        return self._latents
+
+
 class SparseDictionary(nn.Module, Plugin, ABC):
     """An architecture: encoder to ``d_sae`` sparse latents and decoder back to the output sites.
 
@@ -374,6 +411,12 @@ class SparseDictionary(nn.Module, Plugin, ABC):
         block indices; ``saelab train --layers``) with ``options`` (an instance of ``cls.Options``); None
         (the default) when the architecture does not span layers."""
         return None
+
+    def layer_replacement(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> LayerReplacement:
+        """A closed-loop pass over ``inputs [N, L, d_in]`` (clean; ``targets [N, L, d_out]`` the clean
+        outputs) for a ``per_layer_sites`` dictionary. Default: the generic :class:`LayerReplacement`
+        (the whole dictionary at every output site); override with one that encodes each layer once."""
+        return LayerReplacement(self, inputs, targets)
 
     def encoder_directions(self) -> torch.Tensor | None:
         """Each latent's encoder direction, ``[d_sae, n_inputs * d_in]``, for encoder-similarity neighbours;

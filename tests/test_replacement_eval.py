@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures.tiny_models import TINY_GPT2
-from saelab import Options, SiteSpec, SparseDictionary, UsageError
+from saelab import LayerReplacement, Options, SiteSpec, SparseDictionary, UsageError
 from saelab.dictionary import build_dictionary, save_dictionary
 from saelab.evaluation import EvalConfig, check_layer_order, closed_loop_forward, evaluate, heldout_windows
 from saelab.positions import PositionFilter
@@ -207,6 +207,65 @@ def test_excluded_positions_keep_the_mlp_output(source, windows) -> None:
     assert m["ce_closed_loop"] == pytest.approx(m["ce_zero"], rel=1e-6)
     assert m["ce_loss_recovered_closed_loop"] == pytest.approx(0.0, abs=1e-4)
     assert m["tokens"] == len(windows) * (CTX - 4)  # excluded positions do not count
+
+
+PASS_ACTIVATIONS = ["topk", "topk_across_layers", "batchtopk", "jumprelu", "relu"]
+
+
+@pytest.mark.parametrize("architecture", ["clt", "transcoder_set"])
+@pytest.mark.parametrize(("activation", "options"), [
+    *[(a, {}) for a in PASS_ACTIVATIONS],
+    ("topk", {"skip_connection": True}),
+    ("relu", {"decode": "dense"}),
+    ("batchtopk", {"threshold": 0.2}),
+])
+def test_layer_pass_encodes_each_layer_once_and_matches_the_whole_forward(architecture: str, activation: str,
+                                                                          options: dict[str, object]) -> None:
+    """4 layers driven as the closed loop drives them (input i changed by the outputs below it): the
+    architecture's own pass gives the reconstructions and latents of the generic pass, which runs the whole
+    dictionary at every output site, without running the dictionary's forward and computing each layer's
+    pre-activations once (when its input is read)."""
+    n_layers, d, n = 4, 16, 48
+    options = dict(options)
+    threshold = options.pop("threshold", None)
+    torch.manual_seed(3)
+    module = build_dictionary(architecture, {"inputs": [f"layers.{i}.mlp.input" for i in range(n_layers)],
+                                             "outputs": [f"layers.{i}.mlp" for i in range(n_layers)],
+                                             "d_in": d, "d_out": d},
+                              {"d_sae": 32, "k": 4, "activation": activation, **options}).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # biases, thresholds and skip weights away from their init
+        if threshold is not None:
+            module.threshold.fill_(threshold)
+    clean = torch.randn(n, n_layers, d)
+    calls = {"forward": 0, "layer_preacts": 0}
+    forward, layer_preacts = module.forward, module._layer_preacts
+
+    def counted(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    module.forward = counted("forward", forward)
+    module._layer_preacts = counted("layer_preacts", layer_preacts)
+    generic, own = LayerReplacement(module, clean), module.layer_replacement(clean)
+    assert type(own) is not LayerReplacement
+    below = torch.zeros(n, d)
+    with torch.no_grad():
+        for j in range(n_layers):
+            x = clean[:, j] + 0.5 * below
+            generic.read(j, x)
+            own.read(j, x)
+            before = calls["forward"]
+            below = generic.write(j)
+            assert calls["forward"] == before + 1
+            assert torch.allclose(own.write(j), below, atol=1e-5), j
+            assert calls["forward"] == before + 1  # the architecture's pass never runs the whole dictionary
+        assert torch.allclose(own.latents(), generic.latents(), atol=1e-5)
+    assert (own.latents() != 0).any()
+    assert calls["layer_preacts"] == n_layers
 
 
 def test_sites_out_of_forward_order_are_refused() -> None:

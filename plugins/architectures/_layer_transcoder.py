@@ -40,7 +40,15 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from saelab import DictionaryOutput, Options, SiteSpec, SparseDictionary, SparseLatents, UsageError
+from saelab import (
+    DictionaryOutput,
+    LayerReplacement,
+    Options,
+    SiteSpec,
+    SparseDictionary,
+    SparseLatents,
+    UsageError,
+)
 from saelab.dictionary import (
     DictionaryOptions,
     SparseCodes,
@@ -248,6 +256,10 @@ class LayerTranscoder(SparseDictionary):
         """Pre-activations ``[L, batch, F]`` from layer-major inputs ``[L, batch, d_in]``."""
         return torch.baddbmm(self.b_enc.unsqueeze(1), xl, self.W_enc)
 
+    def _layer_preacts(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``[batch, F]`` of layer ``i`` from its input ``[batch, d_in]``."""
+        return torch.addmm(self.b_enc[i], x, self.W_enc[i])
+
     def _split(self, rows: torch.Tensor, gcols: torch.Tensor, vals: torch.Tensor,
                batch: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Entries with global latent indices as per-layer ``(rows, cols, vals)``, each row-major."""
@@ -273,29 +285,50 @@ class LayerTranscoder(SparseDictionary):
             vals, idx = flat.topk(k, dim=1, sorted=False)
             rows = torch.arange(B, device=pre.device).repeat_interleave(k)
             return [(r, c, v, None) for r, c, v in self._split(rows, idx.reshape(-1), vals.reshape(-1), B)]
-        out = []
-        for i in range(L):  # batchtopk
-            if self.training or float(self.threshold[i]) < 0:
-                n = min(B * F_, k * B)
-                vals, flat = pre[i].reshape(-1).topk(n, sorted=False)
-                keep = vals > 0
-                flat, order = flat[keep].sort()
-                out.append((torch.div(flat, F_, rounding_mode="floor"), flat % F_, vals[keep][order], None))
-            else:
-                rows, cols = (pre[i] > self.threshold[i]).nonzero(as_tuple=True)
-                out.append((rows, cols, pre[i][rows, cols], None))
-        return out
+        return [self._select_layer(pre[i], i) for i in range(L)]  # batchtopk
+
+    def _select_layer(self, pre: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+        """``topk`` or ``batchtopk``: the active entries of layer ``i`` alone, as :meth:`_select`, from its
+        detached pre-activations ``[batch, F]``."""
+        k = self.options.k
+        B, F_ = pre.shape
+        if self.options.activation == "topk":
+            vals, idx = pre.topk(k, dim=1, sorted=False)
+            return torch.arange(B, device=pre.device).repeat_interleave(k), idx.reshape(-1), vals.reshape(-1), k
+        if self.training or float(self.threshold[i]) < 0:
+            n = min(B * F_, k * B)
+            vals, flat = pre.reshape(-1).topk(n, sorted=False)
+            keep = vals > 0
+            flat, order = flat[keep].sort()
+            return torch.div(flat, F_, rounding_mode="floor"), flat % F_, vals[keep][order], None
+        rows, cols = (pre > self.threshold[i]).nonzero(as_tuple=True)
+        return rows, cols, pre[rows, cols], None
+
+    def _layer_code(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                    selected: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]) -> SparseCodes:
+        """One layer's codes with differentiable ReLU'd values (sparse encoder backward) from its input
+        ``x [batch, d_in]``, its encoder and the selected ``(rows, cols, pre[rows, cols], k)``."""
+        rows, cols, vals, k = selected
+        c = SparseCodes(rows, cols, None, x.shape[0], self.d_sae_per_layer, k)
+        c.values = F.relu(selected_preacts(x, W_enc, b_enc, c, vals))
+        return c
 
     def _codes(self, xl: torch.Tensor, selected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]],
                batch: int) -> list[SparseCodes]:
         """Per-layer codes with differentiable ReLU'd values (sparse encoder backward)."""
         W_enc, b_enc = self.W_enc.unbind(0), self.b_enc.unbind(0)
-        codes = []
-        for i, (rows, cols, vals, k) in enumerate(selected):
-            c = SparseCodes(rows, cols, None, batch, self.d_sae_per_layer, k)
-            c.values = F.relu(selected_preacts(xl[i], W_enc[i], b_enc[i], c, vals))
-            codes.append(c)
-        return codes
+        return [self._layer_code(xl[i], W_enc[i], b_enc[i], sel) for i, sel in enumerate(selected)]
+
+    def _encode_layer(self, i: int, x: torch.Tensor) -> SparseCodes:
+        """Codes of layer ``i`` from its input ``x [batch, d_in]`` alone (every activation but
+        ``topk_across_layers``, whose selection reads all layers): the layer's share of :meth:`encode`."""
+        pre = self._layer_preacts(i, x)
+        act = self.options.activation
+        if act in TOPK_FAMILY:
+            return self._layer_code(x, self.W_enc[i], self.b_enc[i], self._select_layer(pre.detach(), i))
+        z = F.relu(pre) if act == "relu" else jumprelu(pre, self.threshold_values[i], self.options.bandwidth)
+        rows, cols = z.nonzero(as_tuple=True)
+        return SparseCodes(rows, cols, z[rows, cols], x.shape[0], self.d_sae_per_layer)
 
     def _dense_latents(self, pre: torch.Tensor) -> torch.Tensor:
         """ReLU / JumpReLU latents ``[batch, L, F]`` (differentiable) from pre-activations ``[L, batch, F]``."""
@@ -327,13 +360,18 @@ class LayerTranscoder(SparseDictionary):
     def decode_sparse(self, codes: list[SparseCodes]) -> torch.Tensor:
         """``[batch, L, d_out]`` (no bias) from per-layer codes: each source layer's active decoder rows
         are gathered and summed into its targets (cost proportional to active (latent, target) pairs)."""
-        L, F_, d = self.n_layers, self.d_sae_per_layer, self.sites.d_out
-        out = self.b_dec.new_zeros(codes[0].batch, L, d)
+        out = self.b_dec.new_zeros(codes[0].batch, self.n_layers, self.sites.d_out)
         for i, c in enumerate(codes):
             if c.rows.numel():
-                t = self.n_targets(i)
-                out[:, i:i + t] += c.decode(self.decoder(i).reshape(F_, -1)).view(-1, t, d)
+                out[:, i:i + self.n_targets(i)] += self._decode_source(i, c, sparse=True)
         return out
+
+    def _decode_source(self, i: int, c: SparseCodes, sparse: bool) -> torch.Tensor:
+        """``[batch, n_targets(i), d_out]`` what source layer ``i``'s codes write to its target layers (no
+        bias): the decoder rows of its active latents summed (``sparse``), or a dense matmul."""
+        W = self.decoder(i).reshape(self.d_sae_per_layer, -1)
+        out = c.decode(W) if sparse else c.dense() @ W
+        return out.view(c.batch, self.n_targets(i), self.sites.d_out)
 
     def decode_dense(self, z: torch.Tensor) -> torch.Tensor:
         """``[batch, L, d_out]`` (no bias) from dense latents ``[batch, L, F]``: a matmul per source layer."""
@@ -371,6 +409,10 @@ class LayerTranscoder(SparseDictionary):
         """Reconstruction ``[batch, L, d_out]`` from latents ``[batch, L * F]`` (bias, no skip path)."""
         z = latents.reshape(latents.shape[0], self.n_layers, self.d_sae_per_layer)
         return self._decode(z, None) + self.b_dec
+
+    def layer_replacement(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> LayerReplacement:
+        """A closed-loop pass that encodes each layer once (:class:`LayerTranscoderReplacement`)."""
+        return LayerTranscoderReplacement(self, inputs, targets)
 
     # -- forward and losses --------------------------------------------------------------------------
 
@@ -543,3 +585,57 @@ class LayerTranscoder(SparseDictionary):
         if self.extra_config:
             cfg["metadata"] = dict(self.extra_config)
         return cfg
+
+
+class LayerTranscoderReplacement(LayerReplacement):
+    """Closed-loop pass of a :class:`LayerTranscoder` at the cost of about one forward: when output site
+    ``j`` is written, the layers read since the last write are encoded once and what their decoders write
+    is added to every target layer (``pending``); layer ``j``'s reconstruction is what has been added to it,
+    plus its bias and skip path. TopK across layers chooses each token's latents over all layers'
+    pre-activations (kept per layer, recomputed when a layer is read; layers not read yet: from their
+    clean inputs), so there every write selects again and decodes block ``i -> j`` of each layer ``i <= j``.
+    Gives the outputs of the generic pass, which runs the whole dictionary at every output site."""
+
+    def __init__(self, module: LayerTranscoder, inputs: torch.Tensor, targets: torch.Tensor | None = None):
+        super().__init__(module, inputs, targets)
+        self.transcoder = module
+        """The dictionary, typed."""
+        self.codes: list[SparseCodes] = []
+        """Codes of layers ``0..len(codes) - 1``, encoded from the inputs they read in this forward."""
+        self.pending = inputs.new_zeros(inputs.shape[0], module.n_layers, module.sites.d_out)
+        """``[N, L, d_out]`` what the encoded layers' decoders write to each layer (no bias)."""
+        coupled = module.options.activation == "topk_across_layers"
+        self.pre = module._preacts(self.inputs.transpose(0, 1).contiguous()) if coupled else None
+        """``[L, N, F]`` every layer's pre-activations (TopK across layers only)."""
+
+    def read(self, i: int, x: torch.Tensor) -> None:
+        super().read(i, x)
+        if self.pre is not None:
+            self.pre[i] = self.transcoder._layer_preacts(i, x)
+
+    def write(self, j: int) -> torch.Tensor:
+        m, N = self.transcoder, self.inputs.shape[0]
+        o = m.options
+        if self.pre is not None:
+            self.codes = m._codes(self.inputs.transpose(0, 1).contiguous(), m._select(self.pre), N)
+            y = torch.zeros_like(self.pending[:, j])
+            for i in range(j + 1):
+                if j - i < m.n_targets(i) and self.codes[i].rows.numel():
+                    y += self.codes[i].decode(m.decoder(i)[:, j - i])
+        else:
+            for i in range(len(self.codes), j + 1):
+                c = m._encode_layer(i, self.inputs[:, i])
+                self.codes.append(c)
+                if c.rows.numel():
+                    sparse = use_sparse_decode(o.decode, o.sparse_max_density, c.rows.numel(), N * m.d_sae_per_layer)
+                    self.pending[:, i:i + m.n_targets(i)] += m._decode_source(i, c, sparse)
+            y = self.pending[:, j]
+        y = y + m.b_dec[j]
+        if o.skip_connection:
+            y = y + self.inputs[:, j] @ m.W_skip[j]
+        return y
+
+    def latents(self) -> torch.Tensor:
+        if len(self.codes) < self.transcoder.n_layers:
+            raise RuntimeError("latents are known after the last output site is written")
+        return torch.cat([c.dense() for c in self.codes], dim=1)
