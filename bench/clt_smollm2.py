@@ -14,6 +14,12 @@ For a range of L layers, F latents per layer, TopK k (or another ``--activation`
 3. Per-layer FVU of both on held-out tokens (the windows after the training ones), open- and closed-loop.
 4. Replacement model (``saelab.evaluation.evaluate``, all L MLP outputs replaced at once): CE loss, CE
    loss recovered, KL and top-1 agreement with the clean model, closed- and open-loop.
+5. One closed-loop forward on one held-out window with each dictionary's own pass (each layer encoded
+   once) vs the generic ``saelab.LayerReplacement`` (the whole dictionary at every output site): seconds,
+   ratio, and the largest difference of their reconstructions.
+
+``--save_dir DIR`` keeps both trained dictionaries; ``--load_dir DIR`` evaluates them again (sections 3-5)
+without caching or training.
 
 Presets: ``b`` (the default with ``--device cuda``) is configuration (b) of issue 11 (layers 0-7, F 2048,
 ~200k tokens, fp16 cache); ``a`` is configuration (a) (all 30 layers, F 1024, ~100k tokens; add ``--stream``
@@ -25,6 +31,7 @@ assertion: it prints figures::
 
     .venv/bin/python bench/clt_smollm2.py [--preset a|b|cpu] [--layers 0-7] [--d_sae 2048] [--k 32]
         [--tokens 200000] [--eval_tokens 16384] [--cache_dtype float16] [--stream] [--device cpu] [--dry_run]
+        [--save_dir DIR | --load_dir DIR]
 """
 
 from __future__ import annotations
@@ -37,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from saelab import SiteSpec, UsageError, registry
+from saelab import LayerReplacement, SiteSpec, UsageError, registry
 from saelab.activation_cache import build_activation_cache, cache_bytes, human_bytes
 from saelab.data import WindowSpec, iter_windows, load_dataset_source, n_windows_for
 from saelab.dictionary import build_dictionary, load_dictionary, save_dictionary
-from saelab.evaluation import EvalConfig, evaluate, heldout_windows, skip_tokens_for
+from saelab.evaluation import EvalConfig, closed_loop_forward, evaluate, heldout_windows, skip_tokens_for
 from saelab.plugins.commands.train import ADAM_BYTES_PER_PARAMETER, parse_layers
 from saelab.positions import model_exclusions
 from saelab.training import CacheSource, DictionaryJob, LMSource, Trainer, TrainerConfig
@@ -252,13 +259,36 @@ def step_times(module: Any, batch: dict[str, torch.Tensor], repeats: int, device
     return {p: statistics.median(t) for p, t in times.items()}
 
 
+def closed_loop_times(modules: dict[str, Any], source: Any, ids: torch.Tensor, device: str) -> dict[str, Any]:
+    """Seconds of one closed-loop forward (LM and dictionary) on windows ``ids`` with each dictionary's own
+    pass (each layer encoded once) and with the generic :class:`saelab.LayerReplacement` (the whole
+    dictionary at every output site), and the largest difference of their reconstructions."""
+    figures: dict[str, Any] = {}
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for arch, module in modules.items():
+        module.eval()
+        runs = {}
+        closed_loop_forward(module, source, ids, mask, device=device)  # warm-up, untimed
+        for path in ("own", "generic"):
+            if path == "generic":
+                module.layer_replacement = lambda x, y=None, m=module: LayerReplacement(m, x, y)
+            start = time.perf_counter()
+            runs[path] = closed_loop_forward(module, source, ids, mask, device=device)
+            figures[f"{arch}_{path}"] = time.perf_counter() - start
+            if path == "generic":
+                del module.layer_replacement
+        figures[f"{arch}_max_diff"] = float((runs["own"].reconstruction - runs["generic"].reconstruction).abs().max())
+    return figures
+
+
 def fmt(value: Any, spec: str = ".4f") -> str:
     """A figure, or '-' when missing."""
     return "-" if value is None else format(value, spec)
 
 
 def print_table(args: argparse.Namespace, d: int, measured: dict[str, Any] | None,
-                metrics: dict[str, dict[str, Any]], eval_tokens: int, elapsed: float) -> None:
+                metrics: dict[str, dict[str, Any]], eval_tokens: int, loop_times: dict[str, Any],
+                elapsed: float) -> None:
     """Every figure of the run, with its sizes (``measured``: sections 1 and 2, None with ``--load_dir``)."""
     print()
     print("=" * 100)
@@ -270,6 +300,13 @@ def print_table(args: argparse.Namespace, d: int, measured: dict[str, Any] | Non
     else:
         print_training(args, **measured)
     print_evaluation(args, metrics, eval_tokens)
+    print()
+    print(f"5. one closed-loop forward (LM + dictionary, {args.ctx_len} tokens): each layer encoded once vs the "
+          f"whole dictionary at every output site (seconds)")
+    for arch in ARCHITECTURES:
+        own, generic = loop_times[f"{arch}_own"], loop_times[f"{arch}_generic"]
+        print(f"  {arch:15s} {own:8.2f} vs {generic:8.2f}  ({generic / own:.2f}x); largest reconstruction "
+              f"difference {loop_times[f'{arch}_max_diff']:.2e}")
 
 
 def print_training(args: argparse.Namespace, caching: dict[str, float], trained: dict[str, Any],
@@ -426,8 +463,11 @@ def main() -> None:
     windows = list(heldout_windows(source, dataset, args.ctx_len, args.eval_tokens, skip))
     eval_config = EvalConfig(n_tokens=args.eval_tokens, ctx_len=args.ctx_len, batch_size=8, skip_tokens=skip,
                              device=args.device)
+    start = time.perf_counter()
     metrics = evaluate(modules, source, windows, eval_config)
-    print_table(args, d, measured, metrics, len(windows) * args.ctx_len, time.perf_counter() - started)
+    log(f"evaluated in {time.perf_counter() - start:.0f} s; timing one closed-loop forward of each")
+    loop_times = closed_loop_times(modules, source, windows[0][None], args.device)
+    print_table(args, d, measured, metrics, len(windows) * args.ctx_len, loop_times, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
