@@ -453,13 +453,10 @@ def closed_loop_forward(module: SparseDictionary, source: ActivationSource, ids:
     replacement = module.layer_replacement(inputs.to(dev, torch.float32), y)
     recon = torch.zeros(N, L, sites.d_out)
     own = torch.zeros(N, L, sites.d_out)
-    x = inputs.float().cpu().clone()
 
     def read(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(act: torch.Tensor) -> torch.Tensor:
-            x_i = act.reshape(N, sites.d_in).to(dev, torch.float32)
-            x[:, i] = x_i.cpu()
-            replacement.read(i, x_i)
+            replacement.read(i, act.reshape(N, sites.d_in).to(dev, torch.float32))
             return act
         return fn
 
@@ -486,7 +483,8 @@ def closed_loop_forward(module: SparseDictionary, source: ActivationSource, ids:
         return fn
 
     logits = source.logits(ids, {h: chain(fns) for h, fns in steps.items()})
-    return ClosedLoopForward(logits.float().cpu(), recon, own, x, replacement.latents().float().cpu())
+    return ClosedLoopForward(logits.float().cpu(), recon, own, replacement.inputs.cpu(),
+                             replacement.latents().float().cpu())
 
 
 class ReplacementEvaluator(DictionaryEvaluator):

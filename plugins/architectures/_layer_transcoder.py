@@ -596,10 +596,10 @@ class LayerTranscoderReplacement(LayerReplacement):
     clean inputs), so there every write selects again and decodes block ``i -> j`` of each layer ``i <= j``.
     Gives the outputs of the generic pass, which runs the whole dictionary at every output site."""
 
+    module: LayerTranscoder
+
     def __init__(self, module: LayerTranscoder, inputs: torch.Tensor, targets: torch.Tensor | None = None):
         super().__init__(module, inputs, targets)
-        self.transcoder = module
-        """The dictionary, typed."""
         self.codes: list[SparseCodes] = []
         """Codes of layers ``0..len(codes) - 1``, encoded from the inputs they read in this forward."""
         self.pending = inputs.new_zeros(inputs.shape[0], module.n_layers, module.sites.d_out)
@@ -611,10 +611,10 @@ class LayerTranscoderReplacement(LayerReplacement):
     def read(self, i: int, x: torch.Tensor) -> None:
         super().read(i, x)
         if self.pre is not None:
-            self.pre[i] = self.transcoder._layer_preacts(i, x)
+            self.pre[i] = self.module._layer_preacts(i, x)
 
     def write(self, j: int) -> torch.Tensor:
-        m, N = self.transcoder, self.inputs.shape[0]
+        m, N = self.module, self.inputs.shape[0]
         o = m.options
         if self.pre is not None:
             self.codes = m._codes(self.inputs.transpose(0, 1).contiguous(), m._select(self.pre), N)
@@ -636,6 +636,6 @@ class LayerTranscoderReplacement(LayerReplacement):
         return y
 
     def latents(self) -> torch.Tensor:
-        if len(self.codes) < self.transcoder.n_layers:
+        if len(self.codes) < self.module.n_layers:
             raise RuntimeError("latents are known after the last output site is written")
         return torch.cat([c.dense() for c in self.codes], dim=1)
